@@ -1,0 +1,62 @@
+"""otp-router: login codes through the Telegram Gateway first, Twilio SMS when needed."""
+
+from otp_router.config import Settings
+from otp_router.errors import (
+    AllProvidersFailed,
+    ConcurrentUpdate,
+    ConfigError,
+    IdempotencyConflict,
+    InputError,
+    InvalidCode,
+    InvalidPhoneNumber,
+    InvalidRecipient,
+    InvalidSignature,
+    OtpRouterError,
+    ProviderError,
+    ProviderPermanentError,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderResponseError,
+    ProviderTimeout,
+    ProviderTransientError,
+    ProviderUnavailable,
+    RateLimited,
+    StaleWebhook,
+    StoreError,
+    UnsupportedCountry,
+    VerificationNotFound,
+    WebhookError,
+)
+from otp_router.phone import PhoneNumber, parse_phone
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllProvidersFailed",
+    "ConcurrentUpdate",
+    "ConfigError",
+    "IdempotencyConflict",
+    "InputError",
+    "InvalidCode",
+    "InvalidPhoneNumber",
+    "InvalidRecipient",
+    "InvalidSignature",
+    "OtpRouterError",
+    "PhoneNumber",
+    "ProviderError",
+    "ProviderPermanentError",
+    "ProviderRateLimited",
+    "ProviderRejected",
+    "ProviderResponseError",
+    "ProviderTimeout",
+    "ProviderTransientError",
+    "ProviderUnavailable",
+    "RateLimited",
+    "Settings",
+    "StaleWebhook",
+    "StoreError",
+    "UnsupportedCountry",
+    "VerificationNotFound",
+    "WebhookError",
+    "parse_phone",
+]

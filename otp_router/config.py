@@ -1,0 +1,183 @@
+"""Settings, read from ``OTP_ROUTER_*`` environment variables and ``.env``.
+
+Nested settings use ``__``: ``OTP_ROUTER_TELEGRAM__TOKEN`` sets
+``Settings().telegram.token``. Secrets are :class:`pydantic.SecretStr`, so
+they print as ``**********`` in reprs and logs.
+
+Reading the environment happens only when :meth:`Settings.load` (or
+``Settings()``) is called, never at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from otp_router.errors import ConfigError
+
+__all__ = [
+    "HttpSettings",
+    "LimitSettings",
+    "RetrySettings",
+    "Settings",
+    "TelegramSettings",
+    "TwilioSettings",
+]
+
+ENV_PREFIX = "OTP_ROUTER_"
+TELEGRAM_BASE_URL = "https://gatewayapi.telegram.org"
+TWILIO_BASE_URL = "https://api.twilio.com"
+
+
+def _strip_slash(value: str) -> str:
+    return value.rstrip("/")
+
+
+class TelegramSettings(BaseModel):
+    """Telegram Gateway API access."""
+
+    token: SecretStr = SecretStr("")
+    base_url: str = TELEGRAM_BASE_URL
+    sender_username: str | None = None
+    #: Delivery reports older or newer than this many seconds are refused (replay protection).
+    callback_max_age: float = Field(default=300.0, gt=0)
+    timeout: float = Field(default=10.0, gt=0)
+    enabled: bool = True
+
+    _norm = field_validator("base_url")(_strip_slash)
+
+
+class TwilioSettings(BaseModel):
+    """Twilio Programmable Messaging access."""
+
+    account_sid: str = ""
+    auth_token: SecretStr = SecretStr("")
+    from_number: str | None = None
+    messaging_service_sid: str | None = None
+    base_url: str = TWILIO_BASE_URL
+    timeout: float = Field(default=10.0, gt=0)
+    #: ``{code}`` is replaced with the code. Keep it short: one GSM-7 segment.
+    message_template: str = "Your login code is {code}"
+    enabled: bool = True
+
+    _norm = field_validator("base_url")(_strip_slash)
+
+    @field_validator("message_template")
+    @classmethod
+    def _has_code(cls, value: str) -> str:
+        if "{code}" not in value:
+            raise ValueError("must contain {code}")
+        return value
+
+
+class RetrySettings(BaseModel):
+    """Bounded retry policy for provider calls (see ``otp_router.retry``)."""
+
+    attempts: int = Field(default=4, ge=1, le=10)
+    #: Total time budget across all attempts of one call, in seconds.
+    timeout: float = Field(default=20.0, gt=0)
+    initial_backoff: float = Field(default=0.2, ge=0)
+    max_backoff: float = Field(default=5.0, ge=0)
+    jitter: float = Field(default=0.5, ge=0)
+    #: False turns exponential backoff off (tests). A provider's Retry-After/FLOOD_WAIT still applies.
+    backoff: bool = True
+    #: A provider asking us to wait longer than this is treated as a failure (fall back) instead.
+    max_retry_after: float = Field(default=10.0, ge=0)
+
+
+class LimitSettings(BaseModel):
+    """Abuse limits on ``start()``. A value of 0 disables that limit."""
+
+    per_phone: int = Field(default=5, ge=0)
+    per_phone_window: float = Field(default=3600.0, gt=0)
+    per_country: int = Field(default=1000, ge=0)
+    per_country_window: float = Field(default=60.0, gt=0)
+
+
+class HttpSettings(BaseModel):
+    """The shared outgoing HTTP client."""
+
+    max_connections: int = Field(default=100, ge=1)
+    connect_timeout: float = Field(default=5.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """All of otp-router's settings.
+
+    Use :meth:`load` in applications: it turns a validation failure into a
+    :class:`~otp_router.errors.ConfigError` that names the environment variable.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    telegram: TelegramSettings = TelegramSettings()
+    twilio: TwilioSettings = TwilioSettings()
+    retry: RetrySettings = RetrySettings()
+    limits: LimitSettings = LimitSettings()
+    http: HttpSettings = HttpSettings()
+
+    #: ``memory://``, ``sqlite:///path/to/file.db`` or ``redis://host:port/db``.
+    store_url: str = "sqlite:///otp-router.db"
+    #: ``redis://…`` (Redis Streams) or ``sqlite:///…`` (embedded). Defaults to the store's backend.
+    queue_url: str | None = None
+    #: Public base URL of the webhook endpoints; without it delivery is polled at deadlines.
+    public_url: str | None = None
+    #: HMAC key for code digests. Unset: a random one is created once and kept in the store.
+    code_secret: SecretStr | None = None
+    code_length: int = Field(default=6, ge=4, le=8)
+    #: Seconds a code stays valid.
+    code_ttl: float = Field(default=600.0, ge=30)
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    #: TOML routing policy; unset means the built-in default (telegram 30 s, then sms).
+    policy_file: Path | None = None
+    #: Per-country SMS price table (TOML); unset uses the packaged ``config/sms-prices.toml`` defaults.
+    prices_file: Path | None = None
+    #: Bearer token for the HTTP verification API. Unset: the API is disabled.
+    api_token: SecretStr | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    #: Worker: messages processed concurrently.
+    concurrency: int = Field(default=50, ge=1)
+    #: Worker: seconds SIGTERM waits for in-flight work.
+    shutdown_grace: float = Field(default=20.0, ge=0)
+    log_level: str = "INFO"
+
+    @field_validator("public_url")
+    @classmethod
+    def _norm_public_url(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @field_validator("store_url")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if not value.startswith(("memory://", "sqlite://", "redis://", "rediss://", "unix://")):
+            raise ValueError("must start with memory://, sqlite:/// or redis://")
+        return value
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Settings:
+        """Read the environment (and ``.env``) and validate.
+
+        Args:
+            **overrides: Values that win over the environment.
+
+        Raises:
+            ConfigError: With one line per invalid variable, named as in the environment.
+        """
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            lines = []
+            for err in exc.errors():
+                name = ENV_PREFIX + "__".join(str(part) for part in err["loc"]).upper()
+                lines.append(f"{name}: {err['msg']}")
+            raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,231 @@
+"""Every error otp-router raises, in one tree.
+
+Provider adapters translate vendor errors (httpx, aiohttp, twilio) into these
+classes at the boundary, so retry and fallback decisions only ever look at our
+own types and no vendor exception reaches a caller::
+
+    OtpRouterError
+    ├── ConfigError                 a setting is missing or invalid
+    ├── InputError                  the caller gave us something unusable (nothing sent, nothing stored)
+    │   ├── InvalidPhoneNumber
+    │   ├── UnsupportedCountry
+    │   └── InvalidCode
+    ├── VerificationNotFound
+    ├── RateLimited                 an abuse limit on start(); carries retry_after
+    ├── IdempotencyConflict         same key reused for another phone number
+    ├── WebhookError
+    │   ├── InvalidSignature        forged or tampered callback
+    │   └── StaleWebhook            timestamp outside the freshness window (replay)
+    ├── StoreError
+    │   └── ConcurrentUpdate        compare-and-set lost a race
+    ├── ProviderError               raised by a channel adapter; has .provider
+    │   ├── ProviderTransientError  may succeed later
+    │   │   ├── ProviderTimeout
+    │   │   ├── ProviderUnavailable 5xx, connection failures
+    │   │   ├── ProviderRateLimited has .retry_after (HTTP 429, FLOOD_WAIT_N)
+    │   │   └── ProviderResponseError  a body we could not understand
+    │   └── ProviderPermanentError  will fail the same way again
+    │       ├── ProviderRejected    account/configuration problem (bad token, no balance…)
+    │       └── InvalidRecipient    the number cannot receive on this channel
+    └── AllProvidersFailed          every step of the workflow failed; has .causes
+
+Transient errors also say whether the request *cannot have been performed*
+(``not_performed``): only those are safe to retry for a send, because a send
+that may have reached the provider could deliver a second message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = [
+    "AllProvidersFailed",
+    "ConcurrentUpdate",
+    "ConfigError",
+    "IdempotencyConflict",
+    "InputError",
+    "InvalidCode",
+    "InvalidPhoneNumber",
+    "InvalidRecipient",
+    "InvalidSignature",
+    "OtpRouterError",
+    "ProviderError",
+    "ProviderPermanentError",
+    "ProviderRateLimited",
+    "ProviderRejected",
+    "ProviderResponseError",
+    "ProviderTimeout",
+    "ProviderTransientError",
+    "ProviderUnavailable",
+    "RateLimited",
+    "StaleWebhook",
+    "StoreError",
+    "UnsupportedCountry",
+    "VerificationNotFound",
+    "WebhookError",
+]
+
+
+class OtpRouterError(Exception):
+    """Root of every error raised by otp-router."""
+
+
+class ConfigError(OtpRouterError):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+class InputError(OtpRouterError, ValueError):
+    """The caller's input is unusable. Raised before any provider call or write."""
+
+
+class InvalidPhoneNumber(InputError):
+    """The phone number cannot be parsed or is not a possible, valid number."""
+
+
+class UnsupportedCountry(InputError):
+    """The number is valid but its country is denied by the routing policy."""
+
+
+class InvalidCode(InputError):
+    """The entered code is not numeric or has the wrong length."""
+
+
+class VerificationNotFound(OtpRouterError, LookupError):
+    """No verification has this id."""
+
+
+class RateLimited(OtpRouterError):
+    """An abuse limit refused ``start()``.
+
+    Args:
+        message: What limit was hit (never the phone number).
+        retry_after: Seconds until a new start would be accepted.
+        scope: ``"phone"`` or ``"country"``.
+    """
+
+    def __init__(self, message: str, *, retry_after: float, scope: str) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.scope = scope
+
+
+class IdempotencyConflict(OtpRouterError):
+    """An idempotency key was reused with a different phone number."""
+
+
+class WebhookError(OtpRouterError):
+    """A provider callback was refused; nothing was changed."""
+
+
+class InvalidSignature(WebhookError):
+    """The callback's signature does not match: forged or tampered."""
+
+
+class StaleWebhook(WebhookError):
+    """The callback's timestamp is outside the freshness window (likely a replay)."""
+
+
+class StoreError(OtpRouterError):
+    """The state store failed."""
+
+
+class ConcurrentUpdate(StoreError):
+    """A compare-and-set write lost to a concurrent writer; reload and retry."""
+
+
+class ProviderError(OtpRouterError):
+    """A channel adapter call failed.
+
+    Args:
+        message: Human readable detail (never a phone number or secret).
+        provider: ``"telegram"`` or ``"twilio"`` (or a third-party adapter's name).
+        code: The provider's own error code or string, if any (e.g. ``"FLOOD_WAIT_5"``, ``"21211"``).
+    """
+
+    def __init__(self, message: str, *, provider: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.code = code
+
+    @property
+    def reason(self) -> str:
+        """A short, low-cardinality reason for metrics and fallback records."""
+        return type(self).__name__
+
+
+class ProviderTransientError(ProviderError):
+    """May succeed if tried again later.
+
+    Args:
+        not_performed: True when the provider certainly did not act on the
+            request (connection refused before sending, HTTP 429, FLOOD_WAIT).
+            Only such errors are retried for sends.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        code: str | None = None,
+        not_performed: bool = False,
+    ) -> None:
+        super().__init__(message, provider=provider, code=code)
+        self.not_performed = not_performed
+
+
+class ProviderTimeout(ProviderTransientError):
+    """The provider did not answer in time. A send may or may not have happened."""
+
+
+class ProviderUnavailable(ProviderTransientError):
+    """Connection failure or 5xx response."""
+
+
+class ProviderRateLimited(ProviderTransientError):
+    """The provider asked us to slow down (HTTP 429, ``FLOOD_WAIT_N``).
+
+    Args:
+        retry_after: Seconds the provider asked us to wait, if it said.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        # A rate-limited request was refused before being processed.
+        super().__init__(message, provider=provider, code=code, not_performed=True)
+        self.retry_after = retry_after
+
+
+class ProviderResponseError(ProviderTransientError):
+    """The provider answered with a body we could not parse or understand."""
+
+
+class ProviderPermanentError(ProviderError):
+    """Will fail the same way if retried; fall back to the next channel."""
+
+
+class ProviderRejected(ProviderPermanentError):
+    """The provider refused the request for an account or configuration reason."""
+
+
+class InvalidRecipient(ProviderPermanentError):
+    """This number cannot receive on this channel (not on Telegram, landline, STOP…)."""
+
+
+class AllProvidersFailed(OtpRouterError):
+    """Every step of the workflow failed.
+
+    Args:
+        message: Summary.
+        causes: Reason per channel, in the order tried.
+    """
+
+    def __init__(self, message: str, causes: Mapping[str, str]) -> None:
+        super().__init__(message)
+        self.causes = dict(causes)

@@ -1,0 +1,23 @@
+"""Channel adapters: one small protocol, one module per provider."""
+
+from otp_router.providers.base import (
+    Channel,
+    ChannelName,
+    DeliveryState,
+    FakeChannel,
+    ProbeResult,
+    SendRequest,
+    SendResult,
+    StatusResult,
+)
+
+__all__ = [
+    "Channel",
+    "ChannelName",
+    "DeliveryState",
+    "FakeChannel",
+    "ProbeResult",
+    "SendRequest",
+    "SendResult",
+    "StatusResult",
+]

@@ -1,0 +1,241 @@
+"""The channel protocol every provider adapter implements.
+
+A channel does I/O and error mapping, nothing else: it never decides to fall
+back. It raises only :mod:`otp_router.errors` classes. Retries and metrics
+wrap a channel by composition (see :mod:`otp_router.retry`).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "Channel",
+    "ChannelName",
+    "DeliveryState",
+    "FakeChannel",
+    "ProbeResult",
+    "SendRequest",
+    "SendResult",
+    "StatusResult",
+]
+
+
+class ChannelName(enum.StrEnum):
+    """The channels the router can route to."""
+
+    TELEGRAM = "telegram"
+    SMS = "sms"
+
+
+class DeliveryState(enum.StrEnum):
+    """Provider-neutral delivery state of one sent message.
+
+    Unknown provider values map to :attr:`UNKNOWN` instead of failing.
+    """
+
+    PENDING = "pending"  # accepted, not yet handed to the recipient's network
+    SENT = "sent"
+    DELIVERED = "delivered"
+    READ = "read"
+    EXPIRED = "expired"  # Telegram: not delivered within ttl, refunded
+    REVOKED = "revoked"
+    UNDELIVERED = "undelivered"  # SMS carrier said no
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+    @property
+    def is_delivered(self) -> bool:
+        """The recipient has the code."""
+        return self in (DeliveryState.DELIVERED, DeliveryState.READ)
+
+    @property
+    def is_failed(self) -> bool:
+        """The message will never arrive."""
+        return self in (
+            DeliveryState.EXPIRED,
+            DeliveryState.REVOKED,
+            DeliveryState.UNDELIVERED,
+            DeliveryState.FAILED,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """Outcome of a pre-send reachability check.
+
+    Attributes:
+        reachable: False means "do not send on this channel" (a fallback reason, not an error).
+        ref: Provider reference to pass to :meth:`Channel.send` (Telegram ``request_id``).
+        cost: What the probe charged (Telegram charges in advance when reachable).
+        reason: Why unreachable, e.g. ``"PHONE_NUMBER_NOT_FOUND"``.
+        remaining_balance: Account balance the provider reported, if any.
+    """
+
+    reachable: bool
+    ref: str | None = None
+    cost: Decimal | None = None
+    reason: str | None = None
+    remaining_balance: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    """One message to send.
+
+    Attributes:
+        phone: E.164 number.
+        code: The numeric code.
+        ttl: Seconds the message may take to be delivered (Telegram refunds after it).
+        probe_ref: Reference from :meth:`Channel.probe`, if one was made.
+        callback_url: Where the provider should report delivery, if we have a public URL.
+        payload: Opaque value echoed back in reports (the verification id).
+        attempt: 1 for the first send of this verification, counted across channels.
+    """
+
+    phone: str
+    code: str
+    ttl: int
+    probe_ref: str | None = None
+    callback_url: str | None = None
+    payload: str | None = None
+    attempt: int = 1
+
+    def __repr__(self) -> str:
+        return f"SendRequest(ttl={self.ttl}, probe_ref={self.probe_ref!r}, payload={self.payload!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """A send the provider accepted.
+
+    Attributes:
+        ref: Provider reference (Telegram ``request_id``, Twilio ``sid``).
+        state: State right after the send.
+        cost: Amount charged so far (None when the provider does not say yet).
+        cost_is_final: False when ``cost`` is an estimate or may change (SMS before the final status).
+        currency: ISO 4217 code of ``cost``.
+        remaining_balance: Account balance reported by the provider, if any.
+    """
+
+    ref: str
+    state: DeliveryState
+    cost: Decimal | None = None
+    cost_is_final: bool = False
+    currency: str = "USD"
+    remaining_balance: Decimal | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusResult:
+    """Current state of a sent message, from polling or a callback.
+
+    Attributes:
+        ref: Provider reference.
+        state: Delivery state.
+        cost: Amount charged (Telegram ``request_cost``; Twilio ``abs(price)``), if known.
+        refunded: Telegram ``is_refunded``.
+        cost_is_final: True once the price can no longer change.
+        error_code: Provider error code for failed/undelivered messages.
+        raw_status: The provider's own status string, for logs.
+    """
+
+    ref: str
+    state: DeliveryState
+    cost: Decimal | None = None
+    refunded: bool = False
+    cost_is_final: bool = False
+    error_code: str | None = None
+    raw_status: str | None = None
+    currency: str = "USD"
+
+
+@runtime_checkable
+class Channel(Protocol):
+    """What the router needs from a delivery channel."""
+
+    #: The channel this adapter serves.
+    name: ChannelName
+    #: Provider name for metrics and errors (``"telegram"``, ``"twilio"``).
+    provider: str
+
+    async def probe(self, phone: str) -> ProbeResult:
+        """Check whether ``phone`` can receive on this channel (may be free or charged)."""
+        ...
+
+    async def send(self, request: SendRequest) -> SendResult:
+        """Send the code. Raises a :class:`~otp_router.errors.ProviderError` on failure."""
+        ...
+
+    async def status(self, ref: str) -> StatusResult:
+        """Fetch the current delivery state (a read: always safe to retry)."""
+        ...
+
+    async def revoke(self, ref: str) -> bool:
+        """Ask the provider to withdraw an undelivered message. True if accepted."""
+        ...
+
+    async def report_code(self, ref: str, code: str) -> None:
+        """Tell the provider which code the user entered (conversion statistics)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release resources owned by the adapter (not the shared HTTP client)."""
+        ...
+
+
+Handler = Callable[[str, Any], Awaitable[Any]]
+
+
+class FakeChannel:
+    """A channel whose every call goes to ``handler(method, argument)``.
+
+    Like ``httpx.MockTransport``: tests and examples script behaviour with a
+    plain async function instead of patching.
+
+    Args:
+        name: Channel it pretends to be.
+        handler: ``async (method, arg) -> result`` where method is one of
+            ``probe``, ``send``, ``status``, ``revoke``, ``report_code``.
+        provider: Provider name for metrics.
+    """
+
+    def __init__(self, name: ChannelName, handler: Handler, *, provider: str = "fake") -> None:
+        self.name = name
+        self.provider = provider
+        self.handler = handler
+        self.calls: list[tuple[str, Any]] = []
+
+    async def _call(self, method: str, arg: Any) -> Any:
+        self.calls.append((method, arg))
+        return await self.handler(method, arg)
+
+    async def probe(self, phone: str) -> ProbeResult:
+        """Delegate to the handler."""
+        result: ProbeResult = await self._call("probe", phone)
+        return result
+
+    async def send(self, request: SendRequest) -> SendResult:
+        """Delegate to the handler."""
+        result: SendResult = await self._call("send", request)
+        return result
+
+    async def status(self, ref: str) -> StatusResult:
+        """Delegate to the handler."""
+        result: StatusResult = await self._call("status", ref)
+        return result
+
+    async def revoke(self, ref: str) -> bool:
+        """Delegate to the handler."""
+        return bool(await self._call("revoke", ref))
+
+    async def report_code(self, ref: str, code: str) -> None:
+        """Delegate to the handler."""
+        await self._call("report_code", (ref, code))
+
+    async def aclose(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,69 @@
+"""Shared fixtures: clean environment, settings factory, real Redis."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from otp_router.config import RetrySettings, Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[None]:
+    """Keep OTP_ROUTER_* and TWILIO_* variables and a stray .env out of every test."""
+    for name in list(os.environ):
+        if name.startswith(("OTP_ROUTER_", "TWILIO_")):
+            monkeypatch.delenv(name)
+    # pydantic-settings reads ./.env: run each test from an empty folder.
+    monkeypatch.chdir(tmp_path)
+    yield
+
+
+@pytest.fixture
+def make_settings() -> Any:
+    """Factory: Settings with backoff switched off, overridable per test."""
+
+    def make(**overrides: Any) -> Settings:
+        overrides.setdefault("retry", RetrySettings(backoff=False, attempts=3, timeout=10))
+        overrides.setdefault("store_url", "memory://")
+        return Settings(**overrides)
+
+    return make
+
+
+def _redis_available() -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+async def redis_url() -> AsyncIterator[str]:
+    """URL of the real Redis at 127.0.0.1:6379, with a unique key prefix cleaned afterwards.
+
+    Skips with a clear reason when Redis is absent, unless CI is set: then a
+    missing Redis is a failure.
+    """
+    if not _redis_available():
+        if os.environ.get("CI"):
+            pytest.fail("Redis is required in CI but 127.0.0.1:6379 is not reachable")
+        pytest.skip("no Redis at 127.0.0.1:6379 (set CI=1 to make this a failure)")
+    import redis.asyncio as aioredis
+
+    prefix = f"otp-test-{uuid.uuid4().hex[:8]}"
+    yield f"redis://127.0.0.1:6379/0?prefix={prefix}"
+    client = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
