@@ -1,0 +1,130 @@
+"""Scripted behaviour per phone number, shared by both emulators.
+
+An unscripted number is on Telegram, its Telegram message is delivered after
+``default_delivery`` seconds (about one), and its SMS is delivered too.
+
+A script can be given in Python, as a JSON file (``otp-router emulate --script
+FILE``) or at run time with ``POST /_emulator/script`` on either emulator. The
+JSON form is ``{"+15550001": {"telegram": "absent"}, ...}`` using the field
+names of :class:`Behaviour`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["Behaviour", "Script"]
+
+TelegramMode = Literal["ok", "absent", "unavailable", "invalid"]
+SmsFinal = Literal["delivered", "undelivered", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Behaviour:
+    """How the emulators treat one phone number.
+
+    Attributes:
+        telegram: ``ok``; ``absent`` (``PHONE_NUMBER_NOT_FOUND``: not on Telegram);
+            ``unavailable`` (``PHONE_NUMBER_NOT_AVAILABLE``); ``invalid`` (``PHONE_NUMBER_INVALID``).
+        telegram_delay: Seconds from send to ``delivered``; None: never delivered
+            (``expired`` and refunded at ttl). None here means "use the default".
+        telegram_never: True: never delivered, whatever the delay says.
+        telegram_5xx: The first N Telegram calls for this number answer HTTP 502.
+        telegram_flood_wait: The first ``telegram_flood_count`` calls answer ``FLOOD_WAIT_<N>``.
+        telegram_flood_count: How many calls get the flood wait.
+        telegram_latency: Seconds every Telegram response for this number is held back.
+        sms_invalid: Twilio refuses the number at create time (21211).
+        sms_error: Twilio create error code to return instead (e.g. 21614, 21610, 21408).
+        sms_final: Final SMS status.
+        sms_error_code: ``ErrorCode`` reported with ``undelivered``/``failed`` (default 30003/30008).
+        sms_delay: Seconds from create to the final status.
+        sms_5xx: The first N Twilio creates for this number answer HTTP 503.
+        sms_429: The first N Twilio creates for this number answer HTTP 429 / 20429.
+        sms_latency: Seconds every Twilio response for this number is held back.
+    """
+
+    telegram: TelegramMode = "ok"
+    telegram_delay: float | None = None
+    telegram_never: bool = False
+    telegram_5xx: int = 0
+    telegram_flood_wait: int = 0
+    telegram_flood_count: int = 1
+    telegram_latency: float = 0.0
+    sms_invalid: bool = False
+    sms_error: int | None = None
+    sms_final: SmsFinal = "delivered"
+    sms_error_code: int | None = None
+    sms_delay: float = 0.5
+    sms_5xx: int = 0
+    sms_429: int = 0
+    sms_latency: float = 0.0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Behaviour:
+        """Build from JSON, refusing unknown fields so typos are not silently ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown behaviour fields: {sorted(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+class Script:
+    """Mutable mapping of E.164 number → :class:`Behaviour`, plus the defaults.
+
+    Args:
+        numbers: Initial behaviours.
+        default_delivery: Telegram delivery delay for numbers with no delay set.
+        time_scale: Multiplies every emulated delay and ttl (0.1 makes a 30 s ttl
+            expire after 3 s) so tests and the demo need not wait real minutes.
+    """
+
+    def __init__(
+        self,
+        numbers: dict[str, Behaviour] | None = None,
+        *,
+        default_delivery: float = 1.0,
+        time_scale: float = 1.0,
+    ) -> None:
+        self.numbers: dict[str, Behaviour] = dict(numbers or {})
+        self.default_delivery = default_delivery
+        self.time_scale = time_scale
+
+    def behaviour(self, phone: str) -> Behaviour:
+        """The behaviour for ``phone`` (default when unscripted)."""
+        return self.numbers.get(phone) or Behaviour()
+
+    def set(self, phone: str, **changes: Any) -> Behaviour:
+        """Script one number, keeping its other fields."""
+        new = replace(self.behaviour(phone), **changes)
+        self.numbers[phone] = new
+        return new
+
+    def telegram_delay(self, phone: str) -> float | None:
+        """Seconds (already scaled) until delivery, or None for never."""
+        b = self.behaviour(phone)
+        if b.telegram_never:
+            return None
+        delay = self.default_delivery if b.telegram_delay is None else b.telegram_delay
+        return delay * self.time_scale
+
+    def update_from_json(self, data: dict[str, Any]) -> None:
+        """Merge ``{"+1555…": {field: value}}`` into the script."""
+        for phone, spec in data.items():
+            if not isinstance(spec, dict):
+                raise ValueError(f"behaviour for a number must be an object, got {type(spec).__name__}")
+            self.numbers[phone] = Behaviour.from_dict(spec)
+
+    @classmethod
+    def from_file(cls, path: Path, **kwargs: Any) -> Script:
+        """Load a JSON script file."""
+        script = cls(**kwargs)
+        script.update_from_json(json.loads(path.read_text(encoding="utf-8")))
+        return script

@@ -1,0 +1,155 @@
+"""The storage protocol: verification records, deadlines, ledger, limits.
+
+A store keeps each verification as an opaque JSON document with a version
+number. Every change is a compare-and-set on that version, so two processes
+applying events to one verification never both win: the loser gets
+:class:`~otp_router.errors.ConcurrentUpdate`, reloads and re-applies.
+
+Cost ledger entries are written *in the same atomic step* as the state change
+that caused them, so a crash can never leave a charge recorded without its
+state (or the reverse), and each entry has a unique key so a replayed event
+never books a cost twice.
+
+Deadlines: at most one per verification. :meth:`Store.claim_due` hands each
+due deadline to exactly one caller by pushing it forward by a lease; the
+caller then reschedules or clears it with its CAS write. A caller that dies
+mid-way loses its lease and the deadline fires again after the lease, where
+the version check makes the retry harmless.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Protocol, runtime_checkable
+
+__all__ = ["LedgerEntry", "LedgerKind", "Record", "Store"]
+
+
+class LedgerKind(enum.StrEnum):
+    """What a ledger entry books."""
+
+    CHARGE = "charge"  # a final, provider-confirmed cost
+    ESTIMATE = "estimate"  # provisional cost (SMS before its price is known)
+    REFUND = "refund"  # negative amount: Telegram refund, or an estimate replaced by the real price
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One line of the cost ledger.
+
+    Attributes:
+        key: Unique key; adding an entry whose key exists is a no-op.
+        verification_id: The verification it belongs to.
+        channel: ``telegram`` or ``sms``.
+        provider: ``telegram`` or ``twilio``.
+        region: ISO region of the number (for cost by country).
+        kind: Charge, estimate or refund.
+        amount: Signed amount (refunds are negative).
+        currency: ISO 4217.
+        at: Unix time.
+    """
+
+    key: str
+    verification_id: str
+    channel: str
+    provider: str
+    region: str
+    kind: LedgerKind
+    amount: Decimal
+    currency: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A stored verification document and its version."""
+
+    id: str
+    version: int
+    data: str
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Durable state shared by the library, the worker and webhook handlers."""
+
+    async def create(
+        self,
+        record_id: str,
+        data: str,
+        *,
+        idempotency_key: str | None = None,
+        deadline: float | None = None,
+        ledger: Sequence[LedgerEntry] = (),
+    ) -> tuple[Record, bool]:
+        """Insert a new record at version 1, atomically with its idempotency key.
+
+        Returns:
+            ``(record, True)`` when created; ``(existing_record, False)`` when
+            ``idempotency_key`` is already taken (nothing is written then).
+        """
+        ...
+
+    async def get(self, record_id: str) -> Record | None:
+        """Load a record, or None."""
+        ...
+
+    async def cas(
+        self,
+        record_id: str,
+        expected_version: int,
+        data: str,
+        *,
+        deadline: float | None,
+        ledger: Sequence[LedgerEntry] = (),
+    ) -> Record:
+        """Replace the record if its version is still ``expected_version``.
+
+        Atomically also sets (or with None clears) its deadline and appends the
+        ledger entries (skipping keys already present).
+
+        Raises:
+            ConcurrentUpdate: The version moved on; nothing was written.
+            VerificationNotFound: No such record.
+        """
+        ...
+
+    async def claim_due(self, now: float, *, limit: int, lease: float) -> list[str]:
+        """Claim up to ``limit`` deadlines due at ``now``; each goes to one caller.
+
+        A claimed deadline is moved to ``now + lease`` so that it fires again
+        if the claimer never writes the record back.
+        """
+        ...
+
+    async def next_deadline(self) -> float | None:
+        """The earliest scheduled deadline, for the loop to sleep until."""
+        ...
+
+    async def ledger(self, record_id: str | None = None) -> list[LedgerEntry]:
+        """Ledger entries of one verification, or all of them (ordered by time)."""
+        ...
+
+    async def hit(self, key: str, *, limit: int, window: float, now: float) -> float | None:
+        """Count one event against a sliding-window limit.
+
+        Returns:
+            None when under the limit (the event is counted), else the seconds
+            until the oldest event leaves the window (the event is not counted).
+        """
+        ...
+
+    async def get_or_set_secret(self, name: str, value: str) -> str:
+        """Return the stored secret ``name``, storing ``value`` first if absent."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise if the backend is unreachable."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
