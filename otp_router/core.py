@@ -1,0 +1,395 @@
+"""The verification lifecycle as a pure state machine.
+
+``apply(state, event, now) -> Transition(state, effects, ledger)`` does no I/O,
+reads no clock and draws no randomness: every shell (library call, worker,
+webhook handler, deadline loop) loads a state, feeds one event, writes the new
+state with compare-and-set *together with its ledger entries*, and only then
+carries out the effects. Because the write comes first, a crash after it
+re-runs nothing that was already decided, and a crash before it loses
+nothing: the old state still holds its deadline.
+
+Write-ahead phases make provider I/O crash-safe. Before a probe or a send the
+attempt is persisted in phase ``probing``/``sending`` with a short I/O lease
+as its deadline. If the process dies during the call, the deadline fires
+later and the core decides what is safe:
+
+* an interrupted probe is repeated (a probe sends nothing);
+* an interrupted Telegram send that had a probe ``request_id`` is re-issued
+  with the same ``request_id``: Telegram allows one message per request id
+  (``MESSAGE_ALREADY_SENT``), so this cannot produce a second message;
+* an interrupted send without such an id (SMS) may or may not have left, so
+  it is *not* repeated: the attempt is treated as sent with an unknown
+  reference and the user can ask for a resend.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from decimal import Decimal
+
+from pydantic import BaseModel, ConfigDict
+
+from otp_router.policy import Step
+from otp_router.providers.base import ChannelName, DeliveryState
+from otp_router.store.base import LedgerEntry
+
+__all__ = [
+    "Attempt",
+    "AttemptPhase",
+    "Cancel",
+    "CheckOutcome",
+    "Checked",
+    "CodeDelivered",
+    "CodeEntered",
+    "DeadlineReached",
+    "Delivery",
+    "Effect",
+    "Event",
+    "FallbackReason",
+    "FellBack",
+    "Finished",
+    "Probe",
+    "ProbeDone",
+    "ProbeFailed",
+    "ReportCode",
+    "Resend",
+    "ResendRefused",
+    "Revoke",
+    "Send",
+    "SendFailed",
+    "SendOk",
+    "Start",
+    "Status",
+    "Transition",
+    "VerificationState",
+]
+
+#: Seconds a probe or send may take before the core assumes the process died mid-call.
+IO_LEASE = 60.0
+
+PROVIDER_OF = {ChannelName.TELEGRAM: "telegram", ChannelName.SMS: "twilio"}
+
+
+class Status(enum.StrEnum):
+    """Where a verification stands."""
+
+    PENDING = "pending"
+    VERIFIED = "verified"
+    EXPIRED = "expired"
+    CANCELED = "canceled"
+    FAILED = "failed"  # every channel failed
+    TOO_MANY_ATTEMPTS = "too_many_attempts"
+
+    @property
+    def is_final(self) -> bool:
+        """No event changes a final verification except late cost reports."""
+        return self is not Status.PENDING
+
+
+class AttemptPhase(enum.StrEnum):
+    """Where one step's attempt stands."""
+
+    PROBING = "probing"
+    SENDING = "sending"
+    AWAITING = "awaiting"  # sent, waiting for delivery or the step deadline
+    DELIVERED = "delivered"
+    FAILED = "failed"  # refused, failed, or fallen back from
+    TIMED_OUT = "timed_out"  # last step reached its deadline; the code may still arrive
+
+
+class FallbackReason(enum.StrEnum):
+    """Why the workflow left a step (a metric label: keep this set small)."""
+
+    ABILITY_REFUSED = "ability_refused"
+    PERMANENT_ERROR = "permanent_error"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    DEADLINE = "deadline"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+    UNDELIVERED = "undelivered"
+    CIRCUIT_OPEN = "circuit_open"
+    USER_RESEND = "user_resend"
+
+
+class CheckOutcome(enum.StrEnum):
+    """Result of checking an entered code."""
+
+    VALID = "valid"
+    INVALID = "invalid"
+    EXPIRED = "expired"
+    TOO_MANY_ATTEMPTS = "too_many_attempts"
+    NOT_FOUND = "not_found"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Attempt(_Model):
+    """One step's attempt; at most one per step."""
+
+    step: int
+    channel: ChannelName
+    provider: str
+    phase: AttemptPhase
+    started_at: float
+    #: When the current probe/send began: the I/O lease runs from here.
+    io_since: float
+    probe_ref: str | None = None
+    ref: str | None = None
+    sent_at: float | None = None
+    delivered_at: float | None = None
+    delivery: DeliveryState | None = None
+    reason: str | None = None
+    #: Net amount booked in the ledger for this attempt (charges minus refunds).
+    cost: Decimal = Decimal(0)
+    cost_final: bool = False
+    refunded: bool = False
+    #: Ledger entries written so far: makes each entry key unique and deterministic.
+    entries: int = 0
+
+
+class FallbackRecord(_Model):
+    """A move from one step to the next, with its reason."""
+
+    from_channel: ChannelName
+    to_channel: ChannelName | None
+    reason: FallbackReason
+    at: float
+
+
+class VerificationState(_Model):
+    """Everything known about one verification. Never holds the code itself."""
+
+    id: str
+    region: str
+    phone: str
+    code_digest: str
+    created_at: float
+    expires_at: float
+    status: Status = Status.PENDING
+    steps: tuple[Step, ...]
+    step: int = 0
+    attempts: tuple[Attempt, ...] = ()
+    fallbacks: tuple[FallbackRecord, ...] = ()
+    checks_left: int
+    resends: int = 0
+    max_resends: int = 2
+    resend_cooldown: float = 30.0
+    finished_at: float | None = None
+    verified_at: float | None = None
+    deadline: float | None = None
+
+    @property
+    def current(self) -> Attempt | None:
+        """The attempt of the current step, if started."""
+        return self.attempts[-1] if self.attempts and self.attempts[-1].step == self.step else None
+
+    @property
+    def channel(self) -> ChannelName | None:
+        """Channel in use (the current attempt's), or None before the first attempt."""
+        return self.attempts[-1].channel if self.attempts else None
+
+    @property
+    def total_cost(self) -> Decimal:
+        """Net cost of this verification so far."""
+        return sum((a.cost for a in self.attempts), Decimal(0))
+
+    def attempt_for_ref(self, ref: str) -> Attempt | None:
+        """The attempt whose provider reference (or probe reference) is ``ref``."""
+        for attempt in self.attempts:
+            if ref in (attempt.ref, attempt.probe_ref):
+                return attempt
+        return None
+
+
+# --- events ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Begin the first step (emitted once, right after creation)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeDone:
+    """The channel answered the reachability check."""
+
+    step: int
+    reachable: bool
+    ref: str | None = None
+    cost: Decimal | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeFailed:
+    """The reachability check itself failed (error, retries exhausted, circuit open)."""
+
+    step: int
+    reason: FallbackReason
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendOk:
+    """The provider accepted the message (``ref`` None: outcome unknown but maybe sent).
+
+    ``estimate`` is True when ``cost`` comes from our price table, not the provider.
+    """
+
+    step: int
+    ref: str | None
+    cost: Decimal | None = None
+    estimate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SendFailed:
+    """The provider did not send: permanent error, retries exhausted or circuit open."""
+
+    step: int
+    reason: FallbackReason
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A delivery report (callback or poll) for the attempt with this reference."""
+
+    ref: str
+    state: DeliveryState
+    cost: Decimal | None = None
+    refunded: bool = False
+    cost_final: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlineReached:
+    """The stored deadline was claimed by a deadline loop."""
+
+
+@dataclass(frozen=True, slots=True)
+class CodeEntered:
+    """The user entered a well-formed code; ``matches`` is the shell's HMAC comparison."""
+
+    matches: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """The application gave up on this verification."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resend:
+    """The user asked for the code again."""
+
+
+Event = (
+    Start
+    | ProbeDone
+    | ProbeFailed
+    | SendOk
+    | SendFailed
+    | Delivery
+    | DeadlineReached
+    | CodeEntered
+    | Cancel
+    | Resend
+)
+
+
+# --- effects --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Ask ``channel`` whether the number can receive."""
+
+    step: int
+    channel: ChannelName
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send the code through ``channel``; ``resume`` re-issues an interrupted send by probe id."""
+
+    step: int
+    channel: ChannelName
+    ttl: int
+    probe_ref: str | None
+    attempt: int
+    resume: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """Withdraw an undelivered message."""
+
+    step: int
+    channel: ChannelName
+    ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReportCode:
+    """Tell the provider which code the user entered (the shell holds the code)."""
+
+    channel: ChannelName
+    ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class FellBack:
+    """Informational: the workflow moved on (for metrics and logs)."""
+
+    from_channel: ChannelName
+    to_channel: ChannelName | None
+    reason: FallbackReason
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """Informational: the verification reached a final status."""
+
+    status: Status
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """Result of a code check, for the caller."""
+
+    outcome: CheckOutcome
+    attempts_left: int
+
+
+@dataclass(frozen=True, slots=True)
+class CodeDelivered:
+    """Informational: a channel reported the code delivered ``seconds`` after the start."""
+
+    channel: ChannelName
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ResendRefused:
+    """The resend request was refused by policy; ``retry_after`` None means never."""
+
+    reason: str
+    retry_after: float | None
+
+
+Effect = Probe | Send | Revoke | ReportCode | FellBack | Finished | Checked | CodeDelivered | ResendRefused
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """What :func:`apply` decided."""
+
+    state: VerificationState
+    effects: tuple[Effect, ...] = ()
+    ledger: tuple[LedgerEntry, ...] = ()
+    #: False when the event changed nothing (duplicate report, stale deadline…).
+    changed: bool = True

@@ -1,0 +1,436 @@
+"""The transition function of the lifecycle core (see :mod:`otp_router.core`).
+
+``apply`` is total: an event that does not fit the state (a duplicate report,
+a stale deadline, a probe answer for a step already left) returns the state
+unchanged with ``changed=False`` instead of raising, because every shell may
+see events twice (webhook retries, redelivered queue messages, two deadline
+loops) and must be able to treat a repeat as a no-op.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from otp_router.core import (
+    IO_LEASE,
+    PROVIDER_OF,
+    Attempt,
+    AttemptPhase,
+    Cancel,
+    Checked,
+    CheckOutcome,
+    CodeDelivered,
+    CodeEntered,
+    DeadlineReached,
+    Delivery,
+    Effect,
+    Event,
+    FallbackReason,
+    FallbackRecord,
+    FellBack,
+    Finished,
+    Probe,
+    ProbeDone,
+    ProbeFailed,
+    ReportCode,
+    Resend,
+    ResendRefused,
+    Revoke,
+    Send,
+    SendFailed,
+    SendOk,
+    Start,
+    Status,
+    Transition,
+    VerificationState,
+)
+from otp_router.policy import Step
+from otp_router.providers.base import ChannelName, DeliveryState
+from otp_router.store.base import LedgerEntry, LedgerKind
+
+__all__ = ["apply", "new_state"]
+
+_FAILURE_REASON = {
+    DeliveryState.EXPIRED: FallbackReason.EXPIRED,
+    DeliveryState.REVOKED: FallbackReason.REVOKED,
+    DeliveryState.UNDELIVERED: FallbackReason.UNDELIVERED,
+    DeliveryState.FAILED: FallbackReason.UNDELIVERED,
+}
+
+
+def new_state(
+    *,
+    verification_id: str,
+    phone: str,
+    region: str,
+    code_digest: str,
+    steps: tuple[Step, ...],
+    now: float,
+    code_ttl: float,
+    max_attempts: int,
+    max_resends: int = 2,
+    resend_cooldown: float = 30.0,
+) -> VerificationState:
+    """A fresh verification, before its first step (feed :class:`Start` next)."""
+    if not steps:
+        raise ValueError("a verification needs at least one step")
+    return VerificationState(
+        id=verification_id,
+        region=region,
+        phone=phone,
+        code_digest=code_digest,
+        created_at=now,
+        expires_at=now + code_ttl,
+        steps=steps,
+        checks_left=max_attempts,
+        max_resends=max_resends,
+        resend_cooldown=resend_cooldown,
+    )
+
+
+def apply(state: VerificationState, event: Event, now: float) -> Transition:
+    """Feed one event to the lifecycle.
+
+    Args:
+        state: Current state, as loaded.
+        event: What happened.
+        now: Unix time, supplied by the shell (the core reads no clock).
+
+    Returns:
+        The new state (with its deadline), the effects to carry out after the
+        state is durably written, and the ledger entries to write with it.
+    """
+    result = _dispatch(state, event, now)
+    new = result.state
+    deadline = _deadline(new)
+    if deadline != new.deadline:
+        new = new.model_copy(update={"deadline": deadline})
+    return Transition(new, result.effects, result.ledger, changed=new != state)
+
+
+class _Builder:
+    """Collects effects and ledger entries while a transition is computed."""
+
+    def __init__(self, state: VerificationState) -> None:
+        self.state = state
+        self.effects: list[Effect] = []
+        self.ledger: list[LedgerEntry] = []
+
+    def done(self) -> Transition:
+        return Transition(self.state, tuple(self.effects), tuple(self.ledger))
+
+    def put_attempt(self, attempt: Attempt) -> None:
+        attempts = tuple(attempt if a.step == attempt.step else a for a in self.state.attempts)
+        self.state = self.state.model_copy(update={"attempts": attempts})
+
+    def book(self, attempt: Attempt, target: Decimal, *, estimate: bool, now: float) -> Attempt:
+        """Bring the attempt's booked cost to ``target`` with one ledger entry for the difference.
+
+        ``estimate`` marks a cost we computed ourselves (SMS price table) rather
+        than one the provider reported.
+        """
+        delta = target - attempt.cost
+        if delta == 0:
+            return attempt
+        if delta < 0:
+            kind = LedgerKind.REFUND
+        elif estimate:
+            kind = LedgerKind.ESTIMATE
+        else:
+            kind = LedgerKind.CHARGE
+        self.ledger.append(
+            LedgerEntry(
+                # Deterministic and unique: the n-th entry of this step of this verification.
+                # A replayed event that lost its CAS race produces the same key and is dropped.
+                key=f"{self.state.id}/{attempt.step}/{attempt.entries}",
+                verification_id=self.state.id,
+                channel=attempt.channel.value,
+                provider=attempt.provider,
+                region=self.state.region,
+                kind=kind,
+                amount=delta,
+                currency="USD",
+                at=now,
+            )
+        )
+        return attempt.model_copy(update={"cost": target, "entries": attempt.entries + 1})
+
+    def finish(self, status: Status, now: float) -> None:
+        update: dict[str, object] = {"status": status, "finished_at": now}
+        if status is Status.VERIFIED:
+            update["verified_at"] = now
+        self.state = self.state.model_copy(update=update)
+        self.effects.append(Finished(status))
+
+    def begin_step(self, index: int, now: float) -> None:
+        """Start step ``index``, or fail the verification when there is none left."""
+        state = self.state
+        if now >= state.expires_at:
+            self.finish(Status.EXPIRED, now)
+            return
+        if index >= len(state.steps):
+            self.state = state.model_copy(update={"step": index})
+            self.finish(Status.FAILED, now)
+            return
+        step = state.steps[index]
+        attempt = Attempt(
+            step=index,
+            channel=step.channel,
+            provider=PROVIDER_OF[step.channel],
+            phase=AttemptPhase.PROBING if step.probe else AttemptPhase.SENDING,
+            started_at=now,
+            io_since=now,
+        )
+        self.state = state.model_copy(update={"step": index, "attempts": (*state.attempts, attempt)})
+        if step.probe:
+            self.effects.append(Probe(index, step.channel))
+        else:
+            self.effects.append(self.send_effect(attempt, resume=False))
+
+    def send_effect(self, attempt: Attempt, *, resume: bool) -> Send:
+        sends_before = sum(1 for a in self.state.attempts if a.step < attempt.step and a.sent_at)
+        return Send(
+            step=attempt.step,
+            channel=attempt.channel,
+            ttl=self.state.steps[attempt.step].ttl,
+            probe_ref=attempt.probe_ref,
+            attempt=sends_before + 1,
+            resume=resume,
+        )
+
+    def fall_back(self, attempt: Attempt, reason: FallbackReason, now: float, detail: str | None) -> None:
+        """Leave the current step for ``reason`` and begin the next one."""
+        self.put_attempt(
+            attempt.model_copy(update={"phase": AttemptPhase.FAILED, "reason": detail or reason})
+        )
+        nxt = attempt.step + 1
+        to_channel = self.state.steps[nxt].channel if nxt < len(self.state.steps) else None
+        record = FallbackRecord(from_channel=attempt.channel, to_channel=to_channel, reason=reason, at=now)
+        self.state = self.state.model_copy(update={"fallbacks": (*self.state.fallbacks, record)})
+        self.effects.append(FellBack(attempt.channel, to_channel, reason))
+        self.begin_step(nxt, now)
+
+
+def _dispatch(state: VerificationState, event: Event, now: float) -> Transition:
+    b = _Builder(state)
+    match event:
+        case Start():
+            if state.status is Status.PENDING and not state.attempts:
+                b.begin_step(0, now)
+        case ProbeDone():
+            _probe_done(b, event, now)
+        case ProbeFailed(step=step, reason=reason, detail=detail):
+            cur = state.current
+            if (
+                state.status is Status.PENDING
+                and cur
+                and cur.step == step
+                and cur.phase is AttemptPhase.PROBING
+            ):
+                b.fall_back(cur, reason, now, detail)
+        case SendOk():
+            _send_ok(b, event, now)
+        case SendFailed(step=step, reason=reason, detail=detail):
+            cur = state.current
+            if cur and cur.step == step and cur.phase is AttemptPhase.SENDING:
+                if state.status is Status.PENDING:
+                    b.fall_back(cur, reason, now, detail)
+                else:
+                    b.put_attempt(cur.model_copy(update={"phase": AttemptPhase.FAILED, "reason": reason}))
+        case Delivery():
+            _delivery(b, event, now)
+        case DeadlineReached():
+            _deadline_reached(b, now)
+        case CodeEntered(matches=matches):
+            _code_entered(b, matches, now)
+        case Cancel():
+            if state.status is Status.PENDING:
+                cur = state.current
+                if (
+                    cur
+                    and cur.ref
+                    and cur.phase is AttemptPhase.AWAITING
+                    and cur.channel is ChannelName.TELEGRAM
+                ):
+                    b.effects.append(Revoke(cur.step, cur.channel, cur.ref))
+                b.finish(Status.CANCELED, now)
+        case Resend():
+            _resend(b, now)
+    return b.done()
+
+
+def _probe_done(b: _Builder, event: ProbeDone, now: float) -> None:
+    cur = b.state.current
+    if not (cur and cur.step == event.step and cur.phase is AttemptPhase.PROBING):
+        return
+    if event.cost:
+        # Telegram charges a reachable probe in advance; the send that follows is free.
+        cur = b.book(cur, event.cost, estimate=False, now=now)
+    if b.state.status is not Status.PENDING:
+        b.put_attempt(cur.model_copy(update={"phase": AttemptPhase.FAILED, "probe_ref": event.ref}))
+        return
+    if event.reachable:
+        cur = cur.model_copy(update={"phase": AttemptPhase.SENDING, "probe_ref": event.ref, "io_since": now})
+        b.put_attempt(cur)
+        b.effects.append(b.send_effect(cur, resume=False))
+    else:
+        b.fall_back(cur, FallbackReason.ABILITY_REFUSED, now, event.reason)
+
+
+def _send_ok(b: _Builder, event: SendOk, now: float) -> None:
+    cur = b.state.current
+    if not (cur and cur.step == event.step and cur.phase is AttemptPhase.SENDING):
+        return
+    if event.cost is not None and event.cost > cur.cost:
+        cur = b.book(cur, event.cost, estimate=event.estimate, now=now)
+    # The provider may have sent even if the verification ended meanwhile: keep the
+    # reference so late reports still book refunds and prices.
+    ref = event.ref or cur.probe_ref
+    cur = cur.model_copy(update={"phase": AttemptPhase.AWAITING, "ref": ref, "sent_at": now})
+    b.put_attempt(cur)
+
+
+def _delivery(b: _Builder, event: Delivery, now: float) -> None:
+    attempt = b.state.attempt_for_ref(event.ref)
+    if attempt is None:
+        return
+    if event.cost is not None or event.refunded:
+        target = Decimal(0) if event.refunded else (event.cost or Decimal(0))
+        if not (attempt.cost_final and not event.refunded):
+            attempt = b.book(attempt, target, estimate=False, now=now)
+        attempt = attempt.model_copy(
+            update={
+                "refunded": attempt.refunded or event.refunded,
+                "cost_final": attempt.cost_final or event.cost_final or event.refunded,
+            }
+        )
+    previous = attempt.delivery
+    settled = previous is not None and (previous.is_delivered or previous.is_failed)
+    # Delivery states only move forward; a late "sent" never undoes "delivered".
+    if settled and not (previous is DeliveryState.DELIVERED and event.state is DeliveryState.READ):
+        b.put_attempt(attempt)
+        return
+    if event.state is DeliveryState.UNKNOWN:
+        b.put_attempt(attempt)
+        return
+    attempt = attempt.model_copy(update={"delivery": event.state})
+    if event.state.is_delivered and attempt.delivered_at is None:
+        attempt = attempt.model_copy(update={"delivered_at": now})
+        b.effects.append(CodeDelivered(attempt.channel, now - b.state.created_at))
+        if attempt.phase in (AttemptPhase.AWAITING, AttemptPhase.TIMED_OUT, AttemptPhase.SENDING):
+            attempt = attempt.model_copy(update={"phase": AttemptPhase.DELIVERED})
+    b.put_attempt(attempt)
+    is_current = b.state.current is not None and b.state.current.step == attempt.step
+    if (
+        event.state.is_failed
+        and is_current
+        and b.state.status is Status.PENDING
+        and attempt.phase in (AttemptPhase.AWAITING, AttemptPhase.TIMED_OUT)
+    ):
+        b.fall_back(attempt, _FAILURE_REASON[event.state], now, event.state.value)
+
+
+def _deadline_reached(b: _Builder, now: float) -> None:
+    state = b.state
+    if state.status is not Status.PENDING or state.deadline is None or now < state.deadline:
+        return
+    if now >= state.expires_at:
+        b.finish(Status.EXPIRED, now)
+        return
+    cur = state.current
+    if cur is None:
+        # Created but Start was never applied (crash right after creation).
+        b.begin_step(0, now)
+        return
+    match cur.phase:
+        case AttemptPhase.PROBING:
+            # The process died during the probe: probing again sends nothing.
+            b.put_attempt(cur.model_copy(update={"io_since": now}))
+            b.effects.append(Probe(cur.step, cur.channel))
+        case AttemptPhase.SENDING if cur.channel is ChannelName.TELEGRAM and cur.probe_ref:
+            # Same request_id: Telegram sends at most one message per id, so this is safe.
+            cur = cur.model_copy(update={"io_since": now})
+            b.put_attempt(cur)
+            b.effects.append(b.send_effect(cur, resume=True))
+        case AttemptPhase.SENDING:
+            # Unknown whether it left; sending again could deliver two codes. Assume sent.
+            sent = cur.model_copy(
+                update={"phase": AttemptPhase.AWAITING, "sent_at": cur.io_since, "reason": "send_unconfirmed"}
+            )
+            b.put_attempt(sent)
+        case AttemptPhase.AWAITING:
+            # No revoke: ttl == deliver_within, so Telegram refunds an undelivered
+            # message by itself, while a revoked one is never refunded.
+            if cur.step + 1 < len(state.steps):
+                b.fall_back(cur, FallbackReason.DEADLINE, now, None)
+            else:
+                b.put_attempt(cur.model_copy(update={"phase": AttemptPhase.TIMED_OUT}))
+        case _:
+            pass
+
+
+def _code_entered(b: _Builder, matches: bool, now: float) -> None:
+    state = b.state
+    if state.status is Status.TOO_MANY_ATTEMPTS:
+        b.effects.append(Checked(CheckOutcome.TOO_MANY_ATTEMPTS, 0))
+        return
+    if state.status is not Status.PENDING:
+        # Codes are single use: after verification, or once over, no code is valid.
+        b.effects.append(Checked(CheckOutcome.EXPIRED, state.checks_left))
+        return
+    if now >= state.expires_at:
+        b.finish(Status.EXPIRED, now)
+        b.effects.append(Checked(CheckOutcome.EXPIRED, state.checks_left))
+        return
+    for attempt in state.attempts:
+        if attempt.channel is ChannelName.TELEGRAM and attempt.ref and attempt.sent_at is not None:
+            b.effects.append(ReportCode(attempt.channel, attempt.ref))
+    if matches:
+        b.finish(Status.VERIFIED, now)
+        b.effects.append(Checked(CheckOutcome.VALID, state.checks_left))
+        return
+    left = state.checks_left - 1
+    b.state = b.state.model_copy(update={"checks_left": left})
+    if left <= 0:
+        b.finish(Status.TOO_MANY_ATTEMPTS, now)
+        b.effects.append(Checked(CheckOutcome.TOO_MANY_ATTEMPTS, 0))
+    else:
+        b.effects.append(Checked(CheckOutcome.INVALID, left))
+
+
+def _resend(b: _Builder, now: float) -> None:
+    state = b.state
+    cur = state.current
+    if state.status is not Status.PENDING:
+        b.effects.append(ResendRefused("verification is over", None))
+        return
+    if state.resends >= state.max_resends:
+        b.effects.append(ResendRefused("no resends left", None))
+        return
+    if cur is None or cur.sent_at is None:
+        b.effects.append(ResendRefused("the code is still being sent", state.resend_cooldown))
+        return
+    ready_at = cur.sent_at + state.resend_cooldown
+    if now < ready_at:
+        b.effects.append(ResendRefused("too soon after the last send", ready_at - now))
+        return
+    b.state = state.model_copy(update={"resends": state.resends + 1})
+    if cur.step + 1 >= len(state.steps):
+        # Last step: repeat it as a new step, so each step still sends at most once.
+        b.state = b.state.model_copy(update={"steps": (*state.steps, state.steps[cur.step])})
+    b.fall_back(cur, FallbackReason.USER_RESEND, now, None)
+
+
+def _deadline(state: VerificationState) -> float | None:
+    """The single next moment this verification needs attention, or None when over."""
+    if state.status is not Status.PENDING:
+        return None
+    cur = state.current
+    at = state.expires_at
+    if cur is None:
+        return min(state.created_at + IO_LEASE, at)
+    if cur.phase in (AttemptPhase.PROBING, AttemptPhase.SENDING):
+        at = min(at, cur.io_since + IO_LEASE)
+    elif cur.phase is AttemptPhase.AWAITING and cur.sent_at is not None:
+        at = min(at, cur.sent_at + state.steps[cur.step].deliver_within)
+    return at

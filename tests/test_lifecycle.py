@@ -1,0 +1,380 @@
+"""The pure lifecycle core: examples for each path, then properties over random event sequences."""
+
+from __future__ import annotations
+
+from collections import Counter
+from decimal import Decimal
+
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from otp_router.core import (
+    AttemptPhase,
+    Cancel,
+    Checked,
+    CheckOutcome,
+    CodeEntered,
+    DeadlineReached,
+    Delivery,
+    Effect,
+    Event,
+    FallbackReason,
+    FellBack,
+    Probe,
+    ProbeDone,
+    ProbeFailed,
+    Resend,
+    ResendRefused,
+    Revoke,
+    Send,
+    SendFailed,
+    SendOk,
+    Start,
+    Status,
+    Transition,
+    VerificationState,
+)
+from otp_router.lifecycle import apply, new_state
+from otp_router.policy import Policy, Step
+from otp_router.providers.base import ChannelName, DeliveryState
+from otp_router.store.base import LedgerKind
+
+TG_COST = Decimal("0.01")
+SMS_COST = Decimal("0.0083")
+
+
+def fresh(steps: tuple[Step, ...] | None = None, *, max_attempts: int = 5) -> VerificationState:
+    return new_state(
+        verification_id="v1",
+        phone="+15555550100",
+        region="US",
+        code_digest="digest",
+        steps=steps or Policy().steps,
+        now=0.0,
+        code_ttl=600.0,
+        max_attempts=max_attempts,
+    )
+
+
+def run(state: VerificationState, *events: tuple[Event, float]) -> list[Transition]:
+    out = []
+    for event, now in events:
+        t = apply(state, event, now)
+        out.append(t)
+        state = t.state
+    return out
+
+
+def kinds(effects: tuple[Effect, ...]) -> list[str]:
+    return [type(e).__name__ for e in effects]
+
+
+def test_start_probes_telegram_first() -> None:
+    """Starting a verification probes Telegram and sets an I/O lease deadline."""
+    t = apply(fresh(), Start(), 0.0)
+    assert t.effects == (Probe(0, ChannelName.TELEGRAM),)
+    assert t.state.current is not None and t.state.current.phase is AttemptPhase.PROBING
+    assert t.state.deadline == 60.0
+
+
+def test_telegram_delivered_then_valid_code() -> None:
+    """The happy path: probe, send, delivered, valid code; cost booked once."""
+    ts = run(
+        fresh(),
+        (Start(), 0),
+        (ProbeDone(0, True, "r1", TG_COST), 1),
+        (SendOk(0, "r1", TG_COST), 2),
+        (Delivery("r1", DeliveryState.DELIVERED), 3),
+        (CodeEntered(True), 10),
+    )
+    assert kinds(ts[1].effects) == ["Send"]
+    assert [e.amount for t in ts for e in t.ledger] == [TG_COST]
+    assert ts[3].state.current is not None and ts[3].state.current.phase is AttemptPhase.DELIVERED
+    final = ts[-1]
+    assert final.state.status is Status.VERIFIED
+    assert Checked(CheckOutcome.VALID, 5) in final.effects
+    assert final.state.deadline is None
+    assert final.state.total_cost == TG_COST
+
+
+def test_not_on_telegram_falls_back_to_sms_at_once() -> None:
+    """A refused ability check moves to SMS with reason ability_refused, charging nothing."""
+    ts = run(fresh(), (Start(), 0), (ProbeDone(0, False, reason="PHONE_NUMBER_NOT_FOUND"), 1))
+    effects = ts[-1].effects
+    assert FellBack(ChannelName.TELEGRAM, ChannelName.SMS, FallbackReason.ABILITY_REFUSED) in effects
+    sends = [e for e in effects if isinstance(e, Send)]
+    assert sends and sends[0].channel is ChannelName.SMS
+    assert ts[-1].ledger == ()
+
+
+def test_deadline_falls_back_and_late_refund_is_booked() -> None:
+    """No delivery by the step deadline → SMS; Telegram's later refund books a negative entry."""
+    ts = run(
+        fresh(),
+        (Start(), 0),
+        (ProbeDone(0, True, "r1", TG_COST), 1),
+        (SendOk(0, "r1", TG_COST), 2),
+        (DeadlineReached(), 31),  # too early: deliver_within=30 counts from sent_at=2
+        (DeadlineReached(), 32),
+        (SendOk(1, "SM1", SMS_COST, estimate=True), 33),
+        (Delivery("r1", DeliveryState.EXPIRED, TG_COST, refunded=True), 34),
+        (Delivery("SM1", DeliveryState.DELIVERED, SMS_COST, cost_final=True), 35),
+    )
+    assert not ts[3].changed
+    assert FellBack(ChannelName.TELEGRAM, ChannelName.SMS, FallbackReason.DEADLINE) in ts[4].effects
+    assert not any(isinstance(e, Revoke) for t in ts for e in t.effects), "revoking would forfeit the refund"
+    ledger = [e for t in ts for e in t.ledger]
+    assert [(e.channel, e.kind, e.amount) for e in ledger] == [
+        ("telegram", LedgerKind.CHARGE, TG_COST),
+        ("sms", LedgerKind.ESTIMATE, SMS_COST),
+        ("telegram", LedgerKind.REFUND, -TG_COST),
+    ]
+    assert ts[-1].state.total_cost == SMS_COST
+    assert len({e.key for e in ledger}) == len(ledger)
+
+
+def test_sms_price_replaces_estimate() -> None:
+    """The final Twilio price replaces the estimate with one correcting entry."""
+    ts = run(
+        fresh((Step(ChannelName.SMS, 60),)),
+        (Start(), 0),
+        (SendOk(0, "SM1", Decimal("0.0100"), estimate=True), 1),
+        (Delivery("SM1", DeliveryState.DELIVERED, Decimal("0.0079"), cost_final=True), 2),
+        (Delivery("SM1", DeliveryState.DELIVERED, Decimal("0.0079"), cost_final=True), 3),
+    )
+    amounts = [e.amount for t in ts for e in t.ledger]
+    assert amounts == [Decimal("0.0100"), Decimal("-0.0021")]
+    assert ts[-1].state.total_cost == Decimal("0.0079")
+    assert not ts[-1].changed
+
+
+def test_expired_report_falls_back_with_reason() -> None:
+    """An `expired` report before the deadline falls back with reason expired."""
+    ts = run(
+        fresh(),
+        (Start(), 0),
+        (ProbeDone(0, True, "r1", TG_COST), 1),
+        (SendOk(0, "r1", TG_COST), 2),
+        (Delivery("r1", DeliveryState.EXPIRED, TG_COST, refunded=True), 5),
+    )
+    assert FellBack(ChannelName.TELEGRAM, ChannelName.SMS, FallbackReason.EXPIRED) in ts[-1].effects
+
+
+def test_wrong_then_right_code_and_attempt_limit() -> None:
+    """Wrong codes count down; the right one verifies; the limit locks the verification."""
+    s = run(fresh(), (Start(), 0), (ProbeDone(0, True, "r1"), 1), (SendOk(0, "r1"), 2))[-1].state
+    t = apply(s, CodeEntered(False), 3)
+    assert Checked(CheckOutcome.INVALID, 4) in t.effects
+    t2 = apply(t.state, CodeEntered(True), 4)
+    assert t2.state.status is Status.VERIFIED
+    locked = s
+    for _ in range(5):
+        last = apply(locked, CodeEntered(False), 5)
+        locked = last.state
+    assert locked.status is Status.TOO_MANY_ATTEMPTS
+    assert Checked(CheckOutcome.TOO_MANY_ATTEMPTS, 0) in last.effects
+    assert Checked(CheckOutcome.TOO_MANY_ATTEMPTS, 0) in apply(locked, CodeEntered(True), 6).effects
+
+
+def test_code_is_single_use_and_expires() -> None:
+    """After verification a code is no longer valid; after expiry, neither."""
+    s = run(fresh(), (Start(), 0), (ProbeDone(0, True, "r1"), 1), (SendOk(0, "r1"), 2))[-1].state
+    verified = apply(s, CodeEntered(True), 3).state
+    assert Checked(CheckOutcome.EXPIRED, 5) in apply(verified, CodeEntered(True), 4).effects
+    late = apply(s, CodeEntered(True), 601)
+    assert late.state.status is Status.EXPIRED
+    assert Checked(CheckOutcome.EXPIRED, 5) in late.effects
+
+
+def test_interrupted_telegram_send_resumes_with_same_request_id() -> None:
+    """A send interrupted by a crash is re-issued with the probe's request_id (never a new message)."""
+    ts = run(fresh(), (Start(), 0), (ProbeDone(0, True, "r1", TG_COST), 1), (DeadlineReached(), 61))
+    sends = [e for e in ts[-1].effects if isinstance(e, Send)]
+    assert sends == [Send(0, ChannelName.TELEGRAM, 30, "r1", 1, resume=True)]
+
+
+def test_interrupted_sms_send_is_not_repeated() -> None:
+    """An SMS send interrupted by a crash is assumed sent, never repeated blindly."""
+    ts = run(fresh((Step(ChannelName.SMS, 60),)), (Start(), 0), (DeadlineReached(), 60))
+    assert not any(isinstance(e, Send) for e in ts[-1].effects)
+    cur = ts[-1].state.current
+    assert cur is not None and cur.phase is AttemptPhase.AWAITING and cur.reason == "send_unconfirmed"
+
+
+def test_all_channels_failing_fails_the_verification() -> None:
+    """Permanent errors on every step end in status failed with each reason recorded."""
+    ts = run(
+        fresh(),
+        (Start(), 0),
+        (ProbeFailed(0, FallbackReason.CIRCUIT_OPEN), 1),
+        (SendFailed(1, FallbackReason.PERMANENT_ERROR, "21211"), 2),
+    )
+    final = ts[-1].state
+    assert final.status is Status.FAILED
+    assert [f.reason for f in final.fallbacks] == [
+        FallbackReason.CIRCUIT_OPEN,
+        FallbackReason.PERMANENT_ERROR,
+    ]
+
+
+def test_resend_respects_cooldown_and_moves_on() -> None:
+    """A resend is refused during the cooldown, then moves to the next step."""
+    s = run(fresh(), (Start(), 0), (ProbeDone(0, True, "r1"), 1), (SendOk(0, "r1"), 2))[-1].state
+    early = apply(s, Resend(), 10)
+    assert not early.changed and isinstance(early.effects[0], ResendRefused)
+    assert early.effects[0].retry_after == 22
+    later = apply(s, Resend(), 40)
+    assert FellBack(ChannelName.TELEGRAM, ChannelName.SMS, FallbackReason.USER_RESEND) in later.effects
+
+
+def test_cancel_revokes_undelivered_telegram() -> None:
+    """Cancel ends the verification and revokes an undelivered Telegram message."""
+    s = run(fresh(), (Start(), 0), (ProbeDone(0, True, "r1"), 1), (SendOk(0, "r1"), 2))[-1].state
+    t = apply(s, Cancel(), 3)
+    assert t.state.status is Status.CANCELED
+    assert Revoke(0, ChannelName.TELEGRAM, "r1") in t.effects
+
+
+def test_duplicate_report_is_a_no_op() -> None:
+    """The same delivery report twice changes nothing the second time."""
+    s = run(fresh(), (Start(), 0), (ProbeDone(0, True, "r1"), 1), (SendOk(0, "r1"), 2))[-1].state
+    once = apply(s, Delivery("r1", DeliveryState.DELIVERED), 3)
+    twice = apply(once.state, Delivery("r1", DeliveryState.DELIVERED), 4)
+    assert once.changed and not twice.changed and twice.effects == ()
+
+
+def test_state_round_trips_through_json() -> None:
+    """The stored JSON form loads back to an equal state, Decimals exact."""
+    s = run(fresh(), (Start(), 0), (ProbeDone(0, True, "r1", TG_COST), 1))[-1].state
+    again = VerificationState.model_validate_json(s.model_dump_json())
+    assert again == s and again.total_cost == TG_COST
+
+
+# --- properties -----------------------------------------------------------
+
+refs = st.sampled_from(["r0", "r1", "SM0", "SM1", "nope"])
+costs = st.sampled_from([None, Decimal("0.01"), Decimal("0.0083"), Decimal("0.05")])
+
+
+class Lifecycle(RuleBasedStateMachine):
+    """Random event sequences against one verification."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = fresh(max_attempts=3)
+        self.now = 0.0
+        self.digest = self.state.code_digest
+        self.sends: Counter[int] = Counter()
+        self.booked: Counter[int] = Counter()
+        self.booked_amount: dict[int, Decimal] = {}
+        self.keys: set[str] = set()
+        self.fallbacks = 0
+        t = apply(self.state, Start(), self.now)
+        self.absorb(t)
+
+    def absorb(self, t: Transition) -> None:
+        before = self.state
+        for effect in t.effects:
+            if isinstance(effect, Send | Probe):
+                assert not before.status.is_final, "no send or probe after a final status"
+            if isinstance(effect, Send):
+                if effect.resume:
+                    assert effect.channel is ChannelName.TELEGRAM and effect.probe_ref
+                else:
+                    self.sends[effect.step] += 1
+            if isinstance(effect, FellBack):
+                assert effect.reason in FallbackReason
+                self.fallbacks += 1
+        for entry in t.ledger:
+            assert entry.key not in self.keys, "ledger keys are unique"
+            self.keys.add(entry.key)
+            step = int(entry.key.rsplit("/", 2)[1])
+            self.booked_amount[step] = self.booked_amount.get(step, Decimal(0)) + entry.amount
+        if before.status.is_final:
+            assert t.state.status is before.status, "a final status never changes"
+        self.state = t.state
+
+    def feed(self, event: Event, dt: float) -> None:
+        self.now += dt
+        self.absorb(apply(self.state, event, self.now))
+
+    @rule(dt=st.floats(0, 40), reachable=st.booleans(), ref=refs, cost=costs)
+    def probe_done(self, dt: float, reachable: bool, ref: str, cost: Decimal | None) -> None:
+        self.feed(ProbeDone(self.state.step, reachable, ref, cost if reachable else None), dt)
+
+    @rule(dt=st.floats(0, 40), reason=st.sampled_from(list(FallbackReason)))
+    def probe_failed(self, dt: float, reason: FallbackReason) -> None:
+        self.feed(ProbeFailed(self.state.step, reason), dt)
+
+    @rule(dt=st.floats(0, 40), ref=refs, cost=costs, estimate=st.booleans())
+    def send_ok(self, dt: float, ref: str, cost: Decimal | None, estimate: bool) -> None:
+        before = self.state.current
+        self.feed(SendOk(self.state.step, ref, cost, estimate), dt)
+        if before is not None and before.phase is AttemptPhase.SENDING and cost:
+            # Every charged send is booked: the attempt carries at least that cost, in the ledger too.
+            after = next(a for a in self.state.attempts if a.step == before.step)
+            assert after.cost == max(before.cost, cost)
+            assert self.booked_amount[before.step] == after.cost
+
+    @rule(dt=st.floats(0, 40), reason=st.sampled_from(list(FallbackReason)))
+    def send_failed(self, dt: float, reason: FallbackReason) -> None:
+        self.feed(SendFailed(self.state.step, reason), dt)
+
+    @rule(
+        dt=st.floats(0, 40),
+        ref=refs,
+        state=st.sampled_from(list(DeliveryState)),
+        cost=costs,
+        refunded=st.booleans(),
+        final=st.booleans(),
+    )
+    def delivery(
+        self, dt: float, ref: str, state: DeliveryState, cost: Decimal | None, refunded: bool, final: bool
+    ) -> None:
+        self.feed(Delivery(ref, state, cost, refunded, final), dt)
+
+    @rule(dt=st.floats(0, 200))
+    def deadline(self, dt: float) -> None:
+        self.feed(DeadlineReached(), dt)
+
+    @rule(dt=st.floats(0, 40), matches=st.booleans())
+    def code(self, dt: float, matches: bool) -> None:
+        self.feed(CodeEntered(matches), dt)
+
+    @rule(dt=st.floats(0, 5))
+    def cancel(self, dt: float) -> None:
+        self.feed(Cancel(), dt)
+
+    @rule(dt=st.floats(0, 60))
+    def resend(self, dt: float) -> None:
+        self.feed(Resend(), dt)
+
+    @invariant()
+    def at_most_one_send_per_step(self) -> None:
+        assert all(n <= 1 for n in self.sends.values())
+
+    @invariant()
+    def code_never_changes(self) -> None:
+        assert self.state.code_digest == self.digest
+
+    @invariant()
+    def ledger_matches_attempt_costs(self) -> None:
+        for attempt in self.state.attempts:
+            assert self.booked_amount.get(attempt.step, Decimal(0)) == attempt.cost
+
+    @invariant()
+    def every_fallback_has_a_reason(self) -> None:
+        assert len(self.state.fallbacks) == self.fallbacks
+        assert all(f.reason in FallbackReason for f in self.state.fallbacks)
+
+    @invariant()
+    def deadline_only_while_pending(self) -> None:
+        if self.state.status.is_final:
+            assert self.state.deadline is None
+        else:
+            assert self.state.deadline is not None and self.state.deadline <= self.state.expires_at
+
+
+TestLifecycle = Lifecycle.TestCase
+TestLifecycle.settings = hsettings(max_examples=300, stateful_step_count=30, deadline=None)
