@@ -59,6 +59,7 @@ __all__ = [
     "Send",
     "SendFailed",
     "SendOk",
+    "Settle",
     "Start",
     "Status",
     "Transition",
@@ -67,6 +68,10 @@ __all__ = [
 
 #: Seconds a probe or send may take before the core assumes the process died mid-call.
 IO_LEASE = 60.0
+#: First wait before asking a provider for the final cost of an attempt we left.
+SETTLE_DELAY = 15.0
+#: How many times to ask; after that the estimate stands (and is logged).
+SETTLE_TRIES = 5
 
 PROVIDER_OF = {ChannelName.TELEGRAM: "telegram", ChannelName.SMS: "twilio"}
 
@@ -166,6 +171,8 @@ class VerificationState(_Model):
     region: str
     phone: str
     code_digest: str
+    #: Random value the code is derived from (with the code secret); the code itself is never stored.
+    code_nonce: str = ""
     created_at: float
     expires_at: float
     status: Status = Status.PENDING
@@ -180,6 +187,9 @@ class VerificationState(_Model):
     finished_at: float | None = None
     verified_at: float | None = None
     deadline: float | None = None
+    #: When to next ask providers for final costs of attempts no longer in play.
+    settle_at: float | None = None
+    settle_tries: int = 0
 
     @property
     def current(self) -> Attempt | None:
@@ -195,6 +205,15 @@ class VerificationState(_Model):
     def total_cost(self) -> Decimal:
         """Net cost of this verification so far."""
         return sum((a.cost for a in self.attempts), Decimal(0))
+
+    def unsettled(self) -> tuple[Attempt, ...]:
+        """Sent attempts no longer in play whose cost may still change (refund, final price)."""
+        live = self.current if self.status is Status.PENDING else None
+        return tuple(
+            a
+            for a in self.attempts
+            if a is not live and a.ref is not None and a.sent_at is not None and not a.cost_final
+        )
 
     def attempt_for_ref(self, ref: str) -> Attempt | None:
         """The attempt whose provider reference (or probe reference) is ``ref``."""
@@ -342,6 +361,15 @@ class ReportCode:
 
 
 @dataclass(frozen=True, slots=True)
+class Settle:
+    """Ask the provider for the final state and cost of an attempt no longer in play."""
+
+    step: int
+    channel: ChannelName
+    ref: str
+
+
+@dataclass(frozen=True, slots=True)
 class FellBack:
     """Informational: the workflow moved on (for metrics and logs)."""
 
@@ -381,7 +409,18 @@ class ResendRefused:
     retry_after: float | None
 
 
-Effect = Probe | Send | Revoke | ReportCode | FellBack | Finished | Checked | CodeDelivered | ResendRefused
+Effect = (
+    Probe
+    | Send
+    | Revoke
+    | ReportCode
+    | Settle
+    | FellBack
+    | Finished
+    | Checked
+    | CodeDelivered
+    | ResendRefused
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,8 @@ from decimal import Decimal
 from otp_router.core import (
     IO_LEASE,
     PROVIDER_OF,
+    SETTLE_DELAY,
+    SETTLE_TRIES,
     Attempt,
     AttemptPhase,
     Cancel,
@@ -39,6 +41,7 @@ from otp_router.core import (
     Send,
     SendFailed,
     SendOk,
+    Settle,
     Start,
     Status,
     Transition,
@@ -64,6 +67,7 @@ def new_state(
     phone: str,
     region: str,
     code_digest: str,
+    code_nonce: str = "",
     steps: tuple[Step, ...],
     now: float,
     code_ttl: float,
@@ -79,6 +83,7 @@ def new_state(
         region=region,
         phone=phone,
         code_digest=code_digest,
+        code_nonce=code_nonce,
         created_at=now,
         expires_at=now + code_ttl,
         steps=steps,
@@ -101,7 +106,7 @@ def apply(state: VerificationState, event: Event, now: float) -> Transition:
         state is durably written, and the ledger entries to write with it.
     """
     result = _dispatch(state, event, now)
-    new = result.state
+    new = _schedule_settle(result.state, now)
     deadline = _deadline(new)
     if deadline != new.deadline:
         new = new.model_copy(update={"deadline": deadline})
@@ -332,7 +337,18 @@ def _delivery(b: _Builder, event: Delivery, now: float) -> None:
 
 def _deadline_reached(b: _Builder, now: float) -> None:
     state = b.state
-    if state.status is not Status.PENDING or state.deadline is None or now < state.deadline:
+    if state.deadline is None or now < state.deadline:
+        return
+    if state.settle_at is not None and now >= state.settle_at:
+        for attempt in state.unsettled():
+            assert attempt.ref is not None
+            b.effects.append(Settle(attempt.step, attempt.channel, attempt.ref))
+        tries = state.settle_tries + 1
+        # Back off: providers fill in prices and refunds minutes, not seconds, later.
+        nxt = now + SETTLE_DELAY * 2**tries if tries < SETTLE_TRIES else None
+        b.state = state.model_copy(update={"settle_tries": tries, "settle_at": nxt})
+        state = b.state
+    if state.status is not Status.PENDING:
         return
     if now >= state.expires_at:
         b.finish(Status.EXPIRED, now)
@@ -421,10 +437,20 @@ def _resend(b: _Builder, now: float) -> None:
     b.fall_back(cur, FallbackReason.USER_RESEND, now, None)
 
 
+def _schedule_settle(state: VerificationState, now: float) -> VerificationState:
+    """Keep ``settle_at`` set exactly while some attempt's cost is still open."""
+    open_costs = bool(state.unsettled()) and state.settle_tries < SETTLE_TRIES
+    if open_costs and state.settle_at is None:
+        return state.model_copy(update={"settle_at": now + SETTLE_DELAY})
+    if not open_costs and state.settle_at is not None:
+        return state.model_copy(update={"settle_at": None})
+    return state
+
+
 def _deadline(state: VerificationState) -> float | None:
-    """The single next moment this verification needs attention, or None when over."""
+    """The single next moment this verification needs attention, or None when done."""
     if state.status is not Status.PENDING:
-        return None
+        return state.settle_at
     cur = state.current
     at = state.expires_at
     if cur is None:
@@ -433,4 +459,4 @@ def _deadline(state: VerificationState) -> float | None:
         at = min(at, cur.io_since + IO_LEASE)
     elif cur.phase is AttemptPhase.AWAITING and cur.sent_at is not None:
         at = min(at, cur.sent_at + state.steps[cur.step].deliver_within)
-    return at
+    return at if state.settle_at is None else min(at, state.settle_at)

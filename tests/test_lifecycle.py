@@ -30,6 +30,7 @@ from otp_router.core import (
     Send,
     SendFailed,
     SendOk,
+    Settle,
     Start,
     Status,
     Transition,
@@ -85,7 +86,7 @@ def test_telegram_delivered_then_valid_code() -> None:
         (Start(), 0),
         (ProbeDone(0, True, "r1", TG_COST), 1),
         (SendOk(0, "r1", TG_COST), 2),
-        (Delivery("r1", DeliveryState.DELIVERED), 3),
+        (Delivery("r1", DeliveryState.DELIVERED, TG_COST, cost_final=True), 3),
         (CodeEntered(True), 10),
     )
     assert kinds(ts[1].effects) == ["Send"]
@@ -132,6 +133,21 @@ def test_deadline_falls_back_and_late_refund_is_booked() -> None:
     ]
     assert ts[-1].state.total_cost == SMS_COST
     assert len({e.key for e in ledger}) == len(ledger)
+
+
+def test_unsettled_cost_is_fetched_after_the_end() -> None:
+    """A finished verification with an attempt whose cost may change wakes up to settle it, then stops."""
+    s = run(
+        fresh((Step(ChannelName.SMS, 60),)),
+        (Start(), 0),
+        (SendOk(0, "SM1", SMS_COST, estimate=True), 1),
+        (CodeEntered(True), 5),
+    )[-1].state
+    assert s.status is Status.VERIFIED and s.deadline == s.settle_at == 20.0
+    t = apply(s, DeadlineReached(), 20.0)
+    assert Settle(0, ChannelName.SMS, "SM1") in t.effects
+    done = apply(t.state, Delivery("SM1", DeliveryState.DELIVERED, Decimal("0.0079"), cost_final=True), 21)
+    assert done.state.deadline is None and done.state.total_cost == Decimal("0.0079")
 
 
 def test_sms_price_replaces_estimate() -> None:
@@ -369,9 +385,13 @@ class Lifecycle(RuleBasedStateMachine):
         assert all(f.reason in FallbackReason for f in self.state.fallbacks)
 
     @invariant()
-    def deadline_only_while_pending(self) -> None:
+    def deadline_only_while_work_is_left(self) -> None:
         if self.state.status.is_final:
-            assert self.state.deadline is None
+            # A finished verification wakes up only to settle costs.
+            assert self.state.deadline == self.state.settle_at
+            assert (self.state.settle_at is not None) == (
+                bool(self.state.unsettled()) and self.state.settle_tries < 5
+            )
         else:
             assert self.state.deadline is not None and self.state.deadline <= self.state.expires_at
 
