@@ -24,6 +24,7 @@ Tests turn backoff off with ``RetrySettings(backoff=False)``; nothing patches ``
 from __future__ import annotations
 
 import enum
+import inspect
 from collections.abc import Callable
 
 from tenacity import AsyncRetrying, RetryCallState, stop_after_attempt, stop_after_delay
@@ -31,6 +32,11 @@ from tenacity.wait import wait_exponential_jitter
 
 from otp_router.config import RetrySettings
 from otp_router.errors import ProviderRateLimited, ProviderTransientError
+
+# tenacity 9.2 renamed wait_exponential_jitter's ``initial`` to ``multiplier`` and
+# warns on the old name (an error under pytest's filterwarnings); older 9.x only know ``initial``.
+_JITTER_PARAMS = inspect.signature(wait_exponential_jitter.__init__).parameters
+_FIRST_WAIT = "multiplier" if "multiplier" in _JITTER_PARAMS else "initial"
 
 __all__ = ["CallKind", "RetryHook", "retrying"]
 
@@ -62,7 +68,7 @@ def _should_retry(kind: CallKind, settings: RetrySettings) -> Callable[[RetryCal
 
 def _wait(settings: RetrySettings) -> Callable[[RetryCallState], float]:
     backoff = wait_exponential_jitter(
-        initial=settings.initial_backoff, max=settings.max_backoff, jitter=settings.jitter
+        max=settings.max_backoff, jitter=settings.jitter, **{_FIRST_WAIT: settings.initial_backoff}
     )
 
     def wait(state: RetryCallState) -> float:
