@@ -1,0 +1,164 @@
+"""Helpers shared by the store backends: argument checks and ledger encoding.
+
+Backends that cannot hold Python objects (SQLite, Redis) store a ledger entry
+as flat text fields. Amounts are written with ``str(Decimal)`` and read back
+with ``Decimal(text)``, which round-trips exactly (value *and* exponent, so
+``Decimal("0.0100")`` stays ``0.0100``); timestamps use ``repr(float)``,
+which round-trips every double exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+
+from otp_router.store.base import LedgerEntry, LedgerKind
+
+__all__ = [
+    "LEDGER_FIELDS",
+    "check_claim_args",
+    "check_hit_args",
+    "dedup_entries",
+    "entry_from_fields",
+    "entry_to_fields",
+    "float_text",
+    "retry_after",
+]
+
+#: Text fields of an encoded ledger entry, in a fixed order.
+LEDGER_FIELDS = (
+    "key",
+    "verification_id",
+    "channel",
+    "provider",
+    "region",
+    "kind",
+    "amount",
+    "currency",
+    "at",
+)
+
+
+def float_text(value: float) -> str:
+    """Encode a float as text that parses back to the identical double.
+
+    Args:
+        value: Any finite or infinite float.
+
+    Returns:
+        ``repr(float(value))``, which Python, SQLite and Redis all parse exactly.
+    """
+    return repr(float(value))
+
+
+def entry_to_fields(entry: LedgerEntry) -> dict[str, str]:
+    """Encode a ledger entry as text fields (see :data:`LEDGER_FIELDS`).
+
+    Args:
+        entry: The entry to encode.
+
+    Returns:
+        One string per field; the amount as its exact decimal text.
+
+    Raises:
+        TypeError: The amount is not a :class:`~decimal.Decimal` (a float
+            would silently lose exactness).
+    """
+    if not isinstance(entry.amount, Decimal):
+        raise TypeError("LedgerEntry.amount must be a decimal.Decimal")
+    return {
+        "key": entry.key,
+        "verification_id": entry.verification_id,
+        "channel": entry.channel,
+        "provider": entry.provider,
+        "region": entry.region,
+        "kind": LedgerKind(entry.kind).value,
+        "amount": str(entry.amount),
+        "currency": entry.currency,
+        "at": float_text(entry.at),
+    }
+
+
+def entry_from_fields(fields: Mapping[str, str]) -> LedgerEntry:
+    """Decode text fields written by :func:`entry_to_fields`.
+
+    Args:
+        fields: A mapping holding at least every name in :data:`LEDGER_FIELDS`.
+
+    Returns:
+        The ledger entry, with its amount as an exact :class:`~decimal.Decimal`.
+    """
+    return LedgerEntry(
+        key=fields["key"],
+        verification_id=fields["verification_id"],
+        channel=fields["channel"],
+        provider=fields["provider"],
+        region=fields["region"],
+        kind=LedgerKind(fields["kind"]),
+        amount=Decimal(fields["amount"]),
+        currency=fields["currency"],
+        at=float(fields["at"]),
+    )
+
+
+def dedup_entries(entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
+    """Drop entries whose key repeats an earlier one in the same batch (first wins).
+
+    Args:
+        entries: Entries in the order the caller gave them.
+
+    Returns:
+        The entries with unique keys, order kept.
+    """
+    seen: set[str] = set()
+    unique: list[LedgerEntry] = []
+    for entry in entries:
+        if entry.key not in seen:
+            seen.add(entry.key)
+            unique.append(entry)
+    return unique
+
+
+def check_claim_args(limit: int, lease: float) -> None:
+    """Validate :meth:`Store.claim_due` arguments.
+
+    Raises:
+        ValueError: ``limit`` below 1 or a lease that is not positive.
+    """
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    if not lease > 0:
+        raise ValueError("lease must be positive")
+
+
+def check_hit_args(limit: int, window: float) -> None:
+    """Validate :meth:`Store.hit` arguments.
+
+    A limit of 0 means "disabled" in the settings; callers skip ``hit`` then,
+    so reaching a store with it is a bug worth failing loudly on.
+
+    Raises:
+        ValueError: ``limit`` below 1 or a window that is not positive.
+    """
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    if not window > 0:
+        raise ValueError("window must be positive")
+
+
+def retry_after(times: Sequence[float], *, limit: int, window: float, now: float) -> float:
+    """Seconds until one more event fits in a full sliding window.
+
+    Args:
+        times: Event times still inside the window, ascending; at least ``limit``.
+        limit: Events allowed per window.
+        window: Window length in seconds.
+        now: Current time.
+
+    Returns:
+        When the event that must leave for a slot to open leaves the window,
+        relative to ``now``. Usually that is the oldest event; if the limit was
+        lowered since the events were counted, a later one.
+    """
+    blocking = times[len(times) - limit]
+    return blocking + window - now

@@ -1,0 +1,461 @@
+"""The distributed store: Redis (``redis://``, ``rediss://``, ``unix://``).
+
+Every multi-key step is one Lua script, so it is atomic on the server no
+matter how many processes share the Redis: create (with its idempotency key),
+compare-and-set (with its deadline and ledger entries), claiming deadlines,
+and counting a rate-limit event. Scripts are registered once per store and
+run with ``EVALSHA`` (re-sent with ``SCRIPT LOAD`` only if Redis forgot them).
+
+Key names are in :mod:`otp_router.store.keys`. Values are text: versions as
+integers, data as the caller's JSON, amounts as exact decimal strings, times
+as ``repr(float)``.
+
+Expiry: idempotency keys expire after ``idempotency_ttl`` (a day by default),
+after which a retried request with the same key starts a new verification.
+Records are kept forever unless ``record_ttl`` is set; it applies only while a
+record has no pending deadline (a finished verification), so a record is
+never lost while a deadline still points at it. Ledger entries never expire:
+they are the cost history.
+
+The ``redis`` package is an optional extra, imported when a store is built.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from otp_router.errors import ConcurrentUpdate, ConfigError, StoreError, VerificationNotFound
+from otp_router.store.base import LedgerEntry, Record
+from otp_router.store.common import (
+    LEDGER_FIELDS,
+    check_claim_args,
+    check_hit_args,
+    dedup_entries,
+    entry_from_fields,
+    entry_to_fields,
+    float_text,
+    retry_after,
+)
+from otp_router.store.keys import DEFAULT_PREFIX, RedisKeys
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
+
+__all__ = ["DEFAULT_IDEMPOTENCY_TTL", "RedisStore"]
+
+#: Seconds an idempotency key is remembered.
+DEFAULT_IDEMPOTENCY_TTL = 86400.0
+
+_INSTALL_HINT = "the Redis store needs the redis package: pip install 'otp-router[redis]'"
+
+# Shared Lua helpers. Ledger entry i (0-based) uses KEYS[kbase + 2i] (its hash)
+# and KEYS[kbase + 2i + 1] (its verification's index), and its fields are
+# ARGV[abase + n*i ...] in LEDGER_FIELDS order, the last one being ``at``.
+_LUA_HELPERS = """
+local FIELDS = {__FIELDS__}
+local NFIELDS = #FIELDS
+
+local function append_ledger(kbase, abase, count, index_key, seq_key)
+  for i = 0, count - 1 do
+    local entry_key = KEYS[kbase + 2 * i]
+    if redis.call('EXISTS', entry_key) == 0 then
+      local a = abase + NFIELDS * i
+      local args = {}
+      for f = 1, NFIELDS do
+        args[#args + 1] = FIELDS[f]
+        args[#args + 1] = ARGV[a + f - 1]
+      end
+      args[#args + 1] = 'seq'
+      args[#args + 1] = redis.call('INCR', seq_key)
+      redis.call('HSET', entry_key, unpack(args))
+      local at = ARGV[a + NFIELDS - 1]
+      redis.call('ZADD', index_key, at, ARGV[a])
+      redis.call('ZADD', KEYS[kbase + 2 * i + 1], at, ARGV[a])
+    end
+  end
+end
+
+-- An empty deadline clears it. A record with no deadline may expire
+-- (ttl_ms > 0); one with a deadline never does.
+local function set_deadline(rec_key, deadlines_key, id, deadline, ttl_ms)
+  if deadline == '' then
+    redis.call('ZREM', deadlines_key, id)
+    if ttl_ms ~= '0' then
+      redis.call('PEXPIRE', rec_key, ttl_ms)
+    else
+      redis.call('PERSIST', rec_key)
+    end
+  else
+    redis.call('ZADD', deadlines_key, deadline, id)
+    redis.call('PERSIST', rec_key)
+  end
+end
+""".replace("__FIELDS__", ", ".join(f"'{name}'" for name in LEDGER_FIELDS))
+
+# KEYS: rec, deadlines, ledger index, ledger seq, idempotency key, entries...
+# ARGV: id, data, deadline, record ttl ms, has idempotency key, idempotency
+#       ttl ms, record key prefix, entry count, entry fields...
+# Returns {1} created, {2, id, version, data} existing, {-2} id taken.
+_CREATE = (
+    _LUA_HELPERS
+    + """
+if ARGV[5] == '1' then
+  local existing = redis.call('GET', KEYS[5])
+  if existing then
+    -- The record key is derived, not declared: it shares the prefix (and so
+    -- the hash slot, with a hash-tagged prefix) of every other key.
+    local found = redis.call('HMGET', ARGV[7] .. existing, 'version', 'data')
+    if found[1] then
+      return {2, existing, found[1], found[2]}
+    end
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {-2}
+end
+redis.call('HSET', KEYS[1], 'version', 1, 'data', ARGV[2])
+if ARGV[5] == '1' then
+  if ARGV[6] ~= '0' then
+    redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[6])
+  else
+    redis.call('SET', KEYS[5], ARGV[1])
+  end
+end
+set_deadline(KEYS[1], KEYS[2], ARGV[1], ARGV[3], ARGV[4])
+append_ledger(6, 9, tonumber(ARGV[8]), KEYS[3], KEYS[4])
+return {1}
+"""
+)
+
+# KEYS: rec, deadlines, ledger index, ledger seq, entries...
+# ARGV: id, expected version, data, deadline, record ttl ms, entry count, entry fields...
+# Returns {1, new version}, {0} version moved on, {-1} no such record.
+_CAS = (
+    _LUA_HELPERS
+    + """
+local current = redis.call('HGET', KEYS[1], 'version')
+if not current then
+  return {-1}
+end
+if current ~= ARGV[2] then
+  return {0}
+end
+local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'data', ARGV[3])
+set_deadline(KEYS[1], KEYS[2], ARGV[1], ARGV[4], ARGV[5])
+append_ledger(5, 7, tonumber(ARGV[6]), KEYS[3], KEYS[4])
+return {1, version}
+"""
+)
+
+# KEYS: deadlines. ARGV: now, limit, leased deadline. Returns the claimed ids.
+_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], 'XX', ARGV[3], id)
+end
+return ids
+"""
+
+# KEYS: rate key. ARGV: cutoff (events at or before it left the window),
+# limit, now, unique event name, key ttl ms.
+# Returns false when counted, else the time of the event blocking a new one.
+_HIT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local count = redis.call('ZCARD', KEYS[1])
+local limit = tonumber(ARGV[2])
+if count >= limit then
+  local blocking = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
+  return blocking[2]
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return false
+"""
+
+
+def _ms(seconds: float | None) -> str:
+    """Milliseconds for PX/PEXPIRE as text; ``"0"`` means "never expires"."""
+    if seconds is None or seconds <= 0:
+        return "0"
+    return str(max(1, math.ceil(seconds * 1000)))
+
+
+class RedisStore:
+    """A :class:`~otp_router.store.base.Store` in Redis.
+
+    Building the store opens no connection; the first call (or :meth:`ping`)
+    does.
+
+    Args:
+        url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://…``
+            or ``unix:///path/to/socket``. Our own query parameters are taken
+            out before the rest goes to redis-py: ``prefix``,
+            ``idempotency_ttl`` and ``record_ttl`` (seconds; ``0`` means
+            never expire). Being the operator's configuration, they take
+            precedence over the keyword arguments below.
+        prefix: Key prefix when the URL has none; default ``otp-router``.
+        idempotency_ttl: Seconds an idempotency key is remembered (None:
+            forever). Default one day.
+        record_ttl: Seconds a record without a pending deadline is kept
+            after its last write (None: forever).
+        max_connections: Pool size (redis-py's ``max_connections`` URL
+            parameter overrides it). Callers beyond it wait for a free
+            connection instead of failing.
+
+    Raises:
+        ConfigError: The ``redis`` package is not installed, or a query
+            parameter is invalid.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str | None = None,
+        idempotency_ttl: float | None = DEFAULT_IDEMPOTENCY_TTL,
+        record_ttl: float | None = None,
+        max_connections: int = 50,
+    ) -> None:
+        try:
+            import redis.asyncio as aioredis
+            import redis.exceptions
+        except ImportError as exc:  # pragma: no cover - the test env has the extra
+            raise ConfigError(_INSTALL_HINT) from exc
+        client_url, params = _split_url(url)
+        key_prefix = params.get("prefix", prefix or DEFAULT_PREFIX)
+        if not key_prefix:
+            raise ConfigError("OTP_ROUTER_STORE_URL: prefix must not be empty")
+        self.keys = RedisKeys(key_prefix)
+        self._idempotency_ttl = _ttl_param(params, "idempotency_ttl", idempotency_ttl)
+        self._record_ttl = _ttl_param(params, "record_ttl", record_ttl)
+        self._redis_error: type[Exception] = redis.exceptions.RedisError
+        # redis-py's default pool raises "Too many connections" once its
+        # limit is reached; a burst of concurrent verifications should queue.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            client_url, decode_responses=True, max_connections=max_connections
+        )
+        self._client: Redis = aioredis.Redis.from_pool(pool)
+        self._create: AsyncScript = self._client.register_script(_CREATE)
+        self._cas: AsyncScript = self._client.register_script(_CAS)
+        self._claim: AsyncScript = self._client.register_script(_CLAIM)
+        self._hit: AsyncScript = self._client.register_script(_HIT)
+        self._closed = False
+
+    @contextmanager
+    def _mapped(self) -> Iterator[None]:
+        """Check the store is open and turn redis-py errors into StoreError."""
+        if self._closed:
+            raise StoreError("store is closed")
+        try:
+            yield
+        except self._redis_error as exc:
+            # redis-py messages name the host and the failure, never the password.
+            raise StoreError(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    def _ledger_args(self, entries: Sequence[LedgerEntry]) -> tuple[list[str], list[str]]:
+        keys: list[str] = []
+        args: list[str] = []
+        for entry in dedup_entries(entries):
+            fields = entry_to_fields(entry)
+            keys += [
+                self.keys.ledger_entry(entry.key),
+                self.keys.ledger_by_verification(entry.verification_id),
+            ]
+            args += [fields[name] for name in LEDGER_FIELDS]
+        return keys, args
+
+    async def create(
+        self,
+        record_id: str,
+        data: str,
+        *,
+        idempotency_key: str | None = None,
+        deadline: float | None = None,
+        ledger: Sequence[LedgerEntry] = (),
+    ) -> tuple[Record, bool]:
+        """Insert a new record at version 1 (see :meth:`Store.create`).
+
+        Raises:
+            StoreError: ``record_id`` already exists (ids must be unique), or
+                Redis failed.
+        """
+        entry_keys, entry_args = self._ledger_args(ledger)
+        rec_key = self.keys.record(record_id)
+        idem_key = self.keys.idempotency(idempotency_key) if idempotency_key is not None else rec_key
+        keys = [rec_key, self.keys.deadlines, self.keys.ledger_index, self.keys.ledger_seq, idem_key]
+        args = [
+            record_id,
+            data,
+            "" if deadline is None else float_text(deadline),
+            _ms(self._record_ttl),
+            "0" if idempotency_key is None else "1",
+            _ms(self._idempotency_ttl),
+            self.keys.record(""),
+            str(len(entry_keys) // 2),
+        ]
+        with self._mapped():
+            result: list[Any] = await self._create(keys=keys + entry_keys, args=args + entry_args)
+        if result[0] == 2:
+            return Record(id=result[1], version=int(result[2]), data=result[3]), False
+        if result[0] == -2:
+            raise StoreError("a record with this id already exists")
+        return Record(id=record_id, version=1, data=data), True
+
+    async def get(self, record_id: str) -> Record | None:
+        """Load a record, or None."""
+        with self._mapped():
+            found: list[Any] = await self._client.hmget(self.keys.record(record_id), ["version", "data"])
+        version, data = found
+        if version is None:
+            return None
+        return Record(id=record_id, version=int(version), data=str(data))
+
+    async def cas(
+        self,
+        record_id: str,
+        expected_version: int,
+        data: str,
+        *,
+        deadline: float | None,
+        ledger: Sequence[LedgerEntry] = (),
+    ) -> Record:
+        """Replace the record if its version is unchanged (see :meth:`Store.cas`).
+
+        Raises:
+            ConcurrentUpdate: The version moved on; nothing was written.
+            VerificationNotFound: No such record.
+        """
+        entry_keys, entry_args = self._ledger_args(ledger)
+        keys = [
+            self.keys.record(record_id),
+            self.keys.deadlines,
+            self.keys.ledger_index,
+            self.keys.ledger_seq,
+        ]
+        args = [
+            record_id,
+            str(int(expected_version)),
+            data,
+            "" if deadline is None else float_text(deadline),
+            _ms(self._record_ttl),
+            str(len(entry_keys) // 2),
+        ]
+        with self._mapped():
+            result: list[Any] = await self._cas(keys=keys + entry_keys, args=args + entry_args)
+        if result[0] == -1:
+            raise VerificationNotFound("no verification with this id")
+        if result[0] == 0:
+            raise ConcurrentUpdate("the record was changed by another writer")
+        return Record(id=record_id, version=int(result[1]), data=data)
+
+    async def claim_due(self, now: float, *, limit: int, lease: float) -> list[str]:
+        """Claim up to ``limit`` due deadlines, earliest first (see :meth:`Store.claim_due`)."""
+        check_claim_args(limit, lease)
+        with self._mapped():
+            ids: list[str] = await self._claim(
+                keys=[self.keys.deadlines],
+                args=[float_text(now), str(limit), float_text(now + lease)],
+            )
+        return list(ids)
+
+    async def next_deadline(self) -> float | None:
+        """The earliest scheduled deadline, or None."""
+        with self._mapped():
+            first: list[Any] = await self._client.zrange(self.keys.deadlines, 0, 0, withscores=True)
+        return float(first[0][1]) if first else None
+
+    async def ledger(self, record_id: str | None = None) -> list[LedgerEntry]:
+        """Ledger entries ordered by time, ties in insertion order."""
+        index = self.keys.ledger_index if record_id is None else self.keys.ledger_by_verification(record_id)
+        with self._mapped():
+            entry_keys: list[Any] = await self._client.zrange(index, 0, -1)
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in entry_keys:
+                    pipe.hgetall(self.keys.ledger_entry(key))
+                rows: list[dict[str, str]] = await pipe.execute()
+        # The index orders by time then key; re-sort by (time, seq) so that
+        # entries written at the same instant keep their insertion order.
+        rows = sorted((r for r in rows if r), key=lambda r: (float(r["at"]), int(r["seq"])))
+        return [entry_from_fields(row) for row in rows]
+
+    async def hit(self, key: str, *, limit: int, window: float, now: float) -> float | None:
+        """Count one event against a sliding-window limit (see :meth:`Store.hit`).
+
+        The key also expires ``window`` seconds (of Redis's clock) after its
+        last counted event, so idle limits free their memory.
+        """
+        check_hit_args(limit, window)
+        with self._mapped():
+            blocking: str | None = await self._hit(
+                keys=[self.keys.rate(key)],
+                # A unique member per event: several events may share one ``now``.
+                args=[float_text(now - window), str(limit), float_text(now), uuid.uuid4().hex, _ms(window)],
+            )
+        if blocking is None:
+            return None
+        # Only the blocking event's time crosses the wire; the subtraction is
+        # done here, in the same arithmetic as the other stores.
+        return retry_after([float(blocking)], limit=1, window=window, now=now)
+
+    async def get_or_set_secret(self, name: str, value: str) -> str:
+        """Return the stored secret, storing ``value`` first if absent."""
+        key = self.keys.secret(name)
+        with self._mapped():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.set(key, value, nx=True)
+                pipe.get(key)
+                _, stored = await pipe.execute()
+        return str(stored)
+
+    async def ping(self) -> None:
+        """Send ``PING``.
+
+        Raises:
+            StoreError: Redis is unreachable, or the store is closed.
+        """
+        with self._mapped():
+            await self._client.ping()
+
+    async def aclose(self) -> None:
+        """Close the connection pool. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._client.aclose()
+
+
+def _split_url(url: str) -> tuple[str, dict[str, str]]:
+    """Take our own query parameters out of a Redis URL.
+
+    Returns:
+        The URL redis-py should see, and our parameters.
+    """
+    parts = urlsplit(url)
+    ours: dict[str, str] = {}
+    theirs: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in ("prefix", "idempotency_ttl", "record_ttl"):
+            ours[name] = value
+        else:
+            theirs.append((name, value))
+    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
+
+
+def _ttl_param(params: dict[str, str], name: str, default: float | None) -> float | None:
+    """A TTL from the URL (``0`` = forever), else ``default``."""
+    if name not in params:
+        return default
+    try:
+        seconds = float(params[name])
+    except ValueError:
+        raise ConfigError(f"OTP_ROUTER_STORE_URL: {name} must be a number of seconds") from None
+    if seconds < 0 or math.isnan(seconds):
+        raise ConfigError(f"OTP_ROUTER_STORE_URL: {name} must not be negative")
+    return None if seconds == 0 else seconds

@@ -1,0 +1,425 @@
+"""The embedded, durable default store: one SQLite file.
+
+Several processes may share the file (the CLI's ``send`` and ``check`` run as
+separate processes; several workers may run on one machine):
+
+* WAL journal, so readers never block the writer and vice versa.
+* Every write is one ``BEGIN IMMEDIATE`` transaction: it takes the write lock
+  up front, so the read-check-write of a compare-and-set or a deadline claim
+  cannot interleave with another process's. Waiting for that lock is bounded
+  by ``busy_timeout``.
+* Each store owns one connection, used only from its own single worker thread;
+  the event loop never blocks on disk I/O.
+
+Schema changes are numbered migrations tracked in ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from otp_router.errors import ConcurrentUpdate, StoreError, VerificationNotFound
+from otp_router.store.base import LedgerEntry, Record
+from otp_router.store.common import (
+    check_claim_args,
+    check_hit_args,
+    dedup_entries,
+    entry_from_fields,
+    entry_to_fields,
+    retry_after,
+)
+
+__all__ = ["MIGRATIONS", "SqliteStore"]
+
+T = TypeVar("T")
+
+#: Schema migrations; entry ``i`` upgrades ``user_version`` ``i`` to ``i + 1``.
+#: Append new steps, never edit shipped ones. Amounts are TEXT (not NUMERIC,
+#: whose affinity would turn "0.0083" into a binary float).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE records (
+        id TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        data TEXT NOT NULL,
+        deadline REAL,
+        idempotency_key TEXT UNIQUE
+    );
+    CREATE INDEX records_deadline ON records (deadline) WHERE deadline IS NOT NULL;
+    CREATE TABLE ledger (
+        key TEXT PRIMARY KEY,
+        verification_id TEXT NOT NULL,
+        channel TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        region TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        amount TEXT NOT NULL,
+        currency TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX ledger_at ON ledger (at);
+    CREATE INDEX ledger_verification ON ledger (verification_id, at);
+    CREATE TABLE rate_events (
+        key TEXT NOT NULL,
+        at REAL NOT NULL,
+        expires REAL NOT NULL
+    );
+    CREATE INDEX rate_events_key ON rate_events (key, at);
+    CREATE INDEX rate_events_expires ON rate_events (expires);
+    CREATE TABLE secrets (
+        name TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
+)
+
+_LEDGER_COLUMNS = "key, verification_id, channel, provider, region, kind, amount, currency, at"
+_INSERT_LEDGER = f"INSERT OR IGNORE INTO ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+class SqliteStore:
+    """A :class:`~otp_router.store.base.Store` in one SQLite file.
+
+    Opening the file, switching it to WAL and migrating the schema happen on
+    first use, so constructing a store does no I/O; call :meth:`ping` to
+    fail fast on a bad path.
+
+    Args:
+        path: The database file; created if missing (its folder must exist).
+        busy_timeout: Seconds a write waits for another process's write lock
+            before failing with :class:`~otp_router.errors.StoreError`.
+        synchronous: ``"NORMAL"`` (default) or ``"FULL"``. In WAL mode,
+            NORMAL never corrupts the database and loses nothing when the
+            *process* crashes, but an OS crash or power cut may roll back the
+            last transactions committed since the previous checkpoint. We
+            accept that by default: a lost recent verification only makes the
+            user ask for a new code, and FULL's fsync on every commit would cap
+            throughput on slow disks. Choose FULL when the cost ledger must
+            survive power loss to the last entry.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        busy_timeout: float = 5.0,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError("synchronous must be 'NORMAL' or 'FULL'")
+        self.path = str(path)
+        self.busy_timeout = busy_timeout
+        self.synchronous = synchronous
+        # One thread per store: the connection is only ever touched from it,
+        # so calls from many coroutines are serialized without extra locking.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otp-router-sqlite")
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    # -- plumbing ---------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise StoreError("store is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return fn(self._connection())
+        except sqlite3.Error as exc:
+            raise StoreError(f"sqlite: {exc}") from exc
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                # Transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+                isolation_level=None,
+                check_same_thread=True,
+            )
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                self._enable_wal(conn)
+                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+                self._migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        # WAL is a property of the file, so usually it is already on. Switching
+        # needs an exclusive lock, and SQLite reports "locked" at once, without
+        # its busy handler, when another connection is switching the same new
+        # file at the same moment: retry ourselves, within busy_timeout.
+        give_up = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+                break
+            except sqlite3.OperationalError:
+                if time.monotonic() >= give_up:
+                    raise
+                time.sleep(0.01)
+        if mode.lower() != "wal" and self.path != ":memory:":
+            raise StoreError(f"sqlite: could not enable WAL (journal_mode is {mode})")
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version == len(MIGRATIONS):
+            return
+        with _write(conn):
+            # Re-read under the write lock: another process may have migrated
+            # the file between our first look and taking the lock.
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"sqlite: schema version {version} is newer than this otp-router "
+                    f"supports ({len(MIGRATIONS)}); upgrade otp-router"
+                )
+            for step in range(version, len(MIGRATIONS)):
+                # executescript() would COMMIT our transaction; run statements one by one.
+                for statement in MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {step + 1}")
+
+    # -- Store protocol ---------------------------------------------------
+
+    async def create(
+        self,
+        record_id: str,
+        data: str,
+        *,
+        idempotency_key: str | None = None,
+        deadline: float | None = None,
+        ledger: Sequence[LedgerEntry] = (),
+    ) -> tuple[Record, bool]:
+        """Insert a new record at version 1 (see :meth:`Store.create`).
+
+        Raises:
+            StoreError: ``record_id`` already exists (ids must be unique), or
+                the database failed.
+        """
+        rows = _ledger_rows(ledger)
+
+        def op(conn: sqlite3.Connection) -> tuple[Record, bool]:
+            with _write(conn):
+                if idempotency_key is not None:
+                    row = conn.execute(
+                        "SELECT id, version, data FROM records WHERE idempotency_key = ?",
+                        (idempotency_key,),
+                    ).fetchone()
+                    if row is not None:
+                        return Record(id=row[0], version=row[1], data=row[2]), False
+                try:
+                    conn.execute(
+                        "INSERT INTO records (id, version, data, deadline, idempotency_key)"
+                        " VALUES (?, 1, ?, ?, ?)",
+                        (record_id, data, _deadline(deadline), idempotency_key),
+                    )
+                except sqlite3.IntegrityError as exc:
+                    raise StoreError("a record with this id already exists") from exc
+                conn.executemany(_INSERT_LEDGER, rows)
+            return Record(id=record_id, version=1, data=data), True
+
+        return await self._run(op)
+
+    async def get(self, record_id: str) -> Record | None:
+        """Load a record, or None."""
+
+        def op(conn: sqlite3.Connection) -> Record | None:
+            row = conn.execute("SELECT version, data FROM records WHERE id = ?", (record_id,)).fetchone()
+            return None if row is None else Record(id=record_id, version=row[0], data=row[1])
+
+        return await self._run(op)
+
+    async def cas(
+        self,
+        record_id: str,
+        expected_version: int,
+        data: str,
+        *,
+        deadline: float | None,
+        ledger: Sequence[LedgerEntry] = (),
+    ) -> Record:
+        """Replace the record if its version is unchanged (see :meth:`Store.cas`).
+
+        Raises:
+            ConcurrentUpdate: The version moved on; nothing was written.
+            VerificationNotFound: No such record.
+        """
+        rows = _ledger_rows(ledger)
+
+        def op(conn: sqlite3.Connection) -> Record:
+            with _write(conn):
+                updated = conn.execute(
+                    "UPDATE records SET version = version + 1, data = ?, deadline = ?"
+                    " WHERE id = ? AND version = ?",
+                    (data, _deadline(deadline), record_id, expected_version),
+                ).rowcount
+                if updated != 1:
+                    exists = conn.execute("SELECT 1 FROM records WHERE id = ?", (record_id,)).fetchone()
+                    if exists is None:
+                        raise VerificationNotFound("no verification with this id")
+                    raise ConcurrentUpdate("the record was changed by another writer")
+                conn.executemany(_INSERT_LEDGER, rows)
+            return Record(id=record_id, version=expected_version + 1, data=data)
+
+        return await self._run(op)
+
+    async def claim_due(self, now: float, *, limit: int, lease: float) -> list[str]:
+        """Claim up to ``limit`` due deadlines, earliest first (see :meth:`Store.claim_due`)."""
+        check_claim_args(limit, lease)
+
+        def op(conn: sqlite3.Connection) -> list[str]:
+            with _write(conn):
+                ids = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT id FROM records WHERE deadline IS NOT NULL AND deadline <= ?"
+                        " ORDER BY deadline, id LIMIT ?",
+                        (now, limit),
+                    )
+                ]
+                conn.executemany(
+                    "UPDATE records SET deadline = ? WHERE id = ?", [(now + lease, rid) for rid in ids]
+                )
+            return ids
+
+        return await self._run(op)
+
+    async def next_deadline(self) -> float | None:
+        """The earliest scheduled deadline, or None."""
+
+        def op(conn: sqlite3.Connection) -> float | None:
+            value: float | None = conn.execute(
+                "SELECT MIN(deadline) FROM records WHERE deadline IS NOT NULL"
+            ).fetchone()[0]
+            return value
+
+        return await self._run(op)
+
+    async def ledger(self, record_id: str | None = None) -> list[LedgerEntry]:
+        """Ledger entries ordered by time, ties in insertion order."""
+
+        def op(conn: sqlite3.Connection) -> list[LedgerEntry]:
+            if record_id is None:
+                cursor = conn.execute(f"SELECT {_LEDGER_COLUMNS} FROM ledger ORDER BY at, rowid")
+            else:
+                cursor = conn.execute(
+                    f"SELECT {_LEDGER_COLUMNS} FROM ledger WHERE verification_id = ? ORDER BY at, rowid",
+                    (record_id,),
+                )
+            names = [d[0] for d in cursor.description]
+            return [entry_from_fields(dict(zip(names, (str(v) for v in row), strict=True))) for row in cursor]
+
+        return await self._run(op)
+
+    async def hit(self, key: str, *, limit: int, window: float, now: float) -> float | None:
+        """Count one event against a sliding-window limit (see :meth:`Store.hit`)."""
+        check_hit_args(limit, window)
+
+        def op(conn: sqlite3.Connection) -> float | None:
+            with _write(conn):
+                # Events carry their own expiry, so one indexed DELETE drops
+                # every key's stale events, whatever window each key uses.
+                conn.execute("DELETE FROM rate_events WHERE expires <= ?", (now,))
+                times = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT at FROM rate_events WHERE key = ? AND at > ? ORDER BY at",
+                        (key, now - window),
+                    )
+                ]
+                if len(times) >= limit:
+                    return retry_after(times, limit=limit, window=window, now=now)
+                conn.execute(
+                    "INSERT INTO rate_events (key, at, expires) VALUES (?, ?, ?)", (key, now, now + window)
+                )
+                return None
+
+        return await self._run(op)
+
+    async def get_or_set_secret(self, name: str, value: str) -> str:
+        """Return the stored secret, storing ``value`` first if absent."""
+
+        def op(conn: sqlite3.Connection) -> str:
+            with _write(conn):
+                conn.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)", (name, value))
+                stored: str = conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0]
+            return stored
+
+        return await self._run(op)
+
+    async def ping(self) -> None:
+        """Open the file if needed and run a trivial query.
+
+        Raises:
+            StoreError: The file cannot be opened or queried, or the store is closed.
+        """
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("SELECT 1").fetchone()
+
+        await self._run(op)
+
+    async def aclose(self) -> None:
+        """Close the connection and stop the worker thread. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    # -- extras (not part of the protocol) ---------------------------------
+
+    async def journal_mode(self) -> str:
+        """The file's journal mode (``"wal"`` once opened); for health checks and tests."""
+
+        def op(conn: sqlite3.Connection) -> str:
+            mode: str = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            return mode
+
+        return await self._run(op)
+
+
+@contextmanager
+def _write(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction that takes the database's write lock up front."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _deadline(deadline: float | None) -> float | None:
+    return None if deadline is None else float(deadline)
+
+
+def _ledger_rows(entries: Sequence[LedgerEntry]) -> list[tuple[str, ...]]:
+    # Encode (and validate) before the transaction starts, so a bad entry
+    # never leaves half a write behind.
+    return [tuple(entry_to_fields(e).values()) for e in dedup_entries(entries)]

@@ -1,0 +1,394 @@
+"""One contract, three stores: every test here runs on memory, SQLite and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from otp_router.errors import ConcurrentUpdate, StoreError, VerificationNotFound
+from otp_router.store import LedgerEntry, LedgerKind, MemoryStore, Record, Store, open_store
+
+MakeStore = Callable[[], Awaitable[Store]]
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """URL of a fresh, empty backend of each kind."""
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+@pytest.fixture
+async def make_store(store_url: str) -> AsyncIterator[MakeStore]:
+    """Factory: another client of the same backend (same file, same Redis prefix).
+
+    Memory has no second client, so it hands back the same store.
+    """
+    opened: list[Store] = []
+
+    async def make() -> Store:
+        if opened and isinstance(opened[0], MemoryStore):
+            return opened[0]
+        store = open_store(store_url)
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        await store.aclose()
+
+
+@pytest.fixture
+async def store(make_store: MakeStore) -> Store:
+    """The first client of a fresh backend."""
+    return await make_store()
+
+
+def entry(key: str, vid: str = "v1", *, amount: str = "0.01", at: float = 1000.0, **kw: str) -> LedgerEntry:
+    return LedgerEntry(
+        key=key,
+        verification_id=vid,
+        channel=kw.get("channel", "telegram"),
+        provider=kw.get("provider", "telegram"),
+        region=kw.get("region", "GB"),
+        kind=LedgerKind(kw.get("kind", "charge")),
+        amount=Decimal(amount),
+        currency="USD",
+        at=at,
+    )
+
+
+# -- records ---------------------------------------------------------------
+
+
+async def test_satisfies_protocol(store: Store) -> None:
+    """Each backend is a runtime-checkable Store."""
+    assert isinstance(store, Store)
+
+
+async def test_create_then_get(store: Store) -> None:
+    """A created record starts at version 1 and reads back unchanged; unknown ids read as None."""
+    data = '{"phone_region": "GB", "note": "é ✓"}'
+    record, created = await store.create("v1", data)
+    assert created is True
+    assert record == Record(id="v1", version=1, data=data)
+    assert await store.get("v1") == record
+    assert await store.get("nope") is None
+
+
+async def test_create_duplicate_id_is_refused(store: Store) -> None:
+    """Creating an id that exists raises StoreError and leaves the original alone."""
+    await store.create("v1", "{}")
+    with pytest.raises(StoreError):
+        await store.create("v1", '{"other": 1}', deadline=5.0)
+    assert await store.get("v1") == Record("v1", 1, "{}")
+    assert await store.next_deadline() is None
+
+
+async def test_idempotency_key_returns_existing_and_writes_nothing(store: Store) -> None:
+    """A second create with a taken idempotency key returns the first record and writes nothing."""
+    first, _ = await store.create("v1", '{"n": 1}', idempotency_key="k", deadline=50.0, ledger=[entry("e1")])
+    updated = await store.cas("v1", 1, '{"n": 2}', deadline=50.0)
+
+    again, created = await store.create(
+        "v2", '{"n": 9}', idempotency_key="k", deadline=10.0, ledger=[entry("e2", "v2")]
+    )
+
+    assert created is False
+    assert again == updated
+    assert first.id == again.id
+    assert await store.get("v2") is None
+    assert [e.key for e in await store.ledger()] == ["e1"]
+    assert await store.next_deadline() == 50.0
+
+
+async def test_distinct_idempotency_keys_create_distinct_records(store: Store) -> None:
+    """Different idempotency keys do not collide."""
+    _, a = await store.create("v1", "{}", idempotency_key="k1")
+    _, b = await store.create("v2", "{}", idempotency_key="k2")
+    assert (a, b) == (True, True)
+
+
+async def test_cas_bumps_version(store: Store) -> None:
+    """A CAS with the current version replaces the data and increments the version."""
+    await store.create("v1", '{"s": "a"}')
+    record = await store.cas("v1", 1, '{"s": "b"}', deadline=None)
+    assert record == Record("v1", 2, '{"s": "b"}')
+    record = await store.cas("v1", 2, '{"s": "c"}', deadline=None)
+    assert record == Record("v1", 3, '{"s": "c"}')
+    assert await store.get("v1") == record
+
+
+async def test_cas_stale_version_changes_nothing(store: Store) -> None:
+    """A CAS with a stale version raises ConcurrentUpdate and writes no data, deadline or ledger."""
+    await store.create("v1", '{"s": "a"}', deadline=100.0, ledger=[entry("e1")])
+    await store.cas("v1", 1, '{"s": "b"}', deadline=100.0)
+
+    with pytest.raises(ConcurrentUpdate):
+        await store.cas("v1", 1, '{"s": "stale"}', deadline=5.0, ledger=[entry("e2")])
+
+    assert await store.get("v1") == Record("v1", 2, '{"s": "b"}')
+    assert await store.next_deadline() == 100.0
+    assert [e.key for e in await store.ledger()] == ["e1"]
+
+
+async def test_cas_missing_record(store: Store) -> None:
+    """A CAS on an unknown id raises VerificationNotFound and creates nothing."""
+    with pytest.raises(VerificationNotFound):
+        await store.cas("ghost", 1, "{}", deadline=5.0, ledger=[entry("e1", "ghost")])
+    assert await store.get("ghost") is None
+    assert await store.ledger() == []
+    assert await store.next_deadline() is None
+
+
+async def test_concurrent_cas_has_one_winner(make_store: MakeStore) -> None:
+    """Of many writers racing from the same version, exactly one wins."""
+    a, b = await make_store(), await make_store()
+    await a.create("v1", "{}")
+
+    async def write(store: Store, n: int) -> bool:
+        try:
+            await store.cas("v1", 1, f'{{"w": {n}}}', deadline=None, ledger=[entry(f"e{n}")])
+        except ConcurrentUpdate:
+            return False
+        return True
+
+    results = await asyncio.gather(*(write(a if n % 2 else b, n) for n in range(10)))
+    assert results.count(True) == 1
+    winner = results.index(True)
+    assert await a.get("v1") == Record("v1", 2, f'{{"w": {winner}}}')
+    assert [e.key for e in await a.ledger()] == [f"e{winner}"]
+
+
+# -- deadlines -------------------------------------------------------------
+
+
+async def test_deadline_set_moved_and_cleared(store: Store) -> None:
+    """Deadlines are set by create, moved by CAS and cleared by a CAS with None."""
+    await store.create("v1", "{}", deadline=100.0)
+    assert await store.next_deadline() == 100.0
+
+    await store.cas("v1", 1, "{}", deadline=200.0)
+    assert await store.next_deadline() == 200.0
+    assert await store.claim_due(150.0, limit=10, lease=30) == []
+
+    await store.cas("v1", 2, "{}", deadline=None)
+    assert await store.next_deadline() is None
+    assert await store.claim_due(1e12, limit=10, lease=30) == []
+
+
+async def test_claim_due_returns_only_due_earliest_first(store: Store) -> None:
+    """Only deadlines at or before now are claimed, earliest first, at most ``limit``."""
+    for rid, deadline in [("c", 30.0), ("a", 10.0), ("late", 99.0), ("b", 20.0), ("d", 25.0)]:
+        await store.create(rid, "{}", deadline=deadline)
+    await store.create("none", "{}")
+
+    assert await store.claim_due(25.0, limit=2, lease=100) == ["a", "b"]
+    assert await store.claim_due(25.0, limit=10, lease=100) == ["d"]
+    assert await store.claim_due(25.0, limit=10, lease=100) == []
+
+
+async def test_claim_moves_deadline_by_lease(store: Store) -> None:
+    """A claimed deadline re-fires only once its lease has run out."""
+    await store.create("v1", "{}", deadline=100.0)
+    assert await store.claim_due(100.0, limit=1, lease=30) == ["v1"]
+    assert await store.next_deadline() == 130.0
+    assert await store.claim_due(129.9, limit=1, lease=30) == []
+    assert await store.claim_due(130.0, limit=1, lease=30) == ["v1"]
+    assert await store.next_deadline() == 160.0
+
+
+async def test_write_back_after_claim_clears_lease(store: Store) -> None:
+    """A claimer that writes the record back decides the next deadline, not the lease."""
+    await store.create("v1", "{}", deadline=100.0)
+    await store.claim_due(100.0, limit=1, lease=30)
+    await store.cas("v1", 1, "{}", deadline=None)
+    assert await store.claim_due(1000.0, limit=1, lease=30) == []
+
+
+async def test_next_deadline_is_the_minimum(store: Store) -> None:
+    """next_deadline is None with no deadlines, else the earliest one."""
+    assert await store.next_deadline() is None
+    await store.create("v1", "{}", deadline=300.5)
+    await store.create("v2", "{}", deadline=200.25)
+    await store.create("v3", "{}")
+    assert await store.next_deadline() == 200.25
+
+
+async def test_concurrent_claimers_each_claim_once(make_store: MakeStore) -> None:
+    """Twenty claimers on two clients over 200 due deadlines claim each id exactly once."""
+    a, b = await make_store(), await make_store()
+    ids = [f"v{i:03d}" for i in range(200)]
+    await asyncio.gather(*(a.create(rid, "{}", deadline=float(i % 17)) for i, rid in enumerate(ids)))
+    claimed: list[str] = []
+
+    async def claimer(store: Store) -> None:
+        while batch := await store.claim_due(50.0, limit=7, lease=1000):
+            claimed.extend(batch)
+
+    await asyncio.gather(*(claimer(a if n % 2 else b) for n in range(20)))
+    assert sorted(claimed) == ids
+    assert await a.next_deadline() == 1050.0
+
+
+# -- ledger ----------------------------------------------------------------
+
+
+async def test_ledger_written_with_create_and_cas(store: Store) -> None:
+    """Ledger entries passed to create and cas are stored with the state change."""
+    await store.create("v1", "{}", ledger=[entry("e1", at=1.0)])
+    await store.cas("v1", 1, "{}", deadline=None, ledger=[entry("e2", at=2.0, kind="refund", amount="-0.01")])
+    assert await store.ledger("v1") == [
+        entry("e1", at=1.0),
+        entry("e2", at=2.0, kind="refund", amount="-0.01"),
+    ]
+
+
+async def test_ledger_dedup_by_key(store: Store) -> None:
+    """An entry whose key exists is skipped, also within one batch; the first one stays."""
+    await store.create("v1", "{}", ledger=[entry("e1", amount="0.01"), entry("e1", amount="0.99")])
+    await store.cas("v1", 1, "{}", deadline=None, ledger=[entry("e1", amount="5"), entry("e2")])
+    await store.cas("v1", 2, "{}", deadline=None, ledger=[entry("e2", amount="7")])
+    ledger = await store.ledger()
+    assert [(e.key, e.amount) for e in ledger] == [("e1", Decimal("0.01")), ("e2", Decimal("0.01"))]
+
+
+async def test_ledger_ordered_by_time_ties_in_insertion_order(store: Store) -> None:
+    """The ledger lists entries by time; entries with equal times keep their write order."""
+    await store.create("v1", "{}", ledger=[entry("z", at=30.0), entry("y", at=10.0)])
+    await store.cas("v1", 1, "{}", deadline=None, ledger=[entry("b", at=20.0), entry("a", at=20.0)])
+    await store.cas("v1", 2, "{}", deadline=None, ledger=[entry("m", at=5.0)])
+    assert [e.key for e in await store.ledger()] == ["m", "y", "b", "a", "z"]
+
+
+async def test_ledger_filtered_by_verification(store: Store) -> None:
+    """ledger(id) returns only that verification's entries; an unknown id gives none."""
+    await store.create("v1", "{}", ledger=[entry("a1", "v1", at=1.0), entry("a2", "v1", at=3.0)])
+    await store.create("v2", "{}", ledger=[entry("b1", "v2", at=2.0)])
+    assert [e.key for e in await store.ledger("v1")] == ["a1", "a2"]
+    assert [e.key for e in await store.ledger("v2")] == ["b1"]
+    assert [e.key for e in await store.ledger()] == ["a1", "b1", "a2"]
+    assert await store.ledger("nobody") == []
+
+
+async def test_ledger_round_trip_is_exact(store: Store) -> None:
+    """Decimal amounts (value and exponent), kinds, text fields and float times survive storage exactly."""
+    amounts = ["0.0083", "-0.0100", "0.1234567890123456789", "1E-8", "0"]
+    entries = [
+        entry(
+            f"e{i}",
+            at=1_700_000_000.123456 + i,
+            amount=a,
+            kind=k,
+            channel="sms",
+            provider="twilio",
+            region="US",
+        )
+        for i, (a, k) in enumerate(
+            zip(amounts, ["charge", "refund", "estimate", "charge", "charge"], strict=True)
+        )
+    ]
+    await store.create("v1", "{}", ledger=entries)
+    stored = await store.ledger("v1")
+    assert stored == entries
+    assert [str(e.amount) for e in stored] == [str(Decimal(a)) for a in amounts]
+    assert all(type(e.kind) is LedgerKind for e in stored)
+
+
+async def test_ledger_rejects_float_amount(store: Store) -> None:
+    """A float amount is refused before anything is written, so exactness cannot be lost."""
+    bad = LedgerEntry("e1", "v1", "sms", "twilio", "US", LedgerKind.CHARGE, 0.0083, "USD", 1.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await store.create("v1", "{}", ledger=[bad])
+    assert await store.get("v1") is None
+
+
+# -- rate limits -----------------------------------------------------------
+
+
+async def test_hit_sliding_window(store: Store) -> None:
+    """Events beyond the limit are refused with the wait, not counted, and allowed once the window slides."""
+    for now in (1000.0, 1010.0, 1020.0):
+        assert await store.hit("phone:x", limit=3, window=60, now=now) is None
+    assert await store.hit("phone:x", limit=3, window=60, now=1030.0) == pytest.approx(30.0)
+    assert await store.hit("phone:x", limit=3, window=60, now=1059.0) == pytest.approx(1.0)
+    # The event at 1000 leaves the window at 1060; had the refused ones been
+    # counted, the window would still be full here.
+    assert await store.hit("phone:x", limit=3, window=60, now=1060.0) is None
+    assert await store.hit("phone:x", limit=3, window=60, now=1061.0) == pytest.approx(9.0)
+
+
+async def test_hit_keys_are_independent(store: Store) -> None:
+    """Each key has its own window."""
+    assert await store.hit("a", limit=1, window=60, now=1.0) is None
+    assert await store.hit("b", limit=1, window=60, now=1.0) is None
+    retry = await store.hit("a", limit=1, window=60, now=2.0)
+    assert retry is not None and retry > 0
+
+
+async def test_hit_counts_events_at_the_same_instant(store: Store) -> None:
+    """Several events at one timestamp each count."""
+    assert await store.hit("k", limit=2, window=10, now=5.0) is None
+    assert await store.hit("k", limit=2, window=10, now=5.0) is None
+    assert await store.hit("k", limit=2, window=10, now=5.0) == pytest.approx(10.0)
+
+
+async def test_hit_concurrent_never_exceeds_limit(make_store: MakeStore) -> None:
+    """Racing hits from two clients admit exactly ``limit`` events."""
+    a, b = await make_store(), await make_store()
+    results = await asyncio.gather(*(s.hit("k", limit=5, window=60, now=100.0) for s in [a, b] * 10))
+    assert sum(r is None for r in results) == 5
+
+
+async def test_invalid_limits_are_refused(store: Store) -> None:
+    """A zero limit or lease is a caller bug and raises ValueError."""
+    with pytest.raises(ValueError):
+        await store.hit("k", limit=0, window=60, now=1.0)
+    with pytest.raises(ValueError):
+        await store.claim_due(1.0, limit=0, lease=30)
+    with pytest.raises(ValueError):
+        await store.claim_due(1.0, limit=1, lease=0)
+
+
+# -- secrets, health, lifecycle ---------------------------------------------
+
+
+async def test_get_or_set_secret_first_writer_wins(make_store: MakeStore) -> None:
+    """The first stored value is returned to every later and concurrent caller."""
+    a, b = await make_store(), await make_store()
+    values = await asyncio.gather(
+        *(s.get_or_set_secret("code", f"value-{n}") for n, s in enumerate([a, b] * 5))
+    )
+    assert len(set(values)) == 1
+    assert values[0].startswith("value-")
+    assert await a.get_or_set_secret("code", "later") == values[0]
+    assert await b.get_or_set_secret("other", "x") == "x"
+
+
+async def test_ping_then_aclose(store: Store) -> None:
+    """ping succeeds on a live store; after aclose the store refuses use, and aclose is idempotent."""
+    await store.ping()
+    await store.aclose()
+    with pytest.raises(StoreError):
+        await store.ping()
+    with pytest.raises(StoreError):
+        await store.get("v1")
+    await store.aclose()
+
+
+async def test_ids_with_odd_characters(store: Store) -> None:
+    """Ids, keys and names containing separators and unicode are stored verbatim."""
+    rid = f"v:{uuid.uuid4()}/é"
+    await store.create(rid, "{}", idempotency_key="idem:é/1", deadline=1.0, ledger=[entry("k:é", rid)])
+    assert (await store.get(rid)) == Record(rid, 1, "{}")
+    assert await store.claim_due(1.0, limit=5, lease=1) == [rid]
+    assert [e.verification_id for e in await store.ledger(rid)] == [rid]
