@@ -52,7 +52,9 @@ __all__ = ["DEFAULT_IDEMPOTENCY_TTL", "RedisStore"]
 #: Seconds an idempotency key is remembered.
 DEFAULT_IDEMPOTENCY_TTL = 86400.0
 
-_INSTALL_HINT = "the Redis store needs the redis package: pip install 'otp-router[redis]'"
+_INSTALL_HINT = (
+    "OTP_ROUTER_STORE_URL names Redis, which needs the redis package: pip install 'otp-router[redis]'"
+)
 
 # Shared Lua helpers. Ledger entry i (0-based) uses KEYS[kbase + 2i] (its hash)
 # and KEYS[kbase + 2i + 1] (its verification's index), and its fields are
