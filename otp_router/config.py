@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from otp_router.errors import ConfigError
 
 __all__ = [
+    "CircuitSettings",
     "HttpSettings",
     "LimitSettings",
     "RetrySettings",
@@ -97,6 +98,13 @@ class LimitSettings(BaseModel):
     per_country_window: float = Field(default=60.0, gt=0)
 
 
+class CircuitSettings(BaseModel):
+    """Per-channel circuit breaker (see ``otp_router.circuit``)."""
+
+    failures: int = Field(default=5, ge=1)
+    cooldown: float = Field(default=30.0, gt=0)
+
+
 class HttpSettings(BaseModel):
     """The shared outgoing HTTP client."""
 
@@ -124,6 +132,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     limits: LimitSettings = LimitSettings()
     http: HttpSettings = HttpSettings()
+    circuit: CircuitSettings = CircuitSettings()
 
     #: ``memory://``, ``sqlite:///path/to/file.db`` or ``redis://host:port/db``.
     store_url: str = "sqlite:///otp-router.db"

@@ -117,7 +117,8 @@ class SendResult:
         ref: Provider reference (Telegram ``request_id``, Twilio ``sid``).
         state: State right after the send.
         cost: Amount charged so far (None when the provider does not say yet).
-        cost_is_final: False when ``cost`` is an estimate or may change (SMS before the final status).
+        cost_is_final: False when ``cost`` may still change (refund, SMS before the final status).
+        cost_is_estimate: True when ``cost`` is our price-table estimate, not the provider's figure.
         currency: ISO 4217 code of ``cost``.
         remaining_balance: Account balance reported by the provider, if any.
     """
@@ -126,6 +127,7 @@ class SendResult:
     state: DeliveryState
     cost: Decimal | None = None
     cost_is_final: bool = False
+    cost_is_estimate: bool = False
     currency: str = "USD"
     remaining_balance: Decimal | None = None
 

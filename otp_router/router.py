@@ -1,0 +1,668 @@
+"""The library API: the imperative shell around the lifecycle core.
+
+Every public call does the same three things: load the verification, feed one
+event to :func:`otp_router.lifecycle.apply`, write the new state with
+compare-and-set (ledger entries in the same atomic write), and only then carry
+out the effects. Effects that call a provider produce the next event, which
+goes through the same loop. Nothing is sent before the decision to send it is
+durably stored, so a crash at any point is recovered by the stored deadline
+(see :mod:`otp_router.core`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from otp_router.circuit import CircuitBreaker, CircuitState
+from otp_router.codes import code_digest, codes_match, derive_code, new_nonce, validate_code
+from otp_router.config import Settings
+from otp_router.core import (
+    Cancel,
+    Checked,
+    CheckOutcome,
+    CodeDelivered,
+    CodeEntered,
+    DeadlineReached,
+    Delivery,
+    Event,
+    FallbackReason,
+    FellBack,
+    Finished,
+    Probe,
+    ProbeDone,
+    ProbeFailed,
+    ReportCode,
+    Resend,
+    ResendRefused,
+    Revoke,
+    Send,
+    SendFailed,
+    SendOk,
+    Settle,
+    Start,
+    Status,
+    Transition,
+    VerificationState,
+)
+from otp_router.errors import (
+    ConcurrentUpdate,
+    IdempotencyConflict,
+    InputError,
+    InvalidRecipient,
+    OtpRouterError,
+    ProviderError,
+    ProviderPermanentError,
+    ProviderTimeout,
+    ProviderTransientError,
+    RateLimited,
+    StoreError,
+    VerificationNotFound,
+)
+from otp_router.lifecycle import apply, new_state
+from otp_router.metrics import Metrics, NullMetrics, get_metrics
+from otp_router.models import CheckResult, Verification
+from otp_router.phone import parse_phone
+from otp_router.policy import Policy
+from otp_router.prices import SmsPrices
+from otp_router.providers.base import Channel, ChannelName, SendRequest, StatusResult
+from otp_router.store.base import Record, Store
+
+__all__ = ["OtpRouter", "ResendNotAllowed"]
+
+log = logging.getLogger("otp_router")
+
+#: Compare-and-set retries before a write is reported as failed (heavy contention on one id).
+_CAS_TRIES = 20
+
+
+class ResendNotAllowed(OtpRouterError):
+    """A user-requested resend was refused by the policy.
+
+    Args:
+        message: Why.
+        retry_after: Seconds until a resend would be accepted; None if never.
+    """
+
+    def __init__(self, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class OtpRouter:
+    """Send login codes Telegram-first with SMS fallback, and check them.
+
+    Build it with :meth:`from_settings` (reads ``OTP_ROUTER_*``) or explicitly,
+    and use it as an async context manager: it then owns its HTTP client and
+    runs the deadline loop that performs fallbacks at step deadlines.
+
+    Args:
+        store: Where verifications, deadlines and the ledger live.
+        channels: Adapters by channel name.
+        settings: Code length/ttl, attempt limits, rate limits, public URL.
+        policy: The routing workflow.
+        prices: Price table, for the SMS-only comparison metric.
+        metrics: Metrics sink (default: the process-wide Prometheus metrics).
+        clock: Wall clock (Unix seconds); injectable for tests.
+        http_client: A client this router owns and closes in :meth:`aclose`.
+        run_deadlines: Whether ``async with`` starts the deadline loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        channels: Mapping[ChannelName, Channel],
+        settings: Settings | None = None,
+        policy: Policy | None = None,
+        prices: SmsPrices | None = None,
+        metrics: Metrics | NullMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+        http_client: httpx.AsyncClient | None = None,
+        run_deadlines: bool = True,
+    ) -> None:
+        self.store = store
+        self.channels = dict(channels)
+        self.settings = settings or Settings()
+        self.policy = policy or Policy.load(self.settings.policy_file)
+        self.prices = prices or SmsPrices.load(self.settings.prices_file)
+        self.metrics = metrics if metrics is not None else get_metrics()
+        self.clock = clock
+        self._http = http_client
+        self._run_deadlines = run_deadlines
+        self._secret: bytes | None = (
+            self.settings.code_secret.get_secret_value().encode() if self.settings.code_secret else None
+        )
+        self._circuits = {name: self._breaker(name) for name in self.channels}
+        self._background: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._wakeup = asyncio.Event()
+
+    # --- construction and lifetime --------------------------------------
+
+    def _breaker(self, name: ChannelName) -> CircuitBreaker:
+        def on_change(state: CircuitState) -> None:
+            self.metrics.circuit_state(name.value, int(state))
+
+        return CircuitBreaker(
+            failures=self.settings.circuit.failures,
+            cooldown=self.settings.circuit.cooldown,
+            on_change=on_change,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **kwargs: Any) -> OtpRouter:
+        """Build the router, its shared HTTP client, channels and store from settings.
+
+        Raises:
+            ConfigError: A setting is invalid (the message names the variable).
+        """
+        from otp_router.http import create_http_client
+        from otp_router.providers.telegram import TelegramChannel
+        from otp_router.providers.twilio_sms import TwilioSmsChannel
+        from otp_router.store import open_store
+
+        settings = settings or Settings.load()
+        metrics = kwargs.pop("metrics", None) or get_metrics()
+        prices = kwargs.pop("prices", None) or SmsPrices.load(settings.prices_file)
+        client = create_http_client(settings.http)
+        channels: dict[ChannelName, Channel] = {}
+        if settings.telegram.enabled:
+            channels[ChannelName.TELEGRAM] = TelegramChannel(
+                settings.telegram, settings.retry, client, on_retry=metrics.retry_hook("telegram", "call")
+            )
+        if settings.twilio.enabled:
+            channels[ChannelName.SMS] = TwilioSmsChannel(
+                settings.twilio,
+                settings.retry,
+                client,
+                prices=prices,
+                on_retry=metrics.retry_hook("twilio", "call"),
+            )
+        return cls(
+            store=open_store(settings.store_url),
+            channels=channels,
+            settings=settings,
+            prices=prices,
+            metrics=metrics,
+            http_client=client,
+            **kwargs,
+        )
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        if self._run_deadlines:
+            self._loop_task = asyncio.create_task(self.run_deadlines(), name="otp-router-deadlines")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Resolve the code secret (creating and storing one if none is configured)."""
+        if self._secret is None:
+            stored = await self.store.get_or_set_secret("code_secret", secrets.token_hex(32))
+            log.warning(
+                "OTP_ROUTER_CODE_SECRET is not set: using a secret kept in the store. "
+                "Set it in production so that store contents alone cannot reveal codes."
+            )
+            self._secret = stored.encode()
+
+    async def aclose(self) -> None:
+        """Stop the deadline loop, wait for background reports, close owned resources."""
+        self._stopping.set()
+        self._wakeup.set()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        await self.wait_idle()
+        for channel in self.channels.values():
+            await channel.aclose()
+        await self.store.aclose()
+        if self._http is not None:
+            await self._http.aclose()
+
+    async def wait_idle(self) -> None:
+        """Wait for fire-and-forget work (code reports, revokes) to finish."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    @property
+    def secret(self) -> bytes:
+        if self._secret is None:
+            raise RuntimeError("call open() or use 'async with router' first")
+        return self._secret
+
+    # --- public API --------------------------------------------------------
+
+    async def start(
+        self, phone: str, *, idempotency_key: str | None = None, default_region: str | None = None
+    ) -> Verification:
+        """Send a code to ``phone``: Telegram first, falling back as the policy says.
+
+        Returns once the first channel accepted the message (or every channel
+        refused). Deadline fallbacks happen later, in the deadline loop.
+
+        Args:
+            phone: The number, international format unless ``default_region`` is given.
+            idempotency_key: Same key, same verification: nothing is sent again.
+            default_region: Region for national-format numbers.
+
+        Raises:
+            InvalidPhoneNumber: Unparseable or invalid number (nothing sent or stored).
+            UnsupportedCountry: The policy allows no channel for the number's country.
+            RateLimited: Too many starts for this number or country.
+            IdempotencyConflict: The key was used for another number.
+        """
+        number = parse_phone(phone, default_region=default_region)
+        steps = self.policy.steps_for(number.region)
+        steps = tuple(s for s in steps if s.channel in self.channels)
+        if not steps:
+            raise InputError(f"no configured channel can reach region {number.region}")
+        now = self.clock()
+        vid = self._new_id(idempotency_key)
+        if idempotency_key is not None:
+            existing = await self.store.get(vid)
+            if existing is not None:
+                return self._same_phone(existing, number.e164)
+        await self._check_limits(number.e164, number.region, now)
+        nonce = new_nonce()
+        code = derive_code(self.secret, vid, nonce, self.settings.code_length)
+        state = new_state(
+            verification_id=vid,
+            phone=number.e164,
+            region=number.region,
+            code_digest=code_digest(self.secret, vid, code),
+            code_nonce=nonce,
+            steps=steps,
+            now=now,
+            code_ttl=self.settings.code_ttl,
+            max_attempts=self.settings.max_attempts,
+            max_resends=self.policy.max_resends,
+            resend_cooldown=self.policy.resend_cooldown,
+        )
+        record, created = await self.store.create(
+            vid, state.model_dump_json(), idempotency_key=idempotency_key, deadline=state.deadline
+        )
+        if not created:
+            return self._same_phone(record, number.e164)
+        self.metrics.verification_started(number.region)
+        self.metrics.sms_only_cost(number.region, self.prices.sms(number.region))
+        await self._feed(vid, Start(), record=record)
+        self._wakeup.set()
+        # Reload: the probe and send that followed Start wrote newer states.
+        return Verification.from_state(await self._load(vid))
+
+    async def check(self, verification_id: str, code: str) -> CheckResult:
+        """Check an entered code.
+
+        Returns:
+            ``valid``; ``invalid`` with attempts left; ``expired``;
+            ``too_many_attempts``; or ``not_found`` for an unknown id.
+
+        Raises:
+            InvalidCode: The code is not all digits or has the wrong length
+                (no attempt is used up, nothing is written).
+        """
+        entered = validate_code(code, self.settings.code_length)
+        record = await self.store.get(verification_id)
+        if record is None:
+            self.metrics.code_check(CheckOutcome.NOT_FOUND)
+            return CheckResult(verification_id, CheckOutcome.NOT_FOUND, 0, None)
+        state = VerificationState.model_validate_json(record.data)
+        matches = codes_match(self.secret, verification_id, entered, state.code_digest)
+        transition = await self._feed(
+            verification_id, CodeEntered(matches), record=record, entered_code=entered
+        )
+        checked = next(e for e in transition.effects if isinstance(e, Checked))
+        return CheckResult(
+            verification_id, checked.outcome, checked.attempts_left, Verification.from_state(transition.state)
+        )
+
+    async def get(self, verification_id: str) -> Verification:
+        """The current state of a verification.
+
+        Raises:
+            VerificationNotFound: Unknown id.
+        """
+        return Verification.from_state(await self._load(verification_id))
+
+    async def cancel(self, verification_id: str) -> Verification:
+        """Give up on a verification (an undelivered Telegram message is revoked)."""
+        return Verification.from_state((await self._feed(verification_id, Cancel())).state)
+
+    async def resend(self, verification_id: str) -> Verification:
+        """The user did not get the code: move to the next channel (or repeat the last).
+
+        Raises:
+            ResendNotAllowed: Too soon, no resends left, or the verification is over.
+        """
+        transition = await self._feed(verification_id, Resend())
+        refused = [e for e in transition.effects if isinstance(e, ResendRefused)]
+        if refused:
+            raise ResendNotAllowed(refused[0].reason, refused[0].retry_after)
+        return Verification.from_state(await self._load(verification_id))
+
+    async def apply_report(self, verification_id: str, report: StatusResult) -> bool:
+        """Apply a provider delivery report (webhook). Returns False for a duplicate.
+
+        Raises:
+            VerificationNotFound: Unknown id.
+        """
+        event = Delivery(report.ref, report.state, report.cost, report.refunded, report.cost_is_final)
+        return (await self._feed(verification_id, event)).changed
+
+    async def ledger_total(self, verification_id: str | None = None) -> Decimal:
+        """Net cost booked in the ledger, for one verification or all."""
+        return sum((e.amount for e in await self.store.ledger(verification_id)), Decimal(0))
+
+    # --- deadlines ------------------------------------------------------------
+
+    async def fire_due(self, *, limit: int = 200) -> int:
+        """Claim and handle every due deadline once. Returns how many fired."""
+        now = self.clock()
+        due = await self.store.claim_due(now, limit=limit, lease=30.0)
+        if due:
+            await asyncio.gather(*(self._on_deadline(vid, now) for vid in due))
+        return len(due)
+
+    async def run_deadlines(self, *, poll_interval: float = 1.0) -> None:
+        """Fire deadlines until :meth:`aclose`. Every process may run this loop:
+        the store hands each deadline to exactly one of them."""
+        while not self._stopping.is_set():
+            try:
+                fired = await self.fire_due()
+                if fired:
+                    continue
+                nxt = await self.store.next_deadline()
+            except (StoreError, OSError) as exc:
+                log.warning("deadline loop: store error %s", type(exc).__name__)
+                nxt = None
+            wait = poll_interval if nxt is None else min(poll_interval, max(0.0, nxt - self.clock()))
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=max(wait, 0.005))
+
+    async def _on_deadline(self, vid: str, claimed_at: float) -> None:
+        try:
+            record = await self.store.get(vid)
+            if record is None:
+                return
+            state = VerificationState.model_validate_json(record.data)
+            if state.deadline is not None:
+                self.metrics.deadline_fired(max(0.0, claimed_at - state.deadline))
+            cur = state.current
+            if (
+                state.status is Status.PENDING
+                and cur is not None
+                and cur.ref is not None
+                and cur.delivered_at is None
+                and state.deadline is not None
+                and (cur.sent_at or 0) + state.steps[cur.step].deliver_within <= self.clock()
+            ):
+                # Poll before falling back: a report may have been lost, or there is no public URL.
+                await self._poll(vid, cur.channel, cur.ref)
+                record = None
+            await self._feed(vid, DeadlineReached(), record=record, force_write=True)
+        except Exception:  # the loop must survive any single verification's failure
+            log.exception("deadline handling failed for one verification")
+
+    async def _poll(self, vid: str, channel_name: ChannelName, ref: str) -> None:
+        channel = self.channels.get(channel_name)
+        if channel is None:
+            return
+        try:
+            status = await channel.status(ref)
+        except ProviderError as exc:
+            log.info("status poll failed: %s", type(exc).__name__)
+            return
+        await self.apply_report(vid, status)
+
+    # --- the event loop of one verification ------------------------------------
+
+    async def _load(self, vid: str) -> VerificationState:
+        record = await self.store.get(vid)
+        if record is None:
+            raise VerificationNotFound(f"no verification with id {vid!r}")
+        return VerificationState.model_validate_json(record.data)
+
+    async def _feed(
+        self,
+        vid: str,
+        event: Event,
+        *,
+        record: Record | None = None,
+        entered_code: str | None = None,
+        force_write: bool = False,
+    ) -> Transition:
+        """Apply ``event`` with compare-and-set, then carry out the effects."""
+        for _ in range(_CAS_TRIES):
+            if record is None:
+                record = await self.store.get(vid)
+                if record is None:
+                    raise VerificationNotFound(f"no verification with id {vid!r}")
+            before = VerificationState.model_validate_json(record.data)
+            now = self.clock()
+            transition = apply(before, event, now)
+            if not transition.changed and not force_write:
+                self._observe(before, transition, now)
+                return transition
+            try:
+                await self.store.cas(
+                    vid,
+                    record.version,
+                    transition.state.model_dump_json(),
+                    deadline=transition.state.deadline,
+                    ledger=transition.ledger,
+                )
+            except ConcurrentUpdate:
+                # Someone else changed it: re-apply the event to the fresh state.
+                record = None
+                continue
+            self._observe(before, transition, now)
+            await self._carry_out(transition, entered_code)
+            return transition
+        raise StoreError(f"verification {vid!r} is changing too fast to update")
+
+    def _observe(self, before: VerificationState, t: Transition, now: float) -> None:
+        state = t.state
+        for effect in t.effects:
+            match effect:
+                case FellBack():
+                    to = effect.to_channel.value if effect.to_channel else "none"
+                    self.metrics.fallback(effect.from_channel.value, to, effect.reason.value)
+                case Finished(status=status):
+                    channel = state.channel.value if state.channel else "none"
+                    self.metrics.verification_finished(status.value, channel, state.region)
+                    if status is Status.VERIFIED:
+                        self.metrics.time_to_verify(channel, now - state.created_at)
+                case CodeDelivered():
+                    self.metrics.time_to_code(effect.channel.value, effect.seconds)
+                case Checked():
+                    self.metrics.code_check(effect.outcome.value)
+                case _:
+                    pass
+        for entry in t.ledger:
+            self.metrics.cost(entry.channel, entry.region, entry.amount)
+        old = {a.step: a.delivery for a in before.attempts}
+        for attempt in state.attempts:
+            if attempt.delivery is not None and old.get(attempt.step) != attempt.delivery:
+                self.metrics.delivery(attempt.channel.value, attempt.delivery.value)
+
+    async def _carry_out(self, t: Transition, entered_code: str | None) -> None:
+        state = t.state
+        for effect in t.effects:
+            match effect:
+                case Probe():
+                    await self._probe(state, effect)
+                case Send():
+                    await self._send(state, effect)
+                case Settle():
+                    await self._poll(state.id, effect.channel, effect.ref)
+                case Revoke():
+                    self._spawn(self._revoke(effect))
+                case ReportCode() if entered_code is not None:
+                    self._spawn(self._report_code(effect, entered_code))
+                case _:
+                    pass
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _probe(self, state: VerificationState, effect: Probe) -> None:
+        channel, circuit = self.channels[effect.channel], self._circuits[effect.channel]
+        event: Event
+        if not circuit.allow():
+            event = ProbeFailed(effect.step, FallbackReason.CIRCUIT_OPEN)
+        else:
+            try:
+                result = await channel.probe(state.phone)
+            except ProviderPermanentError as exc:
+                circuit.success()
+                event = ProbeFailed(effect.step, FallbackReason.PERMANENT_ERROR, exc.code or exc.reason)
+            except ProviderTransientError as exc:
+                circuit.failure()
+                event = ProbeFailed(effect.step, FallbackReason.RETRIES_EXHAUSTED, exc.code or exc.reason)
+            else:
+                circuit.success()
+                if result.remaining_balance is not None:
+                    self.metrics.telegram_balance(result.remaining_balance)
+                if not result.reachable:
+                    self.metrics.send(effect.channel.value, channel.provider, "unreachable", state.region)
+                event = ProbeDone(effect.step, result.reachable, result.ref, result.cost, result.reason)
+        await self._feed(state.id, event)
+
+    async def _send(self, state: VerificationState, effect: Send) -> None:
+        channel, circuit = self.channels[effect.channel], self._circuits[effect.channel]
+        request = SendRequest(
+            phone=state.phone,
+            code=derive_code(self.secret, state.id, state.code_nonce, self.settings.code_length),
+            ttl=effect.ttl,
+            probe_ref=effect.probe_ref,
+            callback_url=self._callback_url(effect.channel, state.id),
+            payload=state.id,
+            attempt=effect.attempt,
+        )
+        event: Event
+        outcome = "failed"
+        if not circuit.allow():
+            event = SendFailed(effect.step, FallbackReason.CIRCUIT_OPEN)
+        else:
+            try:
+                result = await channel.send(request)
+            except ProviderTransientError as exc:
+                circuit.failure()
+                event = await self._unconfirmed_send(effect, exc, channel, request)
+                outcome = "accepted" if isinstance(event, SendOk) else "failed"
+            except ProviderPermanentError as exc:
+                circuit.success()
+                outcome = "unreachable" if isinstance(exc, InvalidRecipient) else "rejected"
+                event = SendFailed(effect.step, FallbackReason.PERMANENT_ERROR, exc.code or exc.reason)
+            else:
+                circuit.success()
+                outcome = "accepted"
+                if result.remaining_balance is not None:
+                    self.metrics.telegram_balance(result.remaining_balance)
+                event = SendOk(effect.step, result.ref, result.cost, estimate=result.cost_is_estimate)
+        self.metrics.send(effect.channel.value, channel.provider, outcome, state.region)
+        await self._feed(state.id, event)
+
+    async def _unconfirmed_send(
+        self, effect: Send, exc: ProviderTransientError, channel: Channel, request: SendRequest
+    ) -> Event:
+        """A send failed in a way that may or may not have sent the message.
+
+        With a probe ``request_id`` (Telegram) the answer is certain: re-issue the
+        send with the same id. Telegram allows one message per id, so either this
+        one goes out (the first never did) or it answers ``MESSAGE_ALREADY_SENT``
+        (the first did). Without such an id we cannot know: a timeout is treated
+        as "maybe sent" (no second message; the user may ask for a resend) and a
+        5xx as "not sent" (Twilio's API failed before creating a message).
+        """
+        if exc.not_performed:
+            return SendFailed(effect.step, FallbackReason.RETRIES_EXHAUSTED, exc.code or exc.reason)
+        if request.probe_ref is not None:
+            try:
+                result = await channel.send(request)
+            except ProviderError as again:
+                if again.code == "MESSAGE_ALREADY_SENT":
+                    return SendOk(effect.step, request.probe_ref, None)
+                return SendFailed(effect.step, FallbackReason.RETRIES_EXHAUSTED, again.code or again.reason)
+            return SendOk(effect.step, result.ref, result.cost, estimate=result.cost_is_estimate)
+        if isinstance(exc, ProviderTimeout):
+            return SendOk(effect.step, None, None)
+        return SendFailed(effect.step, FallbackReason.RETRIES_EXHAUSTED, exc.code or exc.reason)
+
+    async def _revoke(self, effect: Revoke) -> None:
+        with contextlib.suppress(ProviderError):
+            await self.channels[effect.channel].revoke(effect.ref)
+
+    async def _report_code(self, effect: ReportCode, code: str) -> None:
+        # Best effort: Telegram's conversion statistics, never a reason to fail a check.
+        with contextlib.suppress(ProviderError):
+            await self.channels[effect.channel].report_code(effect.ref, code)
+
+    def _callback_url(self, channel: ChannelName, vid: str) -> str | None:
+        base = self.settings.public_url
+        if not base:
+            return None
+        if channel is ChannelName.TELEGRAM:
+            return f"{base}/webhooks/telegram"
+        # The id rides in the query string, which Twilio's signature covers.
+        return f"{base}/webhooks/twilio?vid={vid}"
+
+    # --- helpers -------------------------------------------------------------
+
+    def _new_id(self, idempotency_key: str | None) -> str:
+        if idempotency_key is None:
+            return "v_" + secrets.token_urlsafe(16)
+        if not idempotency_key or len(idempotency_key) > 200:
+            raise InputError("idempotency_key must be 1..200 characters")
+        # Deterministic id: a repeated key finds the first verification with one read.
+        digest = hashlib.sha256(self.secret + b"idem:" + idempotency_key.encode()).hexdigest()
+        return "v_" + digest[:32]
+
+    def _same_phone(self, record: Record, e164: str) -> Verification:
+        state = VerificationState.model_validate_json(record.data)
+        if state.phone != e164:
+            raise IdempotencyConflict("idempotency_key was already used for another phone number")
+        return Verification.from_state(state)
+
+    async def _check_limits(self, e164: str, region: str, now: float) -> None:
+        limits = self.settings.limits
+        if limits.per_phone:
+            # Hash the number: rate-limit keys must not put phone numbers in the store's key space.
+            key = "phone:" + hashlib.sha256(self.secret + e164.encode()).hexdigest()[:32]
+            wait = await self.store.hit(key, limit=limits.per_phone, window=limits.per_phone_window, now=now)
+            if wait is not None:
+                self.metrics.rate_limited("phone")
+                raise RateLimited("too many codes for this number", retry_after=wait, scope="phone")
+        if limits.per_country:
+            wait = await self.store.hit(
+                f"country:{region}", limit=limits.per_country, window=limits.per_country_window, now=now
+            )
+            if wait is not None:
+                self.metrics.rate_limited("country")
+                raise RateLimited(f"too many codes for region {region}", retry_after=wait, scope="country")
+
+    @property
+    def circuits(self) -> Mapping[ChannelName, CircuitState]:
+        """Current circuit state per channel."""
+        return {name: breaker.state for name, breaker in self._circuits.items()}
