@@ -566,7 +566,12 @@ class TelegramChannel:
         )
 
     async def status(self, ref: str) -> StatusResult:
-        """``checkVerificationStatus`` mapped to a :class:`StatusResult`."""
+        """``checkVerificationStatus`` mapped to a :class:`StatusResult`.
+
+        :attr:`DeliveryState.PENDING` means no message was ever sent under this
+        ``request_id`` (a probe only): a send that timed out did not happen and
+        may be made again with the same id.
+        """
         return _status_result(await self.client.check_verification_status(ref))
 
     async def revoke(self, ref: str) -> bool:
