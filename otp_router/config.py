@@ -148,7 +148,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=5, ge=1, le=20)
     #: TOML routing policy; unset means the built-in default (telegram 30 s, then sms).
     policy_file: Path | None = None
-    #: Per-country SMS price table (TOML); unset uses the packaged ``config/sms-prices.toml`` defaults.
+    #: Per-country SMS price table (TOML), laid over the packaged ``otp_router/data/sms-prices.toml``.
     prices_file: Path | None = None
     #: Bearer token for the HTTP verification API. Unset: the API is disabled.
     api_token: SecretStr | None = None
