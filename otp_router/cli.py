@@ -1,0 +1,154 @@
+"""The ``otp-router`` command line.
+
+Each subcommand is a function ``(args, settings) -> exit code`` registered in
+:data:`COMMANDS` together with a function adding its arguments, so new
+subcommands (``send``, ``check``, ``status``, ``demo``, ``worker``) plug in
+without touching :func:`main`. Settings are read once with
+:meth:`Settings.load`; a configuration error prints one clean message and
+exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from otp_router.config import Settings
+from otp_router.errors import ConfigError
+
+__all__ = ["COMMANDS", "Command", "build_parser", "main"]
+
+#: Exit status for a configuration or usage error.
+EXIT_CONFIG = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One subcommand.
+
+    Attributes:
+        help: One line for ``otp-router --help``.
+        add_arguments: Adds the subcommand's options to its parser.
+        run: ``(args, settings) -> exit status``.
+    """
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace, Settings], int]
+
+
+# ------------------------------------------------------------------- emulate
+
+
+def _emulate_arguments(parser: argparse.ArgumentParser) -> None:
+    from otp_router.emulators import DEFAULT_TELEGRAM_PORT, DEFAULT_TWILIO_PORT
+
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
+    parser.add_argument(
+        "--telegram-port",
+        type=int,
+        default=DEFAULT_TELEGRAM_PORT,
+        help="Telegram Gateway emulator port, 0 for any free port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--twilio-port",
+        type=int,
+        default=DEFAULT_TWILIO_PORT,
+        help="Twilio emulator port, 0 for any free port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--script", type=Path, help='JSON behaviour script, e.g. {"+15550001": {"telegram": "absent"}}'
+    )
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        help="multiply every emulated delay and ttl (0.1 = ten times faster; default: %(default)s)",
+    )
+
+
+def _emulate(args: argparse.Namespace, settings: Settings) -> int:
+    from otp_router.emulators import EmulatorPair, Script, run_emulators
+
+    if args.time_scale <= 0:
+        raise ConfigError("--time-scale must be greater than 0")
+    try:
+        script = (
+            Script.from_file(args.script, time_scale=args.time_scale)
+            if args.script is not None
+            else Script(time_scale=args.time_scale)
+        )
+    except OSError as exc:
+        raise ConfigError(f"--script {args.script}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"--script {args.script}: {exc}") from None
+
+    def ready(pair: EmulatorPair) -> None:
+        # One JSON line on stdout: scripts and tests wait for it before connecting.
+        print(json.dumps({"telegram_url": pair.telegram_url, "twilio_url": pair.twilio_url}), flush=True)
+
+    asyncio.run(
+        run_emulators(
+            settings,
+            host=args.host,
+            telegram_port=args.telegram_port,
+            twilio_port=args.twilio_port,
+            script=script,
+            on_ready=ready,
+        )
+    )
+    return 0
+
+
+#: Subcommand name → definition. Add new subcommands here.
+COMMANDS: dict[str, Command] = {
+    "emulate": Command(
+        help="serve the Telegram Gateway and Twilio emulators until SIGTERM/SIGINT",
+        add_arguments=_emulate_arguments,
+        run=_emulate,
+    ),
+}
+
+
+def build_parser(commands: dict[str, Command] | None = None) -> argparse.ArgumentParser:
+    """Build the argument parser with one subparser per command.
+
+    Args:
+        commands: Commands to offer (default: :data:`COMMANDS`).
+
+    Returns:
+        The parser; ``args.command`` holds the chosen subcommand's name.
+    """
+    parser = argparse.ArgumentParser(
+        prog="otp-router",
+        description="Login codes through the Telegram Gateway first, Twilio SMS when needed.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in (commands or COMMANDS).items():
+        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line.
+
+    Args:
+        argv: Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The process exit status: 0 on success, 2 for configuration errors.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.load()
+        return COMMANDS[args.command].run(args, settings)
+    except ConfigError as exc:
+        print(f"otp-router: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
