@@ -1,6 +1,19 @@
-"""otp-router: login codes through the Telegram Gateway first, Twilio SMS when needed."""
+"""otp-router: login codes through the Telegram Gateway first, Twilio SMS when needed.
+
+Typical use in a login flow::
+
+    from otp_router import OtpRouter
+
+    async with OtpRouter.from_settings() as router:
+        verification = await router.start("+447911123456")
+        ...
+        result = await router.check(verification.id, "123456")
+        if result.valid:
+            ...
+"""
 
 from otp_router.config import Settings
+from otp_router.core import CheckOutcome, FallbackReason, Status
 from otp_router.errors import (
     AllProvidersFailed,
     ConcurrentUpdate,
@@ -27,22 +40,48 @@ from otp_router.errors import (
     VerificationNotFound,
     WebhookError,
 )
+from otp_router.models import CheckResult, FallbackInfo, Verification
 from otp_router.phone import PhoneNumber, parse_phone
+from otp_router.policy import CountryRule, Policy, Step
+from otp_router.providers.base import (
+    Channel,
+    ChannelName,
+    DeliveryState,
+    FakeChannel,
+    ProbeResult,
+    SendRequest,
+    SendResult,
+    StatusResult,
+)
+from otp_router.router import OtpRouter, ResendNotAllowed
+from otp_router.sync import SyncOtpRouter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AllProvidersFailed",
+    "Channel",
+    "ChannelName",
+    "CheckOutcome",
+    "CheckResult",
     "ConcurrentUpdate",
     "ConfigError",
+    "CountryRule",
+    "DeliveryState",
+    "FakeChannel",
+    "FallbackInfo",
+    "FallbackReason",
     "IdempotencyConflict",
     "InputError",
     "InvalidCode",
     "InvalidPhoneNumber",
     "InvalidRecipient",
     "InvalidSignature",
+    "OtpRouter",
     "OtpRouterError",
     "PhoneNumber",
+    "Policy",
+    "ProbeResult",
     "ProviderError",
     "ProviderPermanentError",
     "ProviderRateLimited",
@@ -52,10 +91,18 @@ __all__ = [
     "ProviderTransientError",
     "ProviderUnavailable",
     "RateLimited",
+    "ResendNotAllowed",
+    "SendRequest",
+    "SendResult",
     "Settings",
     "StaleWebhook",
+    "Status",
+    "StatusResult",
+    "Step",
     "StoreError",
+    "SyncOtpRouter",
     "UnsupportedCountry",
+    "Verification",
     "VerificationNotFound",
     "WebhookError",
     "parse_phone",

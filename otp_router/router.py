@@ -63,7 +63,6 @@ from otp_router.errors import (
     OtpRouterError,
     ProviderError,
     ProviderPermanentError,
-    ProviderTimeout,
     ProviderTransientError,
     RateLimited,
     StoreError,
@@ -592,9 +591,10 @@ class OtpRouter:
         With a probe ``request_id`` (Telegram) the answer is certain: re-issue the
         send with the same id. Telegram allows one message per id, so either this
         one goes out (the first never did) or it answers ``MESSAGE_ALREADY_SENT``
-        (the first did). Without such an id we cannot know: a timeout is treated
-        as "maybe sent" (no second message; the user may ask for a resend) and a
-        5xx as "not sent" (Twilio's API failed before creating a message).
+        (the first did). Without such an id (SMS) we cannot know, so we assume it
+        may have been sent: no second message and no fallback to another channel
+        (which would also be a second code). The verification stays pending so a
+        code that did arrive still verifies; the user can ask for a resend.
         """
         if exc.not_performed:
             return SendFailed(effect.step, FallbackReason.RETRIES_EXHAUSTED, exc.code or exc.reason)
@@ -606,9 +606,7 @@ class OtpRouter:
                     return SendOk(effect.step, request.probe_ref, None)
                 return SendFailed(effect.step, FallbackReason.RETRIES_EXHAUSTED, again.code or again.reason)
             return SendOk(effect.step, result.ref, result.cost, estimate=result.cost_is_estimate)
-        if isinstance(exc, ProviderTimeout):
-            return SendOk(effect.step, None, None)
-        return SendFailed(effect.step, FallbackReason.RETRIES_EXHAUSTED, exc.code or exc.reason)
+        return SendOk(effect.step, None, None)
 
     async def _revoke(self, effect: Revoke) -> None:
         with contextlib.suppress(ProviderError):
