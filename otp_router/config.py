@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     #: Seconds a code stays valid.
     code_ttl: float = Field(default=600.0, ge=30)
     max_attempts: int = Field(default=5, ge=1, le=20)
+    #: Seconds after a verification ends (or leaves a channel) before asking the provider for the
+    #: final cost (refund, SMS price); doubled on each of up to 5 tries.
+    settle_delay: float = Field(default=15.0, gt=0)
     #: TOML routing policy; unset means the built-in default (telegram 30 s, then sms).
     policy_file: Path | None = None
     #: Per-country SMS price table (TOML), laid over the packaged ``otp_router/data/sms-prices.toml``.

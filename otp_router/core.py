@@ -190,6 +190,7 @@ class VerificationState(_Model):
     #: When to next ask providers for final costs of attempts no longer in play.
     settle_at: float | None = None
     settle_tries: int = 0
+    settle_delay: float = SETTLE_DELAY
 
     @property
     def current(self) -> Attempt | None:

@@ -74,6 +74,7 @@ def new_state(
     max_attempts: int,
     max_resends: int = 2,
     resend_cooldown: float = 30.0,
+    settle_delay: float = SETTLE_DELAY,
 ) -> VerificationState:
     """A fresh verification, before its first step (feed :class:`Start` next)."""
     if not steps:
@@ -90,6 +91,7 @@ def new_state(
         checks_left=max_attempts,
         max_resends=max_resends,
         resend_cooldown=resend_cooldown,
+        settle_delay=settle_delay,
     )
 
 
@@ -345,7 +347,7 @@ def _deadline_reached(b: _Builder, now: float) -> None:
             b.effects.append(Settle(attempt.step, attempt.channel, attempt.ref))
         tries = state.settle_tries + 1
         # Back off: providers fill in prices and refunds minutes, not seconds, later.
-        nxt = now + SETTLE_DELAY * 2**tries if tries < SETTLE_TRIES else None
+        nxt = now + state.settle_delay * 2**tries if tries < SETTLE_TRIES else None
         b.state = state.model_copy(update={"settle_tries": tries, "settle_at": nxt})
         state = b.state
     if state.status is not Status.PENDING:
@@ -441,7 +443,7 @@ def _schedule_settle(state: VerificationState, now: float) -> VerificationState:
     """Keep ``settle_at`` set exactly while some attempt's cost is still open."""
     open_costs = bool(state.unsettled()) and state.settle_tries < SETTLE_TRIES
     if open_costs and state.settle_at is None:
-        return state.model_copy(update={"settle_at": now + SETTLE_DELAY})
+        return state.model_copy(update={"settle_at": now + state.settle_delay})
     if not open_costs and state.settle_at is not None:
         return state.model_copy(update={"settle_at": None})
     return state

@@ -57,6 +57,7 @@ from otp_router.core import (
 )
 from otp_router.errors import (
     ConcurrentUpdate,
+    ConfigError,
     IdempotencyConflict,
     InputError,
     InvalidRecipient,
@@ -175,6 +176,11 @@ class OtpRouter:
         settings = settings or Settings.load()
         metrics = kwargs.pop("metrics", None) or get_metrics()
         prices = kwargs.pop("prices", None) or SmsPrices.load(settings.prices_file)
+        if settings.telegram.enabled and not settings.telegram.token.get_secret_value():
+            raise ConfigError(
+                "OTP_ROUTER_TELEGRAM__TOKEN is empty: set it, "
+                "or OTP_ROUTER_TELEGRAM__ENABLED=false for SMS only"
+            )
         client = create_http_client(settings.http)
         channels: dict[ChannelName, Channel] = {}
         if settings.telegram.enabled:
@@ -294,6 +300,7 @@ class OtpRouter:
             max_attempts=self.settings.max_attempts,
             max_resends=self.policy.max_resends,
             resend_cooldown=self.policy.resend_cooldown,
+            settle_delay=self.settings.settle_delay,
         )
         record, created = await self.store.create(
             vid, state.model_dump_json(), idempotency_key=idempotency_key, deadline=state.deadline
