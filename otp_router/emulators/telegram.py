@@ -152,6 +152,7 @@ class TelegramEmulator:
         self.app.router.add_get("/_emulator/log", self._admin_log)
         self.app.router.add_get("/_emulator/state", self._admin_state)
         self.app.router.add_post("/_emulator/reset", self._admin_reset)
+        self.app.router.add_get("/_emulator/inbox", self._admin_inbox)
         self.app.router.add_route("*", "/{method}", self._handle)
         self.app.on_shutdown.append(self._on_shutdown)
         self.app.on_cleanup.append(self._on_cleanup)
@@ -239,6 +240,18 @@ class TelegramEmulator:
         """The code sent for ``request_id`` (ours or the one the emulator generated)."""
         request = self._requests.get(request_id)
         return request.code if request else None
+
+    def inbox(self, phone: str) -> list[str]:
+        """Codes that reached ``phone`` (delivered or read), oldest first: what the user sees."""
+        return [
+            r.code
+            for r in self._requests.values()
+            if r.phone == phone and r.code is not None and r.delivery in ("delivered", "read")
+        ]
+
+    async def _admin_inbox(self, request: web.Request) -> web.Response:
+        # The phone number rides in the query string: this is a local test tool only.
+        return web.json_response({"codes": self.inbox(request.query.get("phone", ""))})
 
     def request_status(self, request_id: str) -> dict[str, Any] | None:
         """The current ``RequestStatus`` JSON of ``request_id``, or None."""

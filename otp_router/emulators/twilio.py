@@ -235,6 +235,7 @@ class TwilioEmulator:
         self.app.router.add_post("/_emulator/script", self._admin_script)
         self.app.router.add_get("/_emulator/log", self._admin_log)
         self.app.router.add_post("/_emulator/reset", self._admin_reset)
+        self.app.router.add_get("/_emulator/inbox", self._admin_inbox)
         # Background work stops when the server starts shutting down, and again on
         # cleanup in case the app was run by someone else's runner.
         self.app.on_shutdown.append(self._on_cleanup)
@@ -334,6 +335,14 @@ class TwilioEmulator:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
             else:
                 await asyncio.sleep(poll)
+
+    def inbox(self, phone: str) -> list[str]:
+        """Bodies of the messages delivered to ``phone``, oldest first: what the user sees."""
+        return [m.body for m in self.messages.values() if m.to == phone and m.status == "delivered"]
+
+    async def _admin_inbox(self, request: web.Request) -> web.Response:
+        # The phone number rides in the query string: this is a local test tool only.
+        return web.json_response({"messages": self.inbox(request.query.get("phone", ""))})
 
     def messages_to(self, phone: str) -> list[str]:
         """SIDs of the messages created for ``phone``, oldest first."""

@@ -1,0 +1,98 @@
+"""Wiring the router to the built-in emulators: used by the demo, the tests and the benchmarks.
+
+Nothing here talks to a real provider. :func:`emulated_settings` points a
+router's settings at a running :class:`~otp_router.emulators.EmulatorPair`
+with the credentials the emulators accept, and :func:`read_code` plays the
+user's phone: it returns the code once a channel has delivered it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+from otp_router.config import Settings, TelegramSettings, TwilioSettings
+from otp_router.emulators import EmulatorPair, emulator_credentials
+
+__all__ = ["emulated_settings", "read_code", "sample_numbers"]
+
+#: A Twilio "magic" test sender: the emulator accepts any E.164 number.
+FROM_NUMBER = "+15005550006"
+_DIGITS = re.compile(r"\b(\d{4,8})\b")
+
+
+def emulated_settings(pair: EmulatorPair, base: Settings | None = None, **overrides: Any) -> Settings:
+    """Settings whose providers are the running emulators.
+
+    Args:
+        pair: The running emulators.
+        base: Settings to start from (default: built-in defaults, not the environment).
+        **overrides: Top-level settings to replace (``store_url=…``, ``retry=…``).
+    """
+    base = base or Settings.model_construct()
+    token, sid, auth = emulator_credentials(base)
+    telegram = TelegramSettings(
+        **{**base.telegram.model_dump(), "token": token, "base_url": pair.telegram_url}
+    )
+    twilio = TwilioSettings(
+        **{
+            **base.twilio.model_dump(),
+            "account_sid": sid,
+            "auth_token": auth,
+            "base_url": pair.twilio_url,
+            "from_number": base.twilio.from_number or FROM_NUMBER,
+        }
+    )
+    data = {**base.model_dump(), "telegram": telegram, "twilio": twilio, **overrides}
+    return Settings(**data)
+
+
+async def read_code(
+    pair: EmulatorPair, phone: str, *, wait: float = 10.0, poll: float = 0.02
+) -> str | None:
+    """Wait until ``phone`` has received a code by any channel; None on timeout.
+
+    This is what a person does with their phone: open Telegram or the SMS app
+    and read the newest code.
+    """
+    loop = asyncio.get_running_loop()
+    until = loop.time() + wait
+    while loop.time() < until:
+        codes = pair.telegram.inbox(phone)
+        if codes:
+            return codes[-1]
+        for body in reversed(pair.twilio.inbox(phone)):
+            match = _DIGITS.search(body)
+            if match:
+                return match.group(1)
+        await asyncio.sleep(poll)
+    return None
+
+
+def sample_numbers(region: str, count: int, *, offset: int = 0) -> list[str]:
+    """``count`` distinct valid mobile numbers of ``region`` in E.164 (for tests and the demo).
+
+    Built from ``phonenumbers``' example mobile number by varying its last
+    digits, keeping only numbers ``phonenumbers`` itself calls valid.
+    """
+    import phonenumbers
+
+    example = phonenumbers.example_number_for_type(region, phonenumbers.PhoneNumberType.MOBILE)
+    if example is None:
+        raise ValueError(f"no example mobile number for region {region}")
+    out: list[str] = []
+    national = example.national_number
+    step = offset
+    while len(out) < count and step < offset + count * 50:
+        candidate = phonenumbers.PhoneNumber(
+            country_code=example.country_code, national_number=national - (national % 10000) + step % 10000
+        )
+        step += 1
+        if phonenumbers.is_valid_number(candidate):
+            e164 = phonenumbers.format_number(candidate, phonenumbers.PhoneNumberFormat.E164)
+            if e164 not in out:
+                out.append(e164)
+    if len(out) < count:
+        raise ValueError(f"could not build {count} valid numbers for {region}")
+    return out
