@@ -161,6 +161,10 @@ class Settings(BaseSettings):
     concurrency: int = Field(default=50, ge=1)
     #: Worker: seconds SIGTERM waits for in-flight work.
     shutdown_grace: float = Field(default=20.0, ge=0)
+    #: Worker: seconds a read queue message may stay unacknowledged before another worker reclaims it.
+    queue_visibility_timeout: float = Field(default=30.0, gt=0)
+    #: Worker: deliveries of one queue message before it is dead-lettered (``too_many_deliveries``).
+    queue_max_deliveries: int = Field(default=10, ge=1)
     log_level: str = "INFO"
 
     @field_validator("public_url")
