@@ -105,8 +105,88 @@ def _emulate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# ------------------------------------------------------- send / check / status / demo
+
+
+def _send_arguments(parser: argparse.ArgumentParser) -> None:
+    from otp_router.commands import send_arguments
+
+    send_arguments(parser)
+
+
+def _send(args: argparse.Namespace, settings: Settings) -> int:
+    from otp_router.commands import run_send
+
+    return run_send(args, settings)
+
+
+def _check_arguments(parser: argparse.ArgumentParser) -> None:
+    from otp_router.commands import check_arguments
+
+    check_arguments(parser)
+
+
+def _check(args: argparse.Namespace, settings: Settings) -> int:
+    from otp_router.commands import run_check
+
+    return run_check(args, settings)
+
+
+def _status_arguments(parser: argparse.ArgumentParser) -> None:
+    from otp_router.commands import status_arguments
+
+    status_arguments(parser)
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from otp_router.commands import run_status
+
+    return run_status(args, settings)
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--users", type=int, default=300, help="population size (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=7, help="random seed (default: %(default)s)")
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        default=0.05,
+        help="real seconds per emulated provider second (default: %(default)s, i.e. 20x faster)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the summary numbers to this JSON file")
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from otp_router.demo import main as demo_main
+
+    if args.users < 1 or not 0 < args.time_scale <= 1:
+        raise ConfigError("--users must be at least 1 and --time-scale in (0, 1]")
+    # The demo is self-contained: it ignores OTP_ROUTER_* provider settings on purpose.
+    return demo_main(args.users, args.seed, args.time_scale, args.json)
+
+
 #: Subcommand name → definition. Add new subcommands here.
 COMMANDS: dict[str, Command] = {
+    "send": Command(
+        help="send a code to PHONE (Telegram first, SMS fallback); prints the verification as JSON",
+        add_arguments=_send_arguments,
+        run=_send,
+    ),
+    "check": Command(
+        help="check CODE for verification ID; prints the result as JSON, exits 0 only if valid",
+        add_arguments=_check_arguments,
+        run=_check,
+    ),
+    "status": Command(
+        help="print verification ID as JSON",
+        add_arguments=_status_arguments,
+        run=_status,
+    ),
+    "demo": Command(
+        help="run a simulated population through the router against the built-in emulators",
+        add_arguments=_demo_arguments,
+        run=_demo,
+    ),
     "emulate": Command(
         help="serve the Telegram Gateway and Twilio emulators until SIGTERM/SIGINT",
         add_arguments=_emulate_arguments,
