@@ -386,9 +386,10 @@ async def _tally(router: OtpRouter, ids: list[str], summary: DemoSummary, prices
         for f in state.fallbacks:
             summary.fallbacks[f.reason.value] += 1
         delivered = [a for a in state.attempts if a.delivered_at is not None]
-        for attempt in delivered[:1]:
+        for attempt in delivered:
             summary.delivered[attempt.channel.value] += 1
-            summary.time_to_code.append(attempt.delivered_at - state.created_at)  # type: ignore[operator]
+        if delivered and delivered[0].delivered_at is not None:
+            summary.time_to_code.append(delivered[0].delivered_at - state.created_at)
         charged = [a for a in state.attempts if a.cost > 0]
         if len({a.channel for a in charged}) > 1:
             summary.paid_twice += 1

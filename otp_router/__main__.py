@@ -1,0 +1,3 @@
+from otp_router.cli import main
+
+raise SystemExit(main())

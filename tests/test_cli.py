@@ -1,0 +1,118 @@
+"""`otp-router send/check/status` as separate processes sharing one SQLite store, against the emulators."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from otp_router.config import Settings
+from otp_router.emulators import (
+    DEFAULT_ACCOUNT_SID,
+    DEFAULT_AUTH_TOKEN,
+    DEFAULT_TELEGRAM_TOKEN,
+    EmulatorPair,
+    Script,
+    serve_emulators,
+)
+from otp_router.harness import read_code
+
+CLI = [sys.executable, "-m", "otp_router"]
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[EmulatorPair]:
+    emulators = await serve_emulators(
+        Settings.model_construct(),
+        host="127.0.0.1",
+        telegram_port=0,
+        twilio_port=0,
+        script=Script(time_scale=0.05),
+    )
+    yield emulators
+    await emulators.aclose()
+
+
+@pytest.fixture
+def env(pair: EmulatorPair, tmp_path: Path) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OTP_ROUTER_", "TWILIO_"))}
+    return {
+        **base,
+        "OTP_ROUTER_TELEGRAM__TOKEN": DEFAULT_TELEGRAM_TOKEN,
+        "OTP_ROUTER_TELEGRAM__BASE_URL": pair.telegram_url,
+        "OTP_ROUTER_TWILIO__ACCOUNT_SID": DEFAULT_ACCOUNT_SID,
+        "OTP_ROUTER_TWILIO__AUTH_TOKEN": DEFAULT_AUTH_TOKEN,
+        "OTP_ROUTER_TWILIO__FROM_NUMBER": "+15005550006",
+        "OTP_ROUTER_TWILIO__BASE_URL": pair.twilio_url,
+        "OTP_ROUTER_STORE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
+        "OTP_ROUTER_CODE_SECRET": "cli-test-secret",
+    }
+
+
+async def run(env: dict[str, str], *args: str) -> tuple[int, dict[str, object] | None, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    text = out.decode().strip()
+    return proc.returncode, json.loads(text) if text else None, err.decode()
+
+
+async def test_send_check_status_share_state(env: dict[str, str], pair: EmulatorPair) -> None:
+    """send, check (wrong, then right) and status run as separate processes on one store."""
+    phone = "+447400123456"
+    code, sent, _ = await run(env, "send", phone)
+    assert code == 0 and sent is not None
+    assert sent["status"] == "pending" and sent["channel"] == "telegram" and str(sent["id"]).startswith("v_")
+    vid = str(sent["id"])
+    received = await read_code(pair, phone)
+    assert received is not None
+    wrong = f"{(int(received) + 1) % 1_000_000:06d}"
+    code, result, _ = await run(env, "check", vid, wrong)
+    assert code == 1 and result is not None and result["status"] == "invalid"
+    code, result, _ = await run(env, "check", vid, received)
+    assert code == 0 and result is not None and result["status"] == "valid"
+    code, status, _ = await run(env, "status", vid)
+    assert code == 0 and status is not None and status["status"] == "verified"
+
+
+async def test_send_falls_back_within_the_invocation(env: dict[str, str], pair: EmulatorPair) -> None:
+    """A number Telegram refuses is sent by SMS before `send` returns."""
+    phone = "+4915123451234"
+    pair.script.set(phone, telegram="absent")
+    code, sent, _ = await run(env, "send", phone)
+    assert code == 0 and sent is not None and sent["channel"] == "sms"
+    assert len(pair.twilio.messages_to(phone)) == 1
+
+
+@pytest.mark.parametrize("phone", ["12345", "+1 202 555", "not-a-number"])
+async def test_bad_phone_is_one_line_and_costs_nothing(
+    env: dict[str, str], pair: EmulatorPair, phone: str
+) -> None:
+    """A bad number prints one line on stderr, exits non-zero and makes no provider call."""
+    code, out, err = await run(env, "send", phone)
+    assert code == 1 and out is None
+    assert len(err.strip().splitlines()) == 1 and "phone number" in err
+    assert pair.telegram.log == [] and pair.twilio.log == []
+
+
+async def test_bad_code_and_unknown_id(env: dict[str, str]) -> None:
+    """A malformed code is a one-line error; an unknown id checks as not_found; status of it fails."""
+    code, out, err = await run(env, "check", "v_nope", "12ab56")
+    assert code == 1 and out is None and "digits" in err
+    code, out, _ = await run(env, "check", "v_nope", "123456")
+    assert code == 1 and out is not None and out["status"] == "not_found"
+    code, out, err = await run(env, "status", "v_nope")
+    assert code == 1 and out is None and "no verification" in err
+
+
+async def test_invalid_setting_is_named(env: dict[str, str]) -> None:
+    """An invalid setting fails at start-up naming the variable, exit 2."""
+    code, _, err = await run({**env, "OTP_ROUTER_CODE_LENGTH": "3"}, "status", "v_x")
+    assert code == 2 and "OTP_ROUTER_CODE_LENGTH" in err
