@@ -72,18 +72,28 @@ class Population:
         return script
 
 
-def make_population(size: int, seed: int) -> Population:
+def make_population(size: int, seed: int, *, telegram_share: float | None = None) -> Population:
     """Draw ``size`` users reproducibly from ``seed``.
 
     Shares (of valid numbers): 64 % on Telegram and delivered within the ttl,
     15 % not on Telegram, 2 % unavailable, 8 % slow (past the ttl: refunded),
     4 % never delivered, 2 % Telegram 5xx, 1 % flood-waited; 4 % of SMS end
     undelivered. About 4 % of all numbers are malformed.
+
+    Args:
+        size: Number of users.
+        seed: Makes the draw reproducible.
+        telegram_share: Weight of the ``telegram`` kind (0..1) instead of the
+            default; the other kinds share the rest in their default proportions.
+            None keeps the default shares (and the exact same draw).
+
+    Raises:
+        ValueError: ``telegram_share`` is outside 0..1.
     """
     rng = random.Random(seed)
     regions = rng.choices(list(COUNTRIES), weights=list(COUNTRIES.values()), k=size)
     pools = {r: iter(sample_numbers(r, regions.count(r), offset=rng.randrange(5000))) for r in set(regions)}
-    kinds = [
+    kinds: list[tuple[str, float]] = [
         ("telegram", 64),
         ("absent", 15),
         ("unavailable", 2),
@@ -92,6 +102,13 @@ def make_population(size: int, seed: int) -> Population:
         ("telegram_5xx", 2),
         ("flood", 1),
     ]
+    if telegram_share is not None:
+        if not 0 <= telegram_share <= 1:
+            raise ValueError("telegram_share must be between 0 and 1")
+        others = sum(w for k, w in kinds if k != "telegram")
+        kinds = [
+            (k, telegram_share if k == "telegram" else (1 - telegram_share) * w / others) for k, w in kinds
+        ]
     users: list[User] = []
     for region in regions:
         if rng.random() < 0.04:
@@ -256,6 +273,7 @@ async def run_demo(
     metrics: Metrics | NullMetrics | None = None,
     progress: TextIO | None = sys.stderr,
     concurrency: int = 60,
+    telegram_share: float | None = None,
 ) -> DemoSummary:
     """Run the simulated population and return the summary.
 
@@ -267,8 +285,9 @@ async def run_demo(
         metrics: Metrics sink (tests pass a private registry).
         progress: Where to draw the progress bar (None: nowhere).
         concurrency: Users in flight at once.
+        telegram_share: Share of the ``telegram`` kind (see :func:`make_population`).
     """
-    population = make_population(users, seed)
+    population = make_population(users, seed, telegram_share=telegram_share)
     script = population.script(time_scale)
     prices = SmsPrices.load()
     began = time.monotonic()
