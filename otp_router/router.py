@@ -69,6 +69,7 @@ from otp_router.errors import (
     StoreError,
     VerificationNotFound,
 )
+from otp_router.instrument import InstrumentedChannel
 from otp_router.lifecycle import apply, new_state
 from otp_router.metrics import Metrics, NullMetrics, get_metrics
 from otp_router.models import CheckResult, Verification
@@ -132,11 +133,13 @@ class OtpRouter:
         run_deadlines: bool = True,
     ) -> None:
         self.store = store
-        self.channels = dict(channels)
         self.settings = settings or Settings()
         self.policy = policy or Policy.load(self.settings.policy_file)
         self.prices = prices or SmsPrices.load(self.settings.prices_file)
         self.metrics = metrics if metrics is not None else get_metrics()
+        self.channels: dict[ChannelName, Channel] = {
+            name: InstrumentedChannel(channel, self.metrics) for name, channel in channels.items()
+        }
         self.clock = clock
         self._http = http_client
         self._run_deadlines = run_deadlines
