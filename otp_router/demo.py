@@ -20,6 +20,7 @@ import contextlib
 import json
 import random
 import secrets
+import socket
 import statistics
 import sys
 import tempfile
@@ -240,7 +241,10 @@ class _Progress:
 
 @contextlib.asynccontextmanager
 async def _webhook_server(router: OtpRouter) -> AsyncIterator[str | None]:
-    """Serve the router's webhooks on a free loopback port, if the server extra is installed."""
+    """Serve the router's webhooks on a free loopback port and set the router's public URL to it.
+
+    Without the ``server`` extra the router polls providers at deadlines instead.
+    """
     try:
         import uvicorn
 
@@ -248,20 +252,25 @@ async def _webhook_server(router: OtpRouter) -> AsyncIterator[str | None]:
     except ImportError:
         yield None
         return
-    app = create_app(router)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    # The router builds callback URLs from its public URL; the app checks Twilio signatures against it.
+    router.settings.public_url = url
+    app = create_app(router, public_url=url)
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        yield f"http://127.0.0.1:{port}"
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+        yield url
     finally:
         server.should_exit = True
         await task
+        sock.close()
 
 
 async def run_demo(
@@ -337,8 +346,7 @@ async def _simulate(
     rng = random.Random(len(population.users))
     router = OtpRouter.from_settings(settings, policy=policy, metrics=metrics)
     async with router:
-        async with _webhook_server(router) as public_url:
-            router.settings.public_url = public_url
+        async with _webhook_server(router):
             started: list[str] = []
 
             async def one(user: User, delay: float) -> None:
