@@ -224,8 +224,12 @@ class DemoSummary:
 
 
 class _Progress:
+    """A one-line progress bar; redrawn in place on a terminal, every 10 % elsewhere."""
+
     def __init__(self, total: int, out: TextIO | None) -> None:
         self.total, self.done, self.out = total, 0, out
+        self.tty = out is not None and out.isatty()
+        self.shown = -1
 
     def tick(self) -> None:
         self.done += 1
@@ -233,8 +237,13 @@ class _Progress:
             return
         width = 40
         filled = width * self.done // max(self.total, 1)
-        self.out.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} users")
-        if self.done == self.total:
+        step = filled if self.tty else filled // 4
+        if step == self.shown and self.done != self.total:
+            return
+        self.shown = step
+        bar = f"  [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} users"
+        self.out.write(f"\r{bar}" if self.tty else f"{bar}\n")
+        if self.tty and self.done == self.total:
             self.out.write("\n")
         self.out.flush()
 
