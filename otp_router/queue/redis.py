@@ -1,0 +1,368 @@
+"""The distributed queue: a Redis stream read through a consumer group.
+
+* :meth:`RedisStreamQueue.read` is ``XREADGROUP … >``: each entry goes to one
+  consumer of the group and stays in the group's pending entries list (PEL)
+  under that consumer's name.
+* :meth:`RedisStreamQueue.ack` is ``XACK`` + ``XDEL`` in one transaction: a
+  processed entry leaves the stream, so the stream's length is always the
+  waiting plus the pending messages and never grows without bound.
+* :meth:`RedisStreamQueue.reclaim` is ``XAUTOCLAIM``: entries idle in a
+  dead consumer's PEL for longer than the visibility timeout move to the
+  caller. :meth:`RedisStreamQueue.touch` is ``XCLAIM … JUSTID`` by the owner
+  itself, which resets the idle time without counting a delivery.
+* :meth:`RedisStreamQueue.dead_letter` is one Lua script: acknowledge, and
+  only if this call acknowledged it, copy the entry with its reason to the
+  dead-letter stream, then delete it. Two workers dead-lettering the same
+  entry therefore leave one dead letter.
+
+The consumer group is created on first use (``XGROUP CREATE … 0 MKSTREAM``,
+``BUSYGROUP`` ignored), at id ``0`` so that messages enqueued before any
+worker ever ran are consumed too; if the stream is deleted under a running
+worker, the group is recreated on the next ``NOGROUP`` error.
+
+Key names are in :mod:`otp_router.constants`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from otp_router.constants import DEAD_LETTER_MAXLEN, DEFAULT_GROUP, DEFAULT_PREFIX, QueueKeys
+from otp_router.errors import ConfigError, StoreError
+from otp_router.queue.base import DeadLetter, Delivery, QueueMessage
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
+
+__all__ = ["RedisStreamQueue"]
+
+_VAR = "OTP_ROUTER_QUEUE_URL"
+_INSTALL_HINT = f"{_VAR} names Redis, which needs the redis package: pip install 'otp-router[redis]'"
+#: Query parameters the store reads from the same URL; the queue ignores them.
+_STORE_PARAMS = frozenset({"idempotency_ttl", "record_ttl"})
+#: Fields the dead-letter stream adds to the original ones.
+_DEAD_FIELDS = ("reason", "failed_at", "message_id", "attempts")
+
+# KEYS: stream, dead-letter stream. ARGV: group, id, maxlen, field/value pairs...
+# Returns 1 when this call dead-lettered the entry, 0 when it was no longer pending.
+_DEAD_LETTER = """
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if acked == 1 then
+  local args = {KEYS[2], 'MAXLEN', '~', ARGV[3], '*'}
+  for i = 4, #ARGV do
+    args[#args + 1] = ARGV[i]
+  end
+  redis.call('XADD', unpack(args))
+end
+redis.call('XDEL', KEYS[1], ARGV[2])
+return acked
+"""
+
+
+def _entry_time(entry_id: str) -> float:
+    """Unix time encoded in a stream entry id (milliseconds before the dash)."""
+    return int(entry_id.split("-", 1)[0]) / 1000.0
+
+
+class RedisStreamQueue:
+    """A :class:`~otp_router.queue.base.Queue` on a Redis stream and consumer group.
+
+    Building the queue opens no connection; the first call does.
+
+    Args:
+        url: ``redis://…``, ``rediss://…`` or ``unix://…``. Our query
+            parameters are taken out before the rest goes to redis-py:
+            ``prefix`` (shared with the store), ``group`` (consumer group
+            name) and ``dead_letter_maxlen``. The store's own parameters
+            (``idempotency_ttl``, ``record_ttl``) are ignored, so one URL can
+            serve both.
+        prefix: Key prefix when the URL has none; default ``otp-router``.
+        group: Consumer group when the URL has none; default ``otp-router-workers``.
+        max_connections: Pool size. A blocking read holds one connection.
+
+    Raises:
+        ConfigError: The ``redis`` package is missing or a parameter is invalid.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str | None = None,
+        group: str | None = None,
+        max_connections: int = 20,
+    ) -> None:
+        try:
+            import redis.asyncio as aioredis
+            import redis.exceptions
+        except ImportError as exc:  # pragma: no cover - the test env has the extra
+            raise ConfigError(_INSTALL_HINT) from exc
+        client_url, params = _split_url(url)
+        self.keys = QueueKeys(params.get("prefix", prefix or DEFAULT_PREFIX))
+        self.group = params.get("group", group or DEFAULT_GROUP)
+        if not self.keys.prefix or not self.group:
+            raise ConfigError(f"{_VAR}: prefix and group must not be empty")
+        try:
+            self.dead_letter_maxlen = int(params.get("dead_letter_maxlen", DEAD_LETTER_MAXLEN))
+        except ValueError:
+            raise ConfigError(f"{_VAR}: dead_letter_maxlen must be an integer") from None
+        self._redis_error: type[Exception] = redis.exceptions.RedisError
+        self._response_error: type[Exception] = redis.exceptions.ResponseError
+        pool = aioredis.BlockingConnectionPool.from_url(
+            client_url, decode_responses=True, max_connections=max_connections
+        )
+        self._client: Redis = aioredis.Redis.from_pool(pool)
+        self._dead_letter: AsyncScript = self._client.register_script(_DEAD_LETTER)
+        self._group_ready = False
+        self._closed = False
+
+    # -- plumbing ---------------------------------------------------------
+
+    @contextmanager
+    def _mapped(self) -> Iterator[None]:
+        """Check the queue is open and turn redis-py errors into StoreError."""
+        if self._closed:
+            raise StoreError("queue is closed")
+        try:
+            yield
+        except self._redis_error as exc:
+            # redis-py messages name the host and the failure, never the password.
+            raise StoreError(f"queue: redis: {type(exc).__name__}: {exc}") from exc
+
+    async def _ensure_group(self, *, again: bool = False) -> None:
+        if self._group_ready and not again:
+            return
+        try:
+            await self._client.xgroup_create(self.keys.stream, self.group, id="0", mkstream=True)
+        except self._response_error as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    async def _grouped(self, call: Any) -> Any:
+        """Run ``call()`` (a group command), recreating the group once if it vanished."""
+        with self._mapped():
+            await self._ensure_group()
+            try:
+                return await call()
+            except self._response_error as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream was deleted (FLUSHDB, a cleanup script): start over empty.
+                await self._ensure_group(again=True)
+                return await call()
+
+    async def _attempts(self, ids: Sequence[str]) -> dict[str, int]:
+        """Delivery counts of pending entries, from the PEL."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xpending_range(self.keys.stream, self.group, min=entry_id, max=entry_id, count=1)
+            rows: list[list[dict[str, Any]]] = await pipe.execute()
+        return {row[0]["message_id"]: int(row[0]["times_delivered"]) for row in rows if row}
+
+    # -- Queue protocol -----------------------------------------------------
+
+    async def enqueue(self, message: QueueMessage | str) -> str:
+        """``XADD <prefix>:queue * data <json>``; returns the entry id."""
+        data = message.to_json() if isinstance(message, QueueMessage) else message
+        with self._mapped():
+            entry_id: Any = await self._client.xadd(self.keys.stream, {"data": data})
+        return str(entry_id)
+
+    async def read(self, consumer: str, count: int, block: float) -> list[Delivery]:
+        """``XREADGROUP GROUP <group> <consumer> COUNT <count> [BLOCK ms] STREAMS <stream> >``."""
+        block_ms = max(1, int(block * 1000)) if block > 0 else None
+
+        async def call() -> Any:
+            return await self._client.xreadgroup(
+                self.group, consumer, {self.keys.stream: ">"}, count=max(1, count), block=block_ms
+            )
+
+        response = await self._grouped(call)
+        if not response:
+            return []
+        entries: list[tuple[str, dict[str, str] | None]] = response[0][1]
+        return [Delivery(eid, dict(fields or {}), _entry_time(eid)) for eid, fields in entries]
+
+    async def ack(self, delivery: Delivery) -> None:
+        """``XACK`` and ``XDEL`` in one transaction."""
+        with self._mapped():
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.xack(self.keys.stream, self.group, delivery.id)
+                pipe.xdel(self.keys.stream, delivery.id)
+                await pipe.execute()
+
+    async def reclaim(self, consumer: str, min_idle: float, count: int) -> list[Delivery]:
+        """``XAUTOCLAIM`` entries idle for ``min_idle`` seconds, following the cursor."""
+        min_idle_ms = max(0, int(min_idle * 1000))
+        claimed: list[tuple[str, dict[str, str]]] = []
+        cursor = "0-0"
+        # XAUTOCLAIM scans a bounded slice of the PEL per call; a few rounds cover a long one.
+        for _ in range(10):
+            want = count - len(claimed)
+
+            async def call(start: str = cursor, want: int = want) -> Any:
+                return await self._client.xautoclaim(
+                    self.keys.stream, self.group, consumer, min_idle_ms, start, count=want
+                )
+
+            result = await self._grouped(call)
+            cursor, entries = result[0], result[1]
+            # Entries deleted from the stream come back as ids only (Redis 7 drops them from the PEL).
+            claimed += [(eid, fields) for eid, fields in entries if fields is not None]
+            if cursor == "0-0" or len(claimed) >= count:
+                break
+        if not claimed:
+            return []
+        with self._mapped():
+            attempts = await self._attempts([eid for eid, _ in claimed])
+        return [
+            Delivery(eid, dict(fields), _entry_time(eid), attempts.get(eid, 2)) for eid, fields in claimed
+        ]
+
+    async def touch(self, consumer: str, deliveries: Sequence[Delivery]) -> None:
+        """``XCLAIM … 0 <ids> JUSTID``: reset idle time without counting a delivery."""
+        if not deliveries:
+            return
+        ids: list[Any] = [d.id for d in deliveries]
+
+        async def call() -> Any:
+            return await self._client.xclaim(
+                self.keys.stream, self.group, consumer, min_idle_time=0, message_ids=ids, justid=True
+            )
+
+        await self._grouped(call)
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Acknowledge, copy to ``<prefix>:dead-letters`` with the reason, delete (one script).
+
+        The original fields keep their names; one that clashes with ours
+        (``reason``, ``failed_at``, ``message_id``, ``attempts``) is kept as
+        ``original_<name>``.
+        """
+        fields: dict[str, str] = {}
+        for name, value in delivery.fields.items():
+            fields[f"original_{name}" if name in _DEAD_FIELDS else name] = value
+        fields.update(
+            reason=reason,
+            failed_at=repr(time.time()),
+            message_id=delivery.id,
+            attempts=str(delivery.attempt),
+        )
+        args: list[str] = [self.group, delivery.id, str(self.dead_letter_maxlen)]
+        for name, value in fields.items():
+            args += [name, value]
+        with self._mapped():
+            await self._dead_letter(keys=[self.keys.stream, self.keys.dead_letters], args=args)
+
+    async def dead_letters(self, count: int = 100) -> list[DeadLetter]:
+        """``XRANGE <prefix>:dead-letters - + COUNT count``."""
+        with self._mapped():
+            entries: Any = await self._client.xrange(self.keys.dead_letters, "-", "+", count=count)
+        out = []
+        for entry_id, raw in entries:
+            original = {k: v for k, v in raw.items() if k not in _DEAD_FIELDS}
+            for name in _DEAD_FIELDS:
+                if f"original_{name}" in original:
+                    original[name] = original.pop(f"original_{name}")
+            out.append(
+                DeadLetter(
+                    id=entry_id,
+                    message_id=raw.get("message_id", ""),
+                    fields=original,
+                    reason=raw.get("reason", ""),
+                    failed_at=float(raw.get("failed_at", 0.0)),
+                    attempts=int(raw.get("attempts", 0)),
+                )
+            )
+        return out
+
+    async def depth(self) -> int:
+        """Stream length minus pending entries (acknowledged entries are deleted)."""
+        length, pending = await self._length_and_pending()
+        return max(0, length - pending)
+
+    async def pending(self) -> int:
+        """Entries in the group's PEL."""
+        return (await self._length_and_pending())[1]
+
+    async def _length_and_pending(self) -> tuple[int, int]:
+        async def call() -> Any:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.xlen(self.keys.stream)
+                pipe.xpending(self.keys.stream, self.group)
+                return await pipe.execute()
+
+        length, summary = await self._grouped(call)
+        return int(length), int(summary["pending"])
+
+    async def lag(self) -> float:
+        """Age of the first entry after the group's last-delivered id, by Redis's clock."""
+
+        async def call() -> Any:
+            return await self._client.xinfo_groups(self.keys.stream)
+
+        groups: list[dict[str, Any]] = await self._grouped(call)
+        last = next((str(g["last-delivered-id"]) for g in groups if g["name"] == self.group), "0-0")
+        with self._mapped():
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.xrange(self.keys.stream, f"({last}", "+", count=1)
+                pipe.time()
+                first, (seconds, micros) = await pipe.execute()
+        if not first:
+            return 0.0
+        return max(0.0, int(seconds) + int(micros) / 1e6 - _entry_time(str(first[0][0])))
+
+    async def heartbeat(self, worker: str, ttl: float) -> None:
+        """``SET <prefix>:heartbeat:<worker> <now> PX <ttl>``."""
+        with self._mapped():
+            await self._client.set(self.keys.heartbeat(worker), repr(time.time()), px=max(1, int(ttl * 1000)))
+
+    async def last_heartbeat(self, worker: str) -> float | None:
+        """The heartbeat's time, or None once its TTL has passed."""
+        with self._mapped():
+            value: Any = await self._client.get(self.keys.heartbeat(worker))
+        return None if value is None else float(value)
+
+    async def clear_heartbeat(self, worker: str) -> None:
+        """Delete the heartbeat key."""
+        with self._mapped():
+            await self._client.delete(self.keys.heartbeat(worker))
+
+    async def ping(self) -> None:
+        """Send ``PING``.
+
+        Raises:
+            StoreError: Redis is unreachable, or the queue is closed.
+        """
+        with self._mapped():
+            await self._client.ping()
+
+    async def aclose(self) -> None:
+        """Close the connection pool. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._client.aclose()
+
+
+def _split_url(url: str) -> tuple[str, dict[str, str]]:
+    """Take our query parameters (and the store's) out of a Redis URL.
+
+    Returns:
+        The URL redis-py should see, and our parameters.
+    """
+    parts = urlsplit(url)
+    ours: dict[str, str] = {}
+    theirs: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name in ("prefix", "group", "dead_letter_maxlen"):
+            ours[name] = value
+        elif name not in _STORE_PARAMS:
+            theirs.append((name, value))
+    return urlunsplit(parts._replace(query=urlencode(theirs))), ours

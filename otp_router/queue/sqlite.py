@@ -1,0 +1,405 @@
+"""The embedded queue: a table in its own SQLite file.
+
+Same semantics as the Redis stream queue, for one machine with any number of
+worker processes:
+
+* WAL journal; every claim, acknowledgement and dead-lettering is one
+  ``BEGIN IMMEDIATE`` transaction, so two processes can never claim the same
+  row (the second waits for the write lock, then sees the row taken).
+* A claimed row records its consumer and claim time; that is its lease. A row
+  whose claim is older than the visibility timeout can be reclaimed by
+  another consumer (:meth:`SqliteQueue.reclaim`); the owner renews it with
+  :meth:`SqliteQueue.touch`.
+* Acknowledging deletes the row. Ids are ``AUTOINCREMENT``, never reused, so
+  a late acknowledgement can never delete a newer message.
+* Dead letters move to their own table in the same transaction.
+
+Any program can enqueue with plain SQL; the defaults fill in the rest::
+
+    INSERT INTO queue (data) VALUES ('{"phone": "+447400123456", "idempotency_key": "login-42"}');
+
+Waiting for messages is polling, since SQLite has no cross-process
+notification: a cheap read-only query every ``poll_interval`` seconds, and a
+write transaction only when something is there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from otp_router.errors import StoreError
+from otp_router.queue.base import DeadLetter, Delivery, QueueMessage
+
+__all__ = ["MIGRATIONS", "SqliteQueue"]
+
+T = TypeVar("T")
+
+#: Schema migrations; entry ``i`` upgrades ``user_version`` ``i`` to ``i + 1``. Append only.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE queue (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        data TEXT,
+        enqueued_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0),
+        consumer TEXT,
+        claimed_at REAL,
+        deliveries INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX queue_waiting ON queue (id) WHERE consumer IS NULL;
+    CREATE INDEX queue_claimed ON queue (claimed_at) WHERE consumer IS NOT NULL;
+    CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        message_id TEXT NOT NULL,
+        data TEXT,
+        enqueued_at REAL NOT NULL,
+        reason TEXT NOT NULL,
+        failed_at REAL NOT NULL,
+        attempts INTEGER NOT NULL
+    );
+    CREATE TABLE heartbeats (
+        worker TEXT PRIMARY KEY,
+        at REAL NOT NULL,
+        expires REAL NOT NULL
+    );
+    """,
+)
+
+_CLAIM_COLUMNS = "id, data, enqueued_at, deliveries"
+
+
+class SqliteQueue:
+    """A :class:`~otp_router.queue.base.Queue` in one SQLite file.
+
+    Opening the file happens on first use; construction does no I/O.
+
+    Args:
+        path: The database file; created if missing (its folder must exist).
+            Use a file of its own, not the store's (each has its own schema
+            version).
+        busy_timeout: Seconds a write waits for another process's lock.
+        synchronous: ``"NORMAL"`` (default: a power cut may lose the last
+            few enqueues, never corrupt) or ``"FULL"``.
+        poll_interval: Seconds between looks for new messages while
+            :meth:`read` blocks.
+        clock: Unix time source (claims, leases, heartbeats).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        busy_timeout: float = 5.0,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        poll_interval: float = 0.05,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError("synchronous must be 'NORMAL' or 'FULL'")
+        self.path = str(path)
+        self.busy_timeout = busy_timeout
+        self.synchronous = synchronous
+        self.poll_interval = poll_interval
+        self.clock = clock
+        # One thread owns the connection: sqlite3 objects must stay on one thread.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otp-router-queue")
+        self._conn: sqlite3.Connection | None = None
+        self._closed = False
+
+    # -- plumbing ---------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise StoreError("queue is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            return fn(self._connection())
+        except sqlite3.Error as exc:
+            raise StoreError(f"queue: sqlite: {exc}") from exc
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                self._enable_wal(conn)
+                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+                _migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        # Switching a new file to WAL needs an exclusive lock and SQLite
+        # reports "locked" at once (no busy handler) when another process is
+        # doing the same: retry within busy_timeout.
+        give_up = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+                break
+            except sqlite3.OperationalError:
+                if time.monotonic() >= give_up:
+                    raise
+                time.sleep(0.01)
+        if mode.lower() != "wal":
+            raise StoreError(f"queue: sqlite: could not enable WAL (journal_mode is {mode})")
+
+    def _claim(
+        self, conn: sqlite3.Connection, consumer: str, where: str, order: str, args: tuple[float | int, ...]
+    ) -> list[Delivery]:
+        """Claim the rows ``where`` selects, in one write transaction."""
+        now = self.clock()
+        with _write(conn):
+            rows = conn.execute(
+                f"SELECT {_CLAIM_COLUMNS} FROM queue WHERE {where} ORDER BY {order} LIMIT ?", args
+            ).fetchall()
+            conn.executemany(
+                "UPDATE queue SET consumer = ?, claimed_at = ?, deliveries = deliveries + 1 WHERE id = ?",
+                [(consumer, now, row[0]) for row in rows],
+            )
+        return [
+            Delivery(str(row[0]), {} if row[1] is None else {"data": row[1]}, float(row[2]), int(row[3]) + 1)
+            for row in rows
+        ]
+
+    # -- Queue protocol -----------------------------------------------------
+
+    async def enqueue(self, message: QueueMessage | str) -> str:
+        """Insert a row; returns its id."""
+        data = message.to_json() if isinstance(message, QueueMessage) else message
+        now = self.clock()
+
+        def op(conn: sqlite3.Connection) -> str:
+            with _write(conn):
+                cursor = conn.execute("INSERT INTO queue (data, enqueued_at) VALUES (?, ?)", (data, now))
+            return str(cursor.lastrowid)
+
+        return await self._run(op)
+
+    async def read(self, consumer: str, count: int, block: float) -> list[Delivery]:
+        """Claim up to ``count`` waiting rows, polling for up to ``block`` seconds."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + max(0.0, block)
+
+        def op(conn: sqlite3.Connection) -> list[Delivery]:
+            # Look before taking the write lock: an idle poll must not block writers.
+            if conn.execute("SELECT 1 FROM queue WHERE consumer IS NULL LIMIT 1").fetchone() is None:
+                return []
+            return self._claim(conn, consumer, "consumer IS NULL", "id", (max(1, count),))
+
+        while True:
+            deliveries = await self._run(op)
+            if deliveries or loop.time() >= until:
+                return deliveries
+            await asyncio.sleep(min(self.poll_interval, max(0.0, until - loop.time())))
+
+    async def ack(self, delivery: Delivery) -> None:
+        """Delete the row."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.execute("DELETE FROM queue WHERE id = ?", (int(delivery.id),))
+
+        await self._run(op)
+
+    async def reclaim(self, consumer: str, min_idle: float, count: int) -> list[Delivery]:
+        """Claim rows whose claim is older than ``min_idle`` seconds, oldest claim first."""
+        cutoff = self.clock() - min_idle
+
+        def op(conn: sqlite3.Connection) -> list[Delivery]:
+            return self._claim(
+                conn,
+                consumer,
+                "consumer IS NOT NULL AND claimed_at <= ?",
+                "claimed_at, id",
+                (cutoff, max(1, count)),
+            )
+
+        return await self._run(op)
+
+    async def touch(self, consumer: str, deliveries: Sequence[Delivery]) -> None:
+        """Renew the claims on rows this consumer is still working on."""
+        if not deliveries:
+            return
+        now = self.clock()
+        rows = [(consumer, now, int(d.id)) for d in deliveries]
+
+        def op(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.executemany(
+                    "UPDATE queue SET consumer = ?, claimed_at = ? WHERE id = ? AND consumer IS NOT NULL",
+                    rows,
+                )
+
+        await self._run(op)
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Delete the row and, if this call deleted it, record the dead letter (one transaction)."""
+        now = self.clock()
+
+        def op(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                deleted = conn.execute("DELETE FROM queue WHERE id = ?", (int(delivery.id),)).rowcount
+                if deleted:
+                    conn.execute(
+                        "INSERT INTO dead_letters (message_id, data, enqueued_at, reason,"
+                        " failed_at, attempts) VALUES (?, ?, ?, ?, ?, ?)",
+                        (delivery.id, delivery.data, delivery.enqueued_at, reason, now, delivery.attempt),
+                    )
+
+        await self._run(op)
+
+    async def dead_letters(self, count: int = 100) -> list[DeadLetter]:
+        """The oldest ``count`` dead letters."""
+
+        def op(conn: sqlite3.Connection) -> list[DeadLetter]:
+            rows = conn.execute(
+                "SELECT id, message_id, data, reason, failed_at, attempts"
+                " FROM dead_letters ORDER BY id LIMIT ?",
+                (count,),
+            ).fetchall()
+            return [
+                DeadLetter(
+                    str(r[0]), r[1], {} if r[2] is None else {"data": r[2]}, r[3], float(r[4]), int(r[5])
+                )
+                for r in rows
+            ]
+
+        return await self._run(op)
+
+    async def depth(self) -> int:
+        """Rows not yet claimed."""
+        return await self._scalar("SELECT COUNT(*) FROM queue WHERE consumer IS NULL")
+
+    async def pending(self) -> int:
+        """Rows claimed and not yet acknowledged."""
+        return await self._scalar("SELECT COUNT(*) FROM queue WHERE consumer IS NOT NULL")
+
+    async def _scalar(self, sql: str) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return int(conn.execute(sql).fetchone()[0])
+
+        return await self._run(op)
+
+    async def lag(self) -> float:
+        """Age of the oldest unclaimed row."""
+
+        def op(conn: sqlite3.Connection) -> float | None:
+            value: float | None = conn.execute(
+                "SELECT MIN(enqueued_at) FROM queue WHERE consumer IS NULL"
+            ).fetchone()[0]
+            return value
+
+        oldest = await self._run(op)
+        return 0.0 if oldest is None else max(0.0, self.clock() - oldest)
+
+    async def heartbeat(self, worker: str, ttl: float) -> None:
+        """Upsert the worker's heartbeat row with its expiry."""
+        now = self.clock()
+
+        def op(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.execute(
+                    "INSERT OR REPLACE INTO heartbeats (worker, at, expires) VALUES (?, ?, ?)",
+                    (worker, now, now + ttl),
+                )
+
+        await self._run(op)
+
+    async def last_heartbeat(self, worker: str) -> float | None:
+        """The heartbeat's time while it has not expired, else None."""
+        now = self.clock()
+
+        def op(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT at FROM heartbeats WHERE worker = ? AND expires > ?", (worker, now)
+            ).fetchone()
+            return None if row is None else float(row[0])
+
+        return await self._run(op)
+
+    async def clear_heartbeat(self, worker: str) -> None:
+        """Delete the heartbeat row."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            with _write(conn):
+                conn.execute("DELETE FROM heartbeats WHERE worker = ?", (worker,))
+
+        await self._run(op)
+
+    async def ping(self) -> None:
+        """Open the file if needed and run a trivial query.
+
+        Raises:
+            StoreError: The file cannot be opened or queried, or the queue is closed.
+        """
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("SELECT 1").fetchone()
+
+        await self._run(op)
+
+    async def aclose(self) -> None:
+        """Close the connection and stop the thread. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+
+        def close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+
+@contextmanager
+def _write(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction that takes the write lock up front."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version == len(MIGRATIONS):
+        # The store's file has a schema version too: make sure this one is really a queue.
+        if (
+            conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'queue'").fetchone()
+            is None
+        ):
+            raise StoreError("queue: sqlite: the file is not an otp-router queue (is it the store's file?)")
+        return
+    with _write(conn):
+        # Re-read under the lock: another process may have migrated meanwhile.
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"queue: sqlite: schema version {version} is newer than this otp-router supports "
+                f"({len(MIGRATIONS)}); upgrade otp-router"
+            )
+        for step in range(version, len(MIGRATIONS)):
+            # executescript() would COMMIT our transaction: run statements one by one.
+            for statement in MIGRATIONS[step].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {step + 1}")
