@@ -292,6 +292,7 @@ async def run_demo(
     progress: TextIO | None = sys.stderr,
     concurrency: int = 60,
     telegram_share: float | None = None,
+    arrival_window: float = 5.0,
 ) -> DemoSummary:
     """Run the simulated population and return the summary.
 
@@ -304,6 +305,7 @@ async def run_demo(
         progress: Where to draw the progress bar (None: nowhere).
         concurrency: Users in flight at once.
         telegram_share: Share of the ``telegram`` kind (see :func:`make_population`).
+        arrival_window: Real seconds over which the users' starts are spread.
     """
     population = make_population(users, seed, telegram_share=telegram_share)
     script = population.script(time_scale)
@@ -316,7 +318,7 @@ async def run_demo(
         )
         try:
             summary = await _simulate(
-                pair, population, folder, time_scale, metrics, progress, concurrency, prices
+                pair, population, folder, time_scale, metrics, progress, concurrency, prices, arrival_window
             )
         finally:
             await pair.aclose()
@@ -333,6 +335,7 @@ async def _simulate(
     progress: TextIO | None,
     concurrency: int,
     prices: SmsPrices,
+    arrival_window: float = 5.0,
 ) -> DemoSummary:
     # Provider time is scaled, so the router's deadlines are too: 30 s for Telegram
     # (= its ttl, so an undelivered code is refunded), 120 s for SMS.
@@ -364,7 +367,7 @@ async def _simulate(
                     await _one_user(router, pair, user, summary, started, time_scale)
                 bar.tick()
 
-            arrivals = sorted(rng.uniform(0, 5.0) for _ in population.users)
+            arrivals = sorted(rng.uniform(0, arrival_window) for _ in population.users)
             await asyncio.gather(*(one(u, d) for u, d in zip(population.users, arrivals, strict=True)))
             await _wait_settled(router, started, within=60 * time_scale + 30)
         await router.wait_idle()
