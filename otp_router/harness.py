@@ -48,9 +48,7 @@ def emulated_settings(pair: EmulatorPair, base: Settings | None = None, **overri
     return Settings(**data)
 
 
-async def read_code(
-    pair: EmulatorPair, phone: str, *, wait: float = 10.0, poll: float = 0.02
-) -> str | None:
+async def read_code(pair: EmulatorPair, phone: str, *, wait: float = 10.0, poll: float = 0.02) -> str | None:
     """Wait until ``phone`` has received a code by any channel; None on timeout.
 
     This is what a person does with their phone: open Telegram or the SMS app

@@ -68,7 +68,9 @@ async def wait_for(router: OtpRouter, vid: str, predicate: Any, within: float = 
 
 
 def sends(pair: EmulatorPair, phone: str) -> tuple[int, int]:
-    telegram = [e for e in pair.telegram.log if e.method == "sendVerificationMessage" and e.phone_number == phone]
+    telegram = [
+        e for e in pair.telegram.log if e.method == "sendVerificationMessage" and e.phone_number == phone
+    ]
     return sum(1 for e in telegram if e.outcome == "ok"), len(pair.twilio.messages_to(phone))
 
 
