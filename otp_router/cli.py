@@ -165,6 +165,21 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return demo_main(args.users, args.seed, args.time_scale, args.json)
 
 
+# -------------------------------------------------------------------- worker
+
+
+def _worker_arguments(parser: argparse.ArgumentParser) -> None:
+    from otp_router.worker import worker_arguments
+
+    worker_arguments(parser)
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from otp_router.worker import run_worker_command
+
+    return run_worker_command(args, settings)
+
+
 #: Subcommand name → definition. Add new subcommands here.
 COMMANDS: dict[str, Command] = {
     "send": Command(
@@ -191,6 +206,11 @@ COMMANDS: dict[str, Command] = {
         help="serve the Telegram Gateway and Twilio emulators until SIGTERM/SIGINT",
         add_arguments=_emulate_arguments,
         run=_emulate,
+    ),
+    "worker": Command(
+        help="consume the queue, fire deadlines and serve webhooks until SIGTERM (--check: health)",
+        add_arguments=_worker_arguments,
+        run=_worker,
     ),
 }
 

@@ -1,0 +1,614 @@
+"""The standalone worker: consume the queue, run deadlines, serve webhooks.
+
+One process runs, side by side:
+
+* the **consumer**: reads queue messages, never more than it has free slots
+  for (``settings.concurrency``), and handles each one as *claim → execute →
+  ack/record*: ``router.start(...)``, then acknowledge. The acknowledgement
+  comes only after the verification is durably stored or definitively
+  refused, so a crash at any point leaves the message pending for another
+  worker, and the idempotency key makes that second delivery send nothing;
+* the **reclaimer**: takes over messages another consumer left pending for
+  longer than ``settings.queue_visibility_timeout`` (it died);
+* **maintenance**: renews the claims on messages still being worked on,
+  writes the heartbeat (``otp-router worker --check`` reads it) and updates
+  the queue depth and lag gauges;
+* the router's **deadline loop** (fallbacks at step deadlines), through
+  ``async with router``;
+* the **HTTP server** (uvicorn) with :mod:`otp_router.webapp`: webhooks, the
+  API, ``/metrics`` and ``/healthz``.
+
+SIGTERM or SIGINT stops reading, lets in-flight messages finish within
+``settings.shutdown_grace`` seconds (the rest stay pending and are
+redelivered), stops the HTTP server and exits 0. A second signal stops at
+once.
+
+Outcome of one message:
+
+=====================================================  ==========================================
+What happened                                           What the worker does
+=====================================================  ==========================================
+``start`` returned a new verification                   ack; ``processed``
+``start`` returned an existing one (same key)           ack; ``duplicate``
+unparsable/invalid message, bad or denied number,       dead letter with the reason, ack;
+idempotency conflict, rate limit, too many deliveries   ``dead_letter``
+store or connection failure, unexpected error           nothing: redelivered after the visibility
+                                                        timeout (at most ``queue_max_deliveries``)
+=====================================================  ==========================================
+
+Log lines are ``key=value`` with timings; they never contain a phone number,
+an idempotency key, a code or a secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from otp_router.config import Settings
+from otp_router.errors import (
+    ConfigError,
+    IdempotencyConflict,
+    InputError,
+    InvalidPhoneNumber,
+    RateLimited,
+    StoreError,
+    UnsupportedCountry,
+)
+from otp_router.queue import Delivery, Queue, open_queue, queue_url_for
+from otp_router.queue.base import DeadLetterReason, PoisonMessage, parse_message
+from otp_router.router import OtpRouter
+
+if TYPE_CHECKING:
+    import uvicorn
+
+__all__ = [
+    "Worker",
+    "check_health",
+    "create_worker",
+    "default_worker_name",
+    "run_worker",
+    "run_worker_command",
+    "worker_arguments",
+]
+
+log = logging.getLogger("otp_router.worker")
+
+#: Seconds between heartbeats; a heartbeat stays fresh for three of them.
+HEARTBEAT_INTERVAL = 5.0
+
+
+def default_worker_name() -> str:
+    """The host name: unique per container, and what ``--check`` looks for by default."""
+    return socket.gethostname() or "worker"
+
+
+def _kv(event: str, **fields: Any) -> str:
+    """A ``event=… key=value …`` log line; floats get one decimal."""
+    parts = [f"event={event}"]
+    for key, value in fields.items():
+        if value is None:
+            continue
+        parts.append(f"{key}={value:.1f}" if isinstance(value, float) else f"{key}={value}")
+    return " ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What executing one message decided: ``processed``, ``duplicate``, ``dead_letter`` or ``retry``."""
+
+    kind: str
+    reason: str | None = None
+    detail: str | None = None
+    verification_id: str | None = None
+
+
+class _Slots:
+    """A counting semaphore that hands out several permits at once.
+
+    The consumer asks for as many slots as it could use and reads exactly
+    that many messages, so the worker never holds more messages than
+    ``concurrency``, however long the queue.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.used = 0
+        self.closed = False
+        self._changed = asyncio.Event()
+
+    async def take(self, most: int) -> int:
+        """Wait for at least one free slot and take up to ``most``; 0 once closed."""
+        while self.used >= self.size and not self.closed:
+            self._changed.clear()
+            await self._changed.wait()
+        return 0 if self.closed else self.try_take(most)
+
+    def try_take(self, most: int) -> int:
+        """Take up to ``most`` free slots without waiting."""
+        n = max(0, min(most, self.size - self.used))
+        self.used += n
+        return n
+
+    def give(self, n: int) -> None:
+        """Return ``n`` slots."""
+        self.used -= n
+        self._changed.set()
+
+    def close(self) -> None:
+        """Wake every waiter with nothing."""
+        self.closed = True
+        self._changed.set()
+
+
+def _uvicorn_server(config: uvicorn.Config, on_started: Callable[[uvicorn.Server], None]) -> uvicorn.Server:
+    """A uvicorn server that leaves signal handling to the worker and reports when it listens."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn would replace our SIGTERM handler and re-raise the signal on exit.
+            yield
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                on_started(self)
+
+    return Server(config)
+
+
+class Worker:
+    """Consumes the queue with bounded concurrency; see the module docstring.
+
+    Build it with :func:`create_worker`; run it with :meth:`run` (or
+    :func:`run_worker`, which also installs signal handlers).
+
+    Args:
+        settings: Concurrency, grace, visibility timeout, HTTP address.
+        router: The router to start verifications with (default: from settings).
+            The worker enters and leaves it (``async with``).
+        queue: The queue (default: :func:`~otp_router.queue.open_queue` of
+            :func:`~otp_router.queue.queue_url_for`). The worker closes it.
+        name: Worker name for the heartbeat (default: host name). The consumer
+            name is ``<name>-<pid>``; give in-process workers distinct names.
+        burst: Process what is queued (and reclaimable), then return.
+        serve_http: Serve the web app on ``settings.http_host``/``http_port``.
+        heartbeat_interval: Seconds between heartbeats and gauge updates.
+        read_block: Seconds one read waits for messages (bounds how long a
+            stop request waits for the consumer).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        router: OtpRouter | None = None,
+        queue: Queue | None = None,
+        name: str | None = None,
+        burst: bool = False,
+        serve_http: bool = True,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        read_block: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.router = router if router is not None else OtpRouter.from_settings(settings)
+        self.queue = queue if queue is not None else open_queue(queue_url_for(settings))
+        self.metrics = self.router.metrics
+        self.name = name or default_worker_name()
+        self.consumer = f"{self.name}-{os.getpid()}"
+        self.burst = burst
+        self.serve_http = serve_http
+        self.heartbeat_interval = heartbeat_interval
+        self.read_block = read_block
+        self.visibility = settings.queue_visibility_timeout
+        self.http_port: int | None = None
+        self._slots = _Slots(settings.concurrency)
+        self._inflight: dict[asyncio.Task[None], Delivery] = {}
+        self._stopping = asyncio.Event()
+        self._force = asyncio.Event()
+        self._http: uvicorn.Server | None = None
+        self._exit_code = 0
+
+    # -- lifetime -------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the worker to stop: the first call drains in-flight work, a second one cancels it."""
+        if self._stopping.is_set():
+            log.warning(_kv("force_stop", inflight=len(self._inflight)))
+            self._force.set()
+        self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        self._stopping.set()
+        self._slots.close()
+
+    async def run(self) -> int:
+        """Run until :meth:`stop` (or, in burst mode, until the queue is drained).
+
+        Returns:
+            The exit status: 0, or 1 when the HTTP server could not start.
+
+        Raises:
+            StoreError: The store or the queue is unreachable at start-up.
+        """
+        started = time.monotonic()
+        try:
+            await self.queue.ping()
+            async with self.router:
+                log.info(
+                    _kv(
+                        "worker_started",
+                        name=self.name,
+                        consumer=self.consumer,
+                        concurrency=self._slots.size,
+                        burst=self.burst,
+                        visibility_s=self.visibility,
+                    )
+                )
+                await self._beat()
+                background = [asyncio.create_task(self._maintain(), name="otp-router-maintain")]
+                http = (
+                    asyncio.create_task(self._serve_http(), name="otp-router-http")
+                    if self.serve_http
+                    else None
+                )
+                try:
+                    await self._consume()
+                finally:
+                    self._stop_reading()
+                    await self._drain()
+                    # Webhooks keep flowing while in-flight messages finish; only then close HTTP.
+                    await self._stop_http(http)
+                    for task in background:
+                        task.cancel()
+                    await asyncio.gather(*background, return_exceptions=True)
+                    with contextlib.suppress(StoreError):
+                        await self.queue.clear_heartbeat(self.name)
+        finally:
+            await self.queue.aclose()
+        log.info(_kv("worker_stopped", name=self.name, uptime_s=time.monotonic() - started))
+        return self._exit_code
+
+    # -- consuming ------------------------------------------------------------
+
+    async def _consume(self) -> None:
+        """Claim work while free slots last: reclaimed messages first (now and then), then new ones.
+
+        One loop does both so that it alone hands out slots: a separate
+        reclaimer would find every free slot already taken by a pending read.
+        """
+        interval = max(0.05, min(5.0, self.visibility / 2))
+        next_reclaim = time.monotonic()
+        while not self._stopping.is_set():
+            want = await self._slots.take(self._slots.size)
+            if want == 0:
+                break
+            deliveries: list[Delivery] = []
+            try:
+                if self.burst or time.monotonic() >= next_reclaim:
+                    next_reclaim = time.monotonic() + interval
+                    deliveries = await self._reclaim(want)
+                if len(deliveries) < want:
+                    # Block only when there is nothing at all to do, and never in burst mode.
+                    block = 0.0 if self.burst or deliveries else min(self.read_block, interval)
+                    deliveries += await self.queue.read(self.consumer, want - len(deliveries), block)
+            except StoreError as exc:
+                log.warning(_kv("read_failed", error=type(exc).__name__))
+                await self._pause(1.0)
+            finally:
+                self._slots.give(want - len(deliveries))
+            for delivery in deliveries:
+                self._spawn(delivery)
+            if self.burst and not deliveries:
+                if not self._inflight:
+                    break
+                # Wait for some work to finish rather than spin on empty reads.
+                await asyncio.wait(list(self._inflight), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _reclaim(self, most: int) -> list[Delivery]:
+        """Take over messages a dead consumer left pending for longer than the visibility timeout."""
+        deliveries = await self.queue.reclaim(self.consumer, self.visibility, most)
+        for delivery in deliveries:
+            self.metrics.queue_message("reclaimed")
+            log.info(_kv("reclaimed", id=delivery.id, attempt=delivery.attempt))
+        return deliveries
+
+    def _spawn(self, delivery: Delivery) -> None:
+        task = asyncio.create_task(self._handle(delivery), name=f"otp-router-message-{delivery.id}")
+        self._inflight[task] = delivery
+        self.metrics.inflight(len(self._inflight))
+
+    async def _handle(self, delivery: Delivery) -> None:
+        started = time.monotonic()
+        try:
+            outcome = await self._execute(delivery)
+            await self._record(delivery, outcome, started)
+        except Exception:  # one message must never take the worker down
+            log.error(_kv("handle_failed", id=delivery.id), exc_info=log.isEnabledFor(logging.DEBUG))
+        finally:
+            current = asyncio.current_task()
+            if current is not None:
+                self._inflight.pop(current, None)
+            self._slots.give(1)
+            self.metrics.inflight(len(self._inflight))
+
+    async def _execute(self, delivery: Delivery) -> _Outcome:
+        """Decide one message's fate; performs ``router.start`` but never acks."""
+        if delivery.attempt > self.settings.queue_max_deliveries:
+            return _Outcome("dead_letter", DeadLetterReason.TOO_MANY_DELIVERIES)
+        try:
+            message = parse_message(delivery.data)
+        except PoisonMessage as exc:
+            return _Outcome("dead_letter", exc.reason, exc.detail)
+        before = self.router.clock()
+        try:
+            verification = await self.router.start(
+                message.phone, idempotency_key=message.idempotency_key, default_region=message.default_region
+            )
+        except InvalidPhoneNumber:
+            return _Outcome("dead_letter", DeadLetterReason.INVALID_PHONE)
+        except UnsupportedCountry:
+            return _Outcome("dead_letter", DeadLetterReason.UNSUPPORTED_COUNTRY)
+        except InputError:
+            return _Outcome("dead_letter", DeadLetterReason.INVALID_INPUT)
+        except IdempotencyConflict:
+            return _Outcome("dead_letter", DeadLetterReason.IDEMPOTENCY_CONFLICT)
+        except RateLimited as exc:
+            # A definitive answer for this message: retrying later would send a code nobody waits for.
+            return _Outcome("dead_letter", DeadLetterReason.RATE_LIMITED, f"scope={exc.scope}")
+        except (StoreError, OSError) as exc:
+            return _Outcome("retry", type(exc).__name__)
+        except Exception as exc:
+            log.error(
+                _kv("start_failed", id=delivery.id, error=type(exc).__name__),
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+            return _Outcome("retry", type(exc).__name__)
+        # Same clock as the router's: a verification created before this call is someone else's.
+        kind = "duplicate" if verification.created_at < before else "processed"
+        return _Outcome(kind, verification_id=verification.id)
+
+    async def _record(self, delivery: Delivery, outcome: _Outcome, started: float) -> None:
+        """Acknowledge or dead-letter per the outcome, count it and log it."""
+        if outcome.kind in ("processed", "duplicate"):
+            await self.queue.ack(delivery)
+            self.metrics.queue_message(outcome.kind)
+        elif outcome.kind == "dead_letter":
+            reason = str(outcome.reason)
+            await self.queue.dead_letter(delivery, reason)
+            self.metrics.queue_message("dead_letter")
+            self.metrics.dead_letter(reason)
+        level = logging.WARNING if outcome.kind in ("dead_letter", "retry") else logging.INFO
+        log.log(
+            level,
+            _kv(
+                outcome.kind,
+                id=delivery.id,
+                attempt=delivery.attempt,
+                reason=outcome.reason,
+                detail=outcome.detail and repr(outcome.detail),
+                verification=outcome.verification_id,
+                ms=(time.monotonic() - started) * 1000,
+            ),
+        )
+
+    async def _drain(self) -> None:
+        """Let in-flight messages finish within the grace period; cancel the rest."""
+        if not self._inflight:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.shutdown_grace
+        log.info(_kv("draining", inflight=len(self._inflight), grace_s=self.settings.shutdown_grace))
+        force = asyncio.create_task(self._force.wait())
+        try:
+            while self._inflight and not self._force.is_set():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await asyncio.wait(
+                    [*self._inflight, force], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+        finally:
+            force.cancel()
+        leftovers = list(self._inflight)
+        if leftovers:
+            # Not acknowledged: they stay pending and another worker reclaims them.
+            log.warning(_kv("abandoned", count=len(leftovers)))
+            for task in leftovers:
+                task.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, waking early when the worker is asked to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    # -- maintenance ------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        tick = max(0.05, min(self.heartbeat_interval, self.visibility / 3))
+        last_beat = time.monotonic()
+        while True:
+            await asyncio.sleep(tick)
+            inflight = list(self._inflight.values())
+            try:
+                # Renew claims so a slow message is not reclaimed from a live worker.
+                await self.queue.touch(self.consumer, inflight)
+                if time.monotonic() - last_beat >= self.heartbeat_interval:
+                    last_beat = time.monotonic()
+                    await self._beat()
+            except StoreError as exc:
+                log.warning(_kv("maintenance_failed", error=type(exc).__name__))
+
+    async def _beat(self) -> None:
+        await self.queue.heartbeat(self.name, ttl=self.heartbeat_interval * 3)
+        self.metrics.worker_heartbeat(time.time())
+        self.metrics.queue_depth(await self.queue.depth())
+        self.metrics.queue_lag(await self.queue.lag())
+
+    # -- HTTP -----------------------------------------------------------------
+
+    async def _serve_http(self) -> None:
+        # Imported here: the HTTP side is the optional [server] extra, and the
+        # worker still consumes the queue without it.
+        try:
+            import uvicorn
+
+            from otp_router.webapp import create_app, provider_pings
+
+            pings = {"queue": self.queue.ping, **provider_pings(self.router)}
+            app = create_app(self.router, pings=pings, public_url=self.settings.public_url)
+        except (ImportError, ConfigError) as exc:
+            log.warning(_kv("http_disabled", reason=repr(str(exc)), hint="'pip install otp-router[server]'"))
+            return
+        config = uvicorn.Config(
+            app,
+            host=self.settings.http_host,
+            port=self.settings.http_port,
+            # The worker owns the router's lifetime, not the ASGI app.
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=max(1, int(self.settings.shutdown_grace)),
+        )
+
+        def started(server: uvicorn.Server) -> None:
+            self.http_port = int(server.servers[0].sockets[0].getsockname()[1])
+            log.info(_kv("http_listening", host=self.settings.http_host, port=self.http_port))
+
+        self._http = _uvicorn_server(config, started)
+        try:
+            # Awaited in this task, not a new one: a SystemExit escaping a task would end the event loop.
+            await self._http.serve()
+        except SystemExit:
+            # uvicorn exits the process when it cannot bind; stop the worker instead.
+            log.error(_kv("http_failed", host=self.settings.http_host, port=self.settings.http_port))
+            self._exit_code = 1
+            self.stop()
+
+    async def _stop_http(self, task: asyncio.Task[None] | None) -> None:
+        if task is None:
+            return
+        if self._http is not None:
+            self._http.should_exit = True
+        try:
+            await asyncio.wait_for(task, timeout=self.settings.shutdown_grace + 5)
+        except TimeoutError:
+            log.warning(_kv("http_stop_timeout"))
+
+
+def create_worker(settings: Settings | None = None, **kwargs: Any) -> Worker:
+    """Build a worker (no I/O until :meth:`Worker.run`).
+
+    Args:
+        settings: Settings (default: read from the environment).
+        **kwargs: Passed to :class:`Worker`.
+    """
+    return Worker(settings or Settings.load(), **kwargs)
+
+
+def run_worker(settings: Settings | None = None, **kwargs: Any) -> int:
+    """Run a worker in a new event loop until SIGTERM/SIGINT (or the burst ends).
+
+    Args:
+        settings: Settings (default: read from the environment).
+        **kwargs: Passed to :class:`Worker` (``burst``, ``name``, ``serve_http`` …).
+
+    Returns:
+        The exit status: 0 after a clean stop, 1 when start-up failed.
+    """
+    settings = settings or Settings.load()
+    _configure_logging(settings.log_level)
+
+    async def main() -> int:
+        worker = create_worker(settings, **kwargs)
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            loop.add_signal_handler(sig, worker.stop)
+        try:
+            return await worker.run()
+        except StoreError as exc:
+            log.error(_kv("worker_failed", error=type(exc).__name__, detail=repr(str(exc))))
+            return 1
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+    return asyncio.run(main())
+
+
+async def check_health(settings: Settings, *, name: str | None = None) -> int:
+    """Whether a worker's heartbeat is fresh (``otp-router worker --check``).
+
+    Args:
+        settings: Where the queue is.
+        name: Worker name (default: this host's name, as workers default to).
+
+    Returns:
+        0 and prints the heartbeat's age when fresh; 1 otherwise.
+    """
+    name = name or default_worker_name()
+    queue = open_queue(queue_url_for(settings))
+    try:
+        beat = await queue.last_heartbeat(name)
+    except StoreError as exc:
+        print(f"worker {name}: cannot read the heartbeat ({type(exc).__name__})")
+        return 1
+    finally:
+        await queue.aclose()
+    if beat is None:
+        print(f"worker {name}: no fresh heartbeat")
+        return 1
+    print(f"worker {name}: heartbeat {max(0.0, time.time() - beat):.1f} s ago")
+    return 0
+
+
+def worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``otp-router worker``'s options to ``parser``."""
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 0 if the worker's heartbeat is fresh, else 1 (for container health checks)",
+    )
+    parser.add_argument(
+        "--burst",
+        action="store_true",
+        help="process what is queued, then exit, without HTTP (tests, benchmarks, cron)",
+    )
+    parser.add_argument(
+        "--name", help="worker name for the heartbeat and consumer name (default: the host name)"
+    )
+    parser.add_argument(
+        "--no-http", action="store_true", help="do not serve webhooks, the API, /metrics and /healthz"
+    )
+
+
+def run_worker_command(args: argparse.Namespace, settings: Settings) -> int:
+    """Run ``otp-router worker`` with parsed arguments; returns the exit status."""
+    if args.check:
+        return asyncio.run(check_health(settings, name=args.name))
+    # A burst run ends as soon as the queue is drained: serving webhooks for that long is pointless.
+    serve_http = not (args.no_http or args.burst)
+    return run_worker(settings, burst=args.burst, name=args.name, serve_http=serve_http)
+
+
+def _configure_logging(level: str) -> None:
+    """Log to stderr at ``level`` unless the application configured logging already."""
+    if logging.getLogger().handlers:
+        return
+    try:
+        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    except ValueError:
+        raise ConfigError(f"OTP_ROUTER_LOG_LEVEL: unknown level {level!r}") from None
