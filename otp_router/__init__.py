@@ -53,6 +53,7 @@ from otp_router.providers.base import (
     SendResult,
     StatusResult,
 )
+from otp_router.queue import enqueue
 from otp_router.router import OtpRouter, ResendNotAllowed
 from otp_router.sync import SyncOtpRouter
 
@@ -105,5 +106,6 @@ __all__ = [
     "Verification",
     "VerificationNotFound",
     "WebhookError",
+    "enqueue",
     "parse_phone",
 ]
