@@ -7,9 +7,9 @@ One process runs, side by side:
   ack/record*: ``router.start(...)``, then acknowledge. The acknowledgement
   comes only after the verification is durably stored or definitively
   refused, so a crash at any point leaves the message pending for another
-  worker, and the idempotency key makes that second delivery send nothing;
-* the **reclaimer**: takes over messages another consumer left pending for
-  longer than ``settings.queue_visibility_timeout`` (it died);
+  worker, and the idempotency key makes that second delivery send nothing.
+  Every few seconds it first reclaims messages another consumer left pending
+  for longer than ``settings.queue_visibility_timeout`` (that consumer died);
 * **maintenance**: renews the claims on messages still being worked on,
   writes the heartbeat (``otp-router worker --check`` reads it) and updates
   the queue depth and lag gauges;
@@ -182,7 +182,8 @@ class Worker:
             :func:`~otp_router.queue.queue_url_for`). The worker closes it.
         name: Worker name for the heartbeat (default: host name). The consumer
             name is ``<name>-<pid>``; give in-process workers distinct names.
-        burst: Process what is queued (and reclaimable), then return.
+        burst: Process what is queued (and reclaimable), then return. A
+            message that failed transiently stays pending for a later run.
         serve_http: Serve the web app on ``settings.http_host``/``http_port``.
         heartbeat_interval: Seconds between heartbeats and gauge updates.
         read_block: Seconds one read waits for messages (bounds how long a
@@ -257,7 +258,7 @@ class Worker:
                     )
                 )
                 await self._beat()
-                background = [asyncio.create_task(self._maintain(), name="otp-router-maintain")]
+                maintain = asyncio.create_task(self._maintain(), name="otp-router-maintain")
                 http = (
                     asyncio.create_task(self._serve_http(), name="otp-router-http")
                     if self.serve_http
@@ -270,9 +271,8 @@ class Worker:
                     await self._drain()
                     # Webhooks keep flowing while in-flight messages finish; only then close HTTP.
                     await self._stop_http(http)
-                    for task in background:
-                        task.cancel()
-                    await asyncio.gather(*background, return_exceptions=True)
+                    maintain.cancel()
+                    await asyncio.gather(maintain, return_exceptions=True)
                     with contextlib.suppress(StoreError):
                         await self.queue.clear_heartbeat(self.name)
         finally:

@@ -293,6 +293,20 @@ async def test_sigterm_finishes_in_flight_work_then_exits_zero(pair: EmulatorPai
     assert await queue_counts(settings) == (0, 0)
 
 
+async def test_worker_burst_cli_drains_a_sqlite_queue(pair: EmulatorPair, tmp_path: Path) -> None:
+    """``otp-router worker --burst`` configured from the environment processes the queue beside
+    the SQLite store and exits 0."""
+    settings = settings_for(pair, f"sqlite:///{tmp_path / 'otp.db'}")
+    phones = sample_numbers("GB", 3)
+    await enqueue_all(settings, phones)
+    process = await otp_router_cli("worker", "--burst", env=cli_env(settings))
+    _, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    assert telegram_sends(pair) == Counter(phones)
+    assert await queue_counts(settings) == (0, 0)
+    assert (tmp_path / "otp.queue.db").exists()
+
+
 async def test_worker_check_reports_a_live_worker(pair: EmulatorPair, redis_url: str) -> None:
     """``otp-router worker --check`` exits 1 with no worker, 0 while one runs, 1 after it stopped."""
     settings = settings_for(pair, redis_url)
@@ -376,7 +390,12 @@ async def test_never_holds_more_messages_than_its_concurrency(tmp_path: Path) ->
     phones = sample_numbers("GB", 10)
     await enqueue_all(settings, phones)
     worker = Worker(
-        settings, router=fake_router(settings, telegram), name="bounded", serve_http=False, read_block=0.05
+        settings,
+        router=fake_router(settings, telegram),
+        name="bounded",
+        serve_http=False,
+        read_block=0.05,
+        heartbeat_interval=0.1,
     )
     running = asyncio.create_task(worker.run())
     try:
@@ -384,6 +403,9 @@ async def test_never_holds_more_messages_than_its_concurrency(tmp_path: Path) ->
         await asyncio.sleep(0.3)  # room for an over-eager consumer to read more
         assert await queue_counts(settings) == (7, 3)
         assert counted(worker, "otp_router_inflight") == 3
+        # Maintenance reports the backlog and beats.
+        await wait_until(lambda: counted(worker, "otp_router_queue_depth") == 7)
+        assert counted(worker, "otp_router_worker_heartbeat_timestamp_seconds") > 0
         telegram.gate.set()
         await wait_until(lambda: len(telegram.sent) == 10)
         await wait_until(lambda: _drained(settings))
