@@ -80,7 +80,7 @@ def sample_numbers(region: str, count: int, *, offset: int = 0) -> list[str]:
     if example is None:
         raise ValueError(f"no example mobile number for region {region}")
     out: list[str] = []
-    national = example.national_number
+    national = example.national_number or 0
     step = offset
     while len(out) < count and step < offset + count * 50:
         candidate = phonenumbers.PhoneNumber(
