@@ -147,6 +147,9 @@ class OtpRouter:
             self.settings.code_secret.get_secret_value().encode() if self.settings.code_secret else None
         )
         self._circuits = {name: self._breaker(name) for name in self.channels}
+        for name in self._circuits:
+            # Export "closed" from the start, so a healthy channel is visible on dashboards.
+            self.metrics.circuit_state(name.value, int(CircuitState.CLOSED))
         self._background: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
