@@ -28,7 +28,7 @@ import enum
 from dataclasses import dataclass
 from decimal import Decimal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from otp_router.policy import Step
 from otp_router.providers.base import ChannelName, DeliveryState
@@ -169,10 +169,11 @@ class VerificationState(_Model):
 
     id: str
     region: str
-    phone: str
-    code_digest: str
+    # Kept out of reprs: states end up in logs and tracebacks.
+    phone: str = Field(repr=False)
+    code_digest: str = Field(repr=False)
     #: Random value the code is derived from (with the code secret); the code itself is never stored.
-    code_nonce: str = ""
+    code_nonce: str = Field(default="", repr=False)
     created_at: float
     expires_at: float
     status: Status = Status.PENDING

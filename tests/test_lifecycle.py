@@ -398,3 +398,10 @@ class Lifecycle(RuleBasedStateMachine):
 
 TestLifecycle = Lifecycle.TestCase
 TestLifecycle.settings = hsettings(max_examples=300, stateful_step_count=30, deadline=None)
+
+
+def test_state_repr_hides_phone_and_code_material() -> None:
+    """A state's repr (logs, tracebacks) shows neither the number nor the digest or nonce."""
+    s = fresh().model_copy(update={"code_nonce": "nonce-value"})
+    text = repr(s) + str(s)
+    assert "+15555550100" not in text and "digest" not in text and "nonce-value" not in text
