@@ -28,18 +28,15 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 from otp_router.errors import StoreError
 from otp_router.queue.base import DeadLetter, Delivery, QueueMessage
+from otp_router.sqlite_common import SqliteFile, write_transaction
 
 __all__ = ["MIGRATIONS", "SqliteQueue"]
-
-T = TypeVar("T")
 
 #: Schema migrations; entry ``i`` upgrades ``user_version`` ``i`` to ``i + 1``. Append only.
 MIGRATIONS: tuple[str, ...] = (
@@ -74,7 +71,7 @@ MIGRATIONS: tuple[str, ...] = (
 _CLAIM_COLUMNS = "id, data, enqueued_at, deliveries"
 
 
-class SqliteQueue:
+class SqliteQueue(SqliteFile):
     """A :class:`~otp_router.queue.base.Queue` in one SQLite file.
 
     Opening the file happens on first use; construction does no I/O.
@@ -91,6 +88,11 @@ class SqliteQueue:
         clock: Unix time source (claims, leases, heartbeats).
     """
 
+    _migrations = MIGRATIONS
+    _kind = "queue"
+    _error_prefix = "queue: sqlite"
+    _thread_name = "otp-router-queue"
+
     def __init__(
         self,
         path: str | Path,
@@ -100,67 +102,26 @@ class SqliteQueue:
         poll_interval: float = 0.05,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if synchronous not in ("NORMAL", "FULL"):
-            raise ValueError("synchronous must be 'NORMAL' or 'FULL'")
-        self.path = str(path)
-        self.busy_timeout = busy_timeout
-        self.synchronous = synchronous
+        super().__init__(path, busy_timeout=busy_timeout, synchronous=synchronous)
         self.poll_interval = poll_interval
         self.clock = clock
-        # One thread owns the connection: sqlite3 objects must stay on one thread.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otp-router-queue")
-        self._conn: sqlite3.Connection | None = None
-        self._closed = False
 
     # -- plumbing ---------------------------------------------------------
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
-            raise StoreError("queue is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
-
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            return fn(self._connection())
-        except sqlite3.Error as exc:
-            raise StoreError(f"queue: sqlite: {exc}") from exc
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
-            try:
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-                self._enable_wal(conn)
-                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-                _migrate(conn)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return self._conn
-
-    def _enable_wal(self, conn: sqlite3.Connection) -> None:
-        # Switching a new file to WAL needs an exclusive lock and SQLite
-        # reports "locked" at once (no busy handler) when another process is
-        # doing the same: retry within busy_timeout.
-        give_up = time.monotonic() + self.busy_timeout
-        while True:
-            try:
-                mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
-                break
-            except sqlite3.OperationalError:
-                if time.monotonic() >= give_up:
-                    raise
-                time.sleep(0.01)
-        if mode.lower() != "wal":
-            raise StoreError(f"queue: sqlite: could not enable WAL (journal_mode is {mode})")
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        # The store's file has a schema version too: make sure this one is really a queue.
+        if (
+            conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'queue'").fetchone()
+            is None
+        ):
+            raise StoreError("queue: sqlite: the file is not an otp-router queue (is it the store's file?)")
 
     def _claim(
         self, conn: sqlite3.Connection, consumer: str, where: str, order: str, args: tuple[float | int, ...]
     ) -> list[Delivery]:
         """Claim the rows ``where`` selects, in one write transaction."""
         now = self.clock()
-        with _write(conn):
+        with write_transaction(conn):
             rows = conn.execute(
                 f"SELECT {_CLAIM_COLUMNS} FROM queue WHERE {where} ORDER BY {order} LIMIT ?", args
             ).fetchall()
@@ -181,7 +142,7 @@ class SqliteQueue:
         now = self.clock()
 
         def op(conn: sqlite3.Connection) -> str:
-            with _write(conn):
+            with write_transaction(conn):
                 cursor = conn.execute("INSERT INTO queue (data, enqueued_at) VALUES (?, ?)", (data, now))
             return str(cursor.lastrowid)
 
@@ -208,7 +169,7 @@ class SqliteQueue:
         """Delete the row."""
 
         def op(conn: sqlite3.Connection) -> None:
-            with _write(conn):
+            with write_transaction(conn):
                 conn.execute("DELETE FROM queue WHERE id = ?", (int(delivery.id),))
 
         await self._run(op)
@@ -236,7 +197,7 @@ class SqliteQueue:
         rows = [(consumer, now, int(d.id)) for d in deliveries]
 
         def op(conn: sqlite3.Connection) -> None:
-            with _write(conn):
+            with write_transaction(conn):
                 conn.executemany(
                     "UPDATE queue SET consumer = ?, claimed_at = ? WHERE id = ? AND consumer IS NOT NULL",
                     rows,
@@ -249,7 +210,7 @@ class SqliteQueue:
         now = self.clock()
 
         def op(conn: sqlite3.Connection) -> None:
-            with _write(conn):
+            with write_transaction(conn):
                 deleted = conn.execute("DELETE FROM queue WHERE id = ?", (int(delivery.id),)).rowcount
                 if deleted:
                     conn.execute(
@@ -309,7 +270,7 @@ class SqliteQueue:
         now = self.clock()
 
         def op(conn: sqlite3.Connection) -> None:
-            with _write(conn):
+            with write_transaction(conn):
                 conn.execute(
                     "INSERT OR REPLACE INTO heartbeats (worker, at, expires) VALUES (?, ?, ?)",
                     (worker, now, now + ttl),
@@ -333,73 +294,7 @@ class SqliteQueue:
         """Delete the heartbeat row."""
 
         def op(conn: sqlite3.Connection) -> None:
-            with _write(conn):
+            with write_transaction(conn):
                 conn.execute("DELETE FROM heartbeats WHERE worker = ?", (worker,))
 
         await self._run(op)
-
-    async def ping(self) -> None:
-        """Open the file if needed and run a trivial query.
-
-        Raises:
-            StoreError: The file cannot be opened or queried, or the queue is closed.
-        """
-
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute("SELECT 1").fetchone()
-
-        await self._run(op)
-
-    async def aclose(self) -> None:
-        """Close the connection and stop the thread. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-
-        def close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, close)
-        finally:
-            self._executor.shutdown(wait=False)
-
-
-@contextmanager
-def _write(conn: sqlite3.Connection) -> Iterator[None]:
-    """One write transaction that takes the write lock up front."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
-    if version == len(MIGRATIONS):
-        # The store's file has a schema version too: make sure this one is really a queue.
-        if (
-            conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'queue'").fetchone()
-            is None
-        ):
-            raise StoreError("queue: sqlite: the file is not an otp-router queue (is it the store's file?)")
-        return
-    with _write(conn):
-        # Re-read under the lock: another process may have migrated meanwhile.
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version > len(MIGRATIONS):
-            raise StoreError(
-                f"queue: sqlite: schema version {version} is newer than this otp-router supports "
-                f"({len(MIGRATIONS)}); upgrade otp-router"
-            )
-        for step in range(version, len(MIGRATIONS)):
-            # executescript() would COMMIT our transaction: run statements one by one.
-            for statement in MIGRATIONS[step].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {step + 1}")

@@ -16,16 +16,11 @@ Schema changes are numbered migrations tracked in ``PRAGMA user_version``.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Literal, TypeVar
+from collections.abc import Sequence
 
 from otp_router.errors import ConcurrentUpdate, StoreError, VerificationNotFound
+from otp_router.sqlite_common import SqliteFile, write_transaction
 from otp_router.store.base import LedgerEntry, Record
 from otp_router.store.common import (
     check_claim_args,
@@ -37,8 +32,6 @@ from otp_router.store.common import (
 )
 
 __all__ = ["MIGRATIONS", "SqliteStore"]
-
-T = TypeVar("T")
 
 #: Schema migrations; entry ``i`` upgrades ``user_version`` ``i`` to ``i + 1``.
 #: Append new steps, never edit shipped ones. Amounts are TEXT (not NUMERIC,
@@ -84,12 +77,13 @@ _LEDGER_COLUMNS = "key, verification_id, channel, provider, region, kind, amount
 _INSERT_LEDGER = f"INSERT OR IGNORE INTO ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
-class SqliteStore:
+class SqliteStore(SqliteFile):
     """A :class:`~otp_router.store.base.Store` in one SQLite file.
 
     Opening the file, switching it to WAL and migrating the schema happen on
     first use, so constructing a store does no I/O; call :meth:`ping` to
-    fail fast on a bad path.
+    fail fast on a bad path. The connection plumbing is
+    :class:`~otp_router.sqlite_common.SqliteFile`'s.
 
     Args:
         path: The database file; created if missing (its folder must exist).
@@ -105,95 +99,11 @@ class SqliteStore:
             survive power loss to the last entry.
     """
 
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        busy_timeout: float = 5.0,
-        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
-    ) -> None:
-        if synchronous not in ("NORMAL", "FULL"):
-            raise ValueError("synchronous must be 'NORMAL' or 'FULL'")
-        self.path = str(path)
-        self.busy_timeout = busy_timeout
-        self.synchronous = synchronous
-        # One thread per store: the connection is only ever touched from it,
-        # so calls from many coroutines are serialized without extra locking.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="otp-router-sqlite")
-        self._conn: sqlite3.Connection | None = None
-        self._closed = False
-
-    # -- plumbing ---------------------------------------------------------
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
-            raise StoreError("store is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, fn)
-
-    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            return fn(self._connection())
-        except sqlite3.Error as exc:
-            raise StoreError(f"sqlite: {exc}") from exc
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is None:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self.busy_timeout,
-                # Transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
-                isolation_level=None,
-                check_same_thread=True,
-            )
-            try:
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-                self._enable_wal(conn)
-                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-                self._migrate(conn)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return self._conn
-
-    def _enable_wal(self, conn: sqlite3.Connection) -> None:
-        # WAL is a property of the file, so usually it is already on. Switching
-        # needs an exclusive lock, and SQLite reports "locked" at once, without
-        # its busy handler, when another connection is switching the same new
-        # file at the same moment: retry ourselves, within busy_timeout.
-        give_up = time.monotonic() + self.busy_timeout
-        while True:
-            try:
-                mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
-                break
-            except sqlite3.OperationalError:
-                if time.monotonic() >= give_up:
-                    raise
-                time.sleep(0.01)
-        if mode.lower() != "wal" and self.path != ":memory:":
-            raise StoreError(f"sqlite: could not enable WAL (journal_mode is {mode})")
-
-    @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version == len(MIGRATIONS):
-            return
-        with _write(conn):
-            # Re-read under the write lock: another process may have migrated
-            # the file between our first look and taking the lock.
-            (version,) = conn.execute("PRAGMA user_version").fetchone()
-            if version > len(MIGRATIONS):
-                raise StoreError(
-                    f"sqlite: schema version {version} is newer than this otp-router "
-                    f"supports ({len(MIGRATIONS)}); upgrade otp-router"
-                )
-            for step in range(version, len(MIGRATIONS)):
-                # executescript() would COMMIT our transaction; run statements one by one.
-                for statement in MIGRATIONS[step].split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {step + 1}")
+    _migrations = MIGRATIONS
+    _kind = "store"
+    _error_prefix = "sqlite"
+    _thread_name = "otp-router-sqlite"
+    _memory_ok = True
 
     # -- Store protocol ---------------------------------------------------
 
@@ -215,7 +125,7 @@ class SqliteStore:
         rows = _ledger_rows(ledger)
 
         def op(conn: sqlite3.Connection) -> tuple[Record, bool]:
-            with _write(conn):
+            with write_transaction(conn):
                 if idempotency_key is not None:
                     row = conn.execute(
                         "SELECT id, version, data FROM records WHERE idempotency_key = ?",
@@ -263,7 +173,7 @@ class SqliteStore:
         rows = _ledger_rows(ledger)
 
         def op(conn: sqlite3.Connection) -> Record:
-            with _write(conn):
+            with write_transaction(conn):
                 updated = conn.execute(
                     "UPDATE records SET version = version + 1, data = ?, deadline = ?"
                     " WHERE id = ? AND version = ?",
@@ -284,7 +194,7 @@ class SqliteStore:
         check_claim_args(limit, lease)
 
         def op(conn: sqlite3.Connection) -> list[str]:
-            with _write(conn):
+            with write_transaction(conn):
                 ids = [
                     row[0]
                     for row in conn.execute(
@@ -332,7 +242,7 @@ class SqliteStore:
         check_hit_args(limit, window)
 
         def op(conn: sqlite3.Connection) -> float | None:
-            with _write(conn):
+            with write_transaction(conn):
                 # Events carry their own expiry, so one indexed DELETE drops
                 # every key's stale events, whatever window each key uses.
                 conn.execute("DELETE FROM rate_events WHERE expires <= ?", (now,))
@@ -356,40 +266,12 @@ class SqliteStore:
         """Return the stored secret, storing ``value`` first if absent."""
 
         def op(conn: sqlite3.Connection) -> str:
-            with _write(conn):
+            with write_transaction(conn):
                 conn.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)", (name, value))
                 stored: str = conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()[0]
             return stored
 
         return await self._run(op)
-
-    async def ping(self) -> None:
-        """Open the file if needed and run a trivial query.
-
-        Raises:
-            StoreError: The file cannot be opened or queried, or the store is closed.
-        """
-
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute("SELECT 1").fetchone()
-
-        await self._run(op)
-
-    async def aclose(self) -> None:
-        """Close the connection and stop the worker thread. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-
-        def close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, close)
-        finally:
-            self._executor.shutdown(wait=False)
 
     # -- extras (not part of the protocol) ---------------------------------
 
@@ -401,18 +283,6 @@ class SqliteStore:
             return mode
 
         return await self._run(op)
-
-
-@contextmanager
-def _write(conn: sqlite3.Connection) -> Iterator[None]:
-    """One write transaction that takes the database's write lock up front."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 def _deadline(deadline: float | None) -> float | None:
