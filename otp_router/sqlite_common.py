@@ -29,10 +29,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar, Literal, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
 
-from otp_router.errors import StoreError
+from otp_router.errors import ConfigError, StoreError
 
-__all__ = ["SqliteFile", "write_transaction"]
+__all__ = ["SqliteFile", "parse_sqlite_url", "write_transaction"]
 
 T = TypeVar("T")
 
@@ -205,3 +206,45 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def parse_sqlite_url(url: str, *, var: str, example: str) -> tuple[str, float, Literal["NORMAL", "FULL"]]:
+    """Read a ``sqlite:///path?synchronous=…&busy_timeout=…`` URL.
+
+    Args:
+        url: The URL; ``sqlite:///x.db`` is relative, ``sqlite:////x.db`` absolute.
+        var: The setting the URL came from, named in error messages (the URL
+            itself never is: it is the operator's configuration).
+        example: A file name for the "no file path" message.
+
+    Returns:
+        ``(path, busy_timeout, synchronous)``; unset options are ``5.0`` and ``"NORMAL"``.
+
+    Raises:
+        ConfigError: The URL has a host or no path, or an unknown or invalid option.
+    """
+    parts = urlsplit(url)
+    if parts.netloc:
+        raise ConfigError(
+            f"{var}: a sqlite URL has no host; use sqlite:///relative/path or sqlite:////absolute/path"
+        )
+    # The path after "sqlite://" always starts with "/": drop that one, so
+    # "sqlite:///x.db" is relative and "sqlite:////x.db" absolute.
+    path = unquote(parts.path[1:])
+    if not path:
+        raise ConfigError(f"{var}: the sqlite URL has no file path, e.g. sqlite:///{example}")
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    busy_timeout = 5.0
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "synchronous" and value.upper() in ("NORMAL", "FULL"):
+            synchronous = "FULL" if value.upper() == "FULL" else "NORMAL"
+        elif name == "busy_timeout":
+            try:
+                busy_timeout = float(value)
+            except ValueError:
+                raise ConfigError(f"{var}: busy_timeout must be a number of seconds") from None
+        else:
+            raise ConfigError(
+                f"{var}: unsupported sqlite option {name!r} (known: synchronous=NORMAL|FULL, busy_timeout)"
+            )
+    return path, busy_timeout, synchronous

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -41,6 +41,7 @@ from otp_router.queue.base import (
 )
 from otp_router.queue.redis import RedisStreamQueue
 from otp_router.queue.sqlite import SqliteQueue
+from otp_router.sqlite_common import parse_sqlite_url
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -109,28 +110,8 @@ def open_queue(url: str) -> Queue:
 
 
 def _open_sqlite(url: str) -> SqliteQueue:
-    parts = urlsplit(url)
-    if parts.netloc:
-        raise ConfigError(f"{_VAR}: a sqlite URL has no host; use sqlite:///relative or sqlite:////absolute")
-    # "sqlite:///x.db" is relative, "sqlite:////x.db" absolute: drop one slash.
-    path = unquote(parts.path[1:])
-    if not path:
-        raise ConfigError(f"{_VAR}: the sqlite URL has no file path, e.g. sqlite:///otp-router.queue.db")
-    busy_timeout = 5.0
-    full = False
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name == "synchronous" and value.upper() in ("NORMAL", "FULL"):
-            full = value.upper() == "FULL"
-        elif name == "busy_timeout":
-            try:
-                busy_timeout = float(value)
-            except ValueError:
-                raise ConfigError(f"{_VAR}: busy_timeout must be a number of seconds") from None
-        else:
-            raise ConfigError(
-                f"{_VAR}: unsupported sqlite option {name!r} (known: synchronous=NORMAL|FULL, busy_timeout)"
-            )
-    return SqliteQueue(path, busy_timeout=busy_timeout, synchronous="FULL" if full else "NORMAL")
+    path, busy_timeout, synchronous = parse_sqlite_url(url, var=_VAR, example="otp-router.queue.db")
+    return SqliteQueue(path, busy_timeout=busy_timeout, synchronous=synchronous)
 
 
 async def enqueue(

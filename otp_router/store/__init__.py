@@ -19,9 +19,10 @@ Redis URLs accept ``prefix``, ``idempotency_ttl`` and ``record_ttl`` (see
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import urlsplit
 
 from otp_router.errors import ConfigError
+from otp_router.sqlite_common import parse_sqlite_url
 from otp_router.store.base import LedgerEntry, LedgerKind, Record, Store
 from otp_router.store.memory import MemoryStore
 
@@ -72,30 +73,5 @@ def open_store(url: str) -> Store:
 
 
 def _open_sqlite(url: str) -> SqliteStore:
-    parts = urlsplit(url)
-    if parts.netloc:
-        raise ConfigError(
-            f"{_VAR}: a sqlite URL has no host; use sqlite:///relative/path or sqlite:////absolute/path"
-        )
-    # The path after "sqlite://" always starts with "/": drop that one, so
-    # "sqlite:///x.db" is relative and "sqlite:////x.db" absolute.
-    path = unquote(parts.path[1:])
-    if not path:
-        raise ConfigError(f"{_VAR}: the sqlite URL has no file path, e.g. sqlite:///otp-router.db")
-    synchronous = "NORMAL"
-    busy_timeout = 5.0
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name == "synchronous" and value.upper() in ("NORMAL", "FULL"):
-            synchronous = value.upper()
-        elif name == "busy_timeout":
-            try:
-                busy_timeout = float(value)
-            except ValueError:
-                raise ConfigError(f"{_VAR}: busy_timeout must be a number of seconds") from None
-        else:
-            raise ConfigError(
-                f"{_VAR}: unsupported sqlite option {name!r} (known: synchronous=NORMAL|FULL, busy_timeout)"
-            )
-    return SqliteStore(
-        path, busy_timeout=busy_timeout, synchronous="FULL" if synchronous == "FULL" else "NORMAL"
-    )
+    path, busy_timeout, synchronous = parse_sqlite_url(url, var=_VAR, example="otp-router.db")
+    return SqliteStore(path, busy_timeout=busy_timeout, synchronous=synchronous)
