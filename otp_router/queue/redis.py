@@ -26,23 +26,20 @@ Key names are in :mod:`otp_router.constants`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from otp_router.constants import DEAD_LETTER_MAXLEN, DEFAULT_GROUP, DEFAULT_PREFIX, QueueKeys
-from otp_router.errors import ConfigError, StoreError
+from otp_router.errors import ConfigError
 from otp_router.queue.base import DeadLetter, Delivery, QueueMessage
+from otp_router.redis_common import RedisConnection, require_redis, split_redis_url
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
 __all__ = ["RedisStreamQueue"]
 
 _VAR = "OTP_ROUTER_QUEUE_URL"
-_INSTALL_HINT = f"{_VAR} names Redis, which needs the redis package: pip install 'otp-router[redis]'"
 #: Query parameters the store reads from the same URL; the queue ignores them.
 _STORE_PARAMS = frozenset({"idempotency_ttl", "record_ttl"})
 #: Fields the dead-letter stream adds to the original ones.
@@ -69,7 +66,7 @@ def _entry_time(entry_id: str) -> float:
     return int(entry_id.split("-", 1)[0]) / 1000.0
 
 
-class RedisStreamQueue:
+class RedisStreamQueue(RedisConnection):
     """A :class:`~otp_router.queue.base.Queue` on a Redis stream and consumer group.
 
     Building the queue opens no connection; the first call does.
@@ -89,6 +86,9 @@ class RedisStreamQueue:
         ConfigError: The ``redis`` package is missing or a parameter is invalid.
     """
 
+    _kind = "queue"
+    _error_prefix = "queue: redis"
+
     def __init__(
         self,
         url: str,
@@ -97,12 +97,10 @@ class RedisStreamQueue:
         group: str | None = None,
         max_connections: int = 20,
     ) -> None:
-        try:
-            import redis.asyncio as aioredis
-            import redis.exceptions
-        except ImportError as exc:  # pragma: no cover - the test env has the extra
-            raise ConfigError(_INSTALL_HINT) from exc
-        client_url, params = _split_url(url)
+        require_redis(_VAR)
+        client_url, params = split_redis_url(
+            url, ours=("prefix", "group", "dead_letter_maxlen"), ignored=_STORE_PARAMS
+        )
         self.keys = QueueKeys(params.get("prefix", prefix or DEFAULT_PREFIX))
         self.group = params.get("group", group or DEFAULT_GROUP)
         if not self.keys.prefix or not self.group:
@@ -111,28 +109,11 @@ class RedisStreamQueue:
             self.dead_letter_maxlen = int(params.get("dead_letter_maxlen", DEAD_LETTER_MAXLEN))
         except ValueError:
             raise ConfigError(f"{_VAR}: dead_letter_maxlen must be an integer") from None
-        self._redis_error: type[Exception] = redis.exceptions.RedisError
-        self._response_error: type[Exception] = redis.exceptions.ResponseError
-        pool = aioredis.BlockingConnectionPool.from_url(
-            client_url, decode_responses=True, max_connections=max_connections
-        )
-        self._client: Redis = aioredis.Redis.from_pool(pool)
+        super().__init__(client_url, max_connections=max_connections)
         self._dead_letter: AsyncScript = self._client.register_script(_DEAD_LETTER)
         self._group_ready = False
-        self._closed = False
 
     # -- plumbing ---------------------------------------------------------
-
-    @contextmanager
-    def _mapped(self) -> Iterator[None]:
-        """Check the queue is open and turn redis-py errors into StoreError."""
-        if self._closed:
-            raise StoreError("queue is closed")
-        try:
-            yield
-        except self._redis_error as exc:
-            # redis-py messages name the host and the failure, never the password.
-            raise StoreError(f"queue: redis: {type(exc).__name__}: {exc}") from exc
 
     async def _ensure_group(self, *, again: bool = False) -> None:
         if self._group_ready and not again:
@@ -333,36 +314,3 @@ class RedisStreamQueue:
         """Delete the heartbeat key."""
         with self._mapped():
             await self._client.delete(self.keys.heartbeat(worker))
-
-    async def ping(self) -> None:
-        """Send ``PING``.
-
-        Raises:
-            StoreError: Redis is unreachable, or the queue is closed.
-        """
-        with self._mapped():
-            await self._client.ping()
-
-    async def aclose(self) -> None:
-        """Close the connection pool. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        await self._client.aclose()
-
-
-def _split_url(url: str) -> tuple[str, dict[str, str]]:
-    """Take our query parameters (and the store's) out of a Redis URL.
-
-    Returns:
-        The URL redis-py should see, and our parameters.
-    """
-    parts = urlsplit(url)
-    ours: dict[str, str] = {}
-    theirs: list[tuple[str, str]] = []
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name in ("prefix", "group", "dead_letter_maxlen"):
-            ours[name] = value
-        elif name not in _STORE_PARAMS:
-            theirs.append((name, value))
-    return urlunsplit(parts._replace(query=urlencode(theirs))), ours

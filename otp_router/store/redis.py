@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from otp_router.errors import ConcurrentUpdate, ConfigError, StoreError, VerificationNotFound
+from otp_router.redis_common import RedisConnection, require_redis, split_redis_url
 from otp_router.store.base import LedgerEntry, Record
 from otp_router.store.common import (
     LEDGER_FIELDS,
@@ -44,7 +43,6 @@ from otp_router.store.common import (
 from otp_router.store.keys import DEFAULT_PREFIX, RedisKeys
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
 __all__ = ["DEFAULT_IDEMPOTENCY_TTL", "RedisStore"]
@@ -52,9 +50,7 @@ __all__ = ["DEFAULT_IDEMPOTENCY_TTL", "RedisStore"]
 #: Seconds an idempotency key is remembered.
 DEFAULT_IDEMPOTENCY_TTL = 86400.0
 
-_INSTALL_HINT = (
-    "OTP_ROUTER_STORE_URL names Redis, which needs the redis package: pip install 'otp-router[redis]'"
-)
+_VAR = "OTP_ROUTER_STORE_URL"
 
 # Shared Lua helpers. Ledger entry i (0-based) uses KEYS[kbase + 2i] (its hash)
 # and KEYS[kbase + 2i + 1] (its verification's index), and its fields are
@@ -189,11 +185,12 @@ def _ms(seconds: float | None) -> str:
     return str(max(1, math.ceil(seconds * 1000)))
 
 
-class RedisStore:
+class RedisStore(RedisConnection):
     """A :class:`~otp_router.store.base.Store` in Redis.
 
     Building the store opens no connection; the first call (or :meth:`ping`)
-    does.
+    does. The connection plumbing is
+    :class:`~otp_router.redis_common.RedisConnection`'s.
 
     Args:
         url: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://…``
@@ -216,6 +213,9 @@ class RedisStore:
             parameter is invalid.
     """
 
+    _kind = "store"
+    _error_prefix = "redis"
+
     def __init__(
         self,
         url: str,
@@ -225,41 +225,19 @@ class RedisStore:
         record_ttl: float | None = None,
         max_connections: int = 50,
     ) -> None:
-        try:
-            import redis.asyncio as aioredis
-            import redis.exceptions
-        except ImportError as exc:  # pragma: no cover - the test env has the extra
-            raise ConfigError(_INSTALL_HINT) from exc
-        client_url, params = _split_url(url)
+        require_redis(_VAR)
+        client_url, params = split_redis_url(url, ours=("prefix", "idempotency_ttl", "record_ttl"))
         key_prefix = params.get("prefix", prefix or DEFAULT_PREFIX)
         if not key_prefix:
-            raise ConfigError("OTP_ROUTER_STORE_URL: prefix must not be empty")
+            raise ConfigError(f"{_VAR}: prefix must not be empty")
         self.keys = RedisKeys(key_prefix)
         self._idempotency_ttl = _ttl_param(params, "idempotency_ttl", idempotency_ttl)
         self._record_ttl = _ttl_param(params, "record_ttl", record_ttl)
-        self._redis_error: type[Exception] = redis.exceptions.RedisError
-        # redis-py's default pool raises "Too many connections" once its
-        # limit is reached; a burst of concurrent verifications should queue.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            client_url, decode_responses=True, max_connections=max_connections
-        )
-        self._client: Redis = aioredis.Redis.from_pool(pool)
+        super().__init__(client_url, max_connections=max_connections)
         self._create: AsyncScript = self._client.register_script(_CREATE)
         self._cas: AsyncScript = self._client.register_script(_CAS)
         self._claim: AsyncScript = self._client.register_script(_CLAIM)
         self._hit: AsyncScript = self._client.register_script(_HIT)
-        self._closed = False
-
-    @contextmanager
-    def _mapped(self) -> Iterator[None]:
-        """Check the store is open and turn redis-py errors into StoreError."""
-        if self._closed:
-            raise StoreError("store is closed")
-        try:
-            yield
-        except self._redis_error as exc:
-            # redis-py messages name the host and the failure, never the password.
-            raise StoreError(f"redis: {type(exc).__name__}: {exc}") from exc
 
     def _ledger_args(self, entries: Sequence[LedgerEntry]) -> tuple[list[str], list[str]]:
         keys: list[str] = []
@@ -416,39 +394,6 @@ class RedisStore:
                 _, stored = await pipe.execute()
         return str(stored)
 
-    async def ping(self) -> None:
-        """Send ``PING``.
-
-        Raises:
-            StoreError: Redis is unreachable, or the store is closed.
-        """
-        with self._mapped():
-            await self._client.ping()
-
-    async def aclose(self) -> None:
-        """Close the connection pool. Safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        await self._client.aclose()
-
-
-def _split_url(url: str) -> tuple[str, dict[str, str]]:
-    """Take our own query parameters out of a Redis URL.
-
-    Returns:
-        The URL redis-py should see, and our parameters.
-    """
-    parts = urlsplit(url)
-    ours: dict[str, str] = {}
-    theirs: list[tuple[str, str]] = []
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name in ("prefix", "idempotency_ttl", "record_ttl"):
-            ours[name] = value
-        else:
-            theirs.append((name, value))
-    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
-
 
 def _ttl_param(params: dict[str, str], name: str, default: float | None) -> float | None:
     """A TTL from the URL (``0`` = forever), else ``default``."""
@@ -457,7 +402,7 @@ def _ttl_param(params: dict[str, str], name: str, default: float | None) -> floa
     try:
         seconds = float(params[name])
     except ValueError:
-        raise ConfigError(f"OTP_ROUTER_STORE_URL: {name} must be a number of seconds") from None
+        raise ConfigError(f"{_VAR}: {name} must be a number of seconds") from None
     if seconds < 0 or math.isnan(seconds):
-        raise ConfigError(f"OTP_ROUTER_STORE_URL: {name} must not be negative")
+        raise ConfigError(f"{_VAR}: {name} must not be negative")
     return None if seconds == 0 else seconds
