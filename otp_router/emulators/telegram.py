@@ -51,6 +51,7 @@ import aiohttp
 from aiohttp import web
 
 from otp_router.emulators.script import Behaviour, Script
+from otp_router.emulators.serving import serve_app
 from otp_router.emulators.telegram_wire import (
     CANONICAL_METHODS,
     ApiError,
@@ -165,19 +166,8 @@ class TelegramEmulator:
         Returns:
             The bound port.
         """
-        # No access log: it costs CPU under benchmarks and would print phone numbers from query strings.
-        # handler_cancellation: a client that gave up (timeout) stops the held-back answer.
-        runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        address = runner.addresses[0]
-        return int(address[1])
+        self._runner = await serve_app(self.app, host, port)
+        return int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
         """Stop serving; pending deliveries and delivery reports are cancelled."""

@@ -53,6 +53,7 @@ from aiohttp import web
 from twilio.request_validator import RequestValidator
 
 from otp_router.emulators.script import Behaviour, Script
+from otp_router.emulators.serving import serve_app
 from otp_router.prices import SmsPrices, sms_segments
 
 __all__ = ["SmsLogEntry", "TwilioEmulator"]
@@ -254,19 +255,8 @@ class TwilioEmulator:
             The bound port.
         """
         # A short shutdown timeout: requests held back by scripted latency are
-        # cancelled on stop() instead of being waited for. handler_cancellation:
-        # a client that gave up (timeout) also ends its held-back answer.
-        runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=0.25, handler_cancellation=True
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        # cancelled on stop() instead of being waited for.
+        self._runner = await serve_app(self.app, host, port, handle_signals=False, shutdown_timeout=0.25)
         bound = int(self._runner.addresses[0][1])
         url_host = f"[{host}]" if ":" in host else host
         self._url = f"http://{url_host}:{bound}"
