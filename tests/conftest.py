@@ -1,15 +1,16 @@
-"""Shared fixtures: clean environment, settings factory, real Redis."""
+"""Shared fixtures: clean environment, settings factory, real Redis, emulator pairs."""
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from otp_router.config import RetrySettings, Settings
+from otp_router.emulators import EmulatorPair, Script, serve_emulators
 
 
 @pytest.fixture(autouse=True)
@@ -67,3 +68,20 @@ async def redis_url() -> AsyncIterator[str]:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def make_emulators() -> AsyncIterator[Callable[[Script], Awaitable[EmulatorPair]]]:
+    """Factory: both emulators on free loopback ports, sharing ``script``; all stopped afterwards."""
+    started: list[EmulatorPair] = []
+
+    async def make(script: Script) -> EmulatorPair:
+        pair = await serve_emulators(
+            Settings.model_construct(), host="127.0.0.1", telegram_port=0, twilio_port=0, script=script
+        )
+        started.append(pair)
+        return pair
+
+    yield make
+    for pair in started:
+        await pair.aclose()

@@ -6,19 +6,17 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from otp_router.config import Settings
 from otp_router.emulators import (
     DEFAULT_ACCOUNT_SID,
     DEFAULT_AUTH_TOKEN,
     DEFAULT_TELEGRAM_TOKEN,
     EmulatorPair,
     Script,
-    serve_emulators,
 )
 from otp_router.harness import read_code
 
@@ -26,16 +24,8 @@ CLI = [sys.executable, "-m", "otp_router"]
 
 
 @pytest.fixture
-async def pair() -> AsyncIterator[EmulatorPair]:
-    emulators = await serve_emulators(
-        Settings.model_construct(),
-        host="127.0.0.1",
-        telegram_port=0,
-        twilio_port=0,
-        script=Script(time_scale=0.05),
-    )
-    yield emulators
-    await emulators.aclose()
+async def pair(make_emulators: Callable[[Script], Awaitable[EmulatorPair]]) -> EmulatorPair:
+    return await make_emulators(Script(time_scale=0.05))
 
 
 @pytest.fixture

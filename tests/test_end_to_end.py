@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from otp_router.config import CircuitSettings, RetrySettings
 from otp_router.core import CheckOutcome, Status
-from otp_router.emulators import EmulatorPair, Script, serve_emulators
+from otp_router.emulators import EmulatorPair, Script
 from otp_router.harness import emulated_settings, read_code, sample_numbers
 from otp_router.metrics import Metrics
 from otp_router.policy import Policy, Step
@@ -26,18 +26,8 @@ FAST_POLICY = Policy(steps=(Step(ChannelName.TELEGRAM, 1.0, probe=True), Step(Ch
 
 
 @pytest.fixture
-async def pair() -> AsyncIterator[EmulatorPair]:
-    from otp_router.config import Settings
-
-    emulators = await serve_emulators(
-        Settings.model_construct(),
-        host="127.0.0.1",
-        telegram_port=0,
-        twilio_port=0,
-        script=Script(time_scale=TIME_SCALE, default_delivery=4.0),
-    )
-    yield emulators
-    await emulators.aclose()
+async def pair(make_emulators: Callable[[Script], Awaitable[EmulatorPair]]) -> EmulatorPair:
+    return await make_emulators(Script(time_scale=TIME_SCALE, default_delivery=4.0))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from pydantic import SecretStr
 
 from otp_router.config import LimitSettings, RetrySettings, Settings
 from otp_router.core import IO_LEASE
-from otp_router.emulators import EmulatorPair, Script, serve_emulators
+from otp_router.emulators import EmulatorPair, Script
 from otp_router.errors import StoreError
 from otp_router.harness import emulated_settings, sample_numbers
 from otp_router.metrics import Metrics
@@ -42,17 +42,9 @@ SEND = "sendVerificationMessage"
 
 
 @pytest.fixture
-async def pair() -> AsyncIterator[EmulatorPair]:
+async def pair(make_emulators: Callable[[Script], Awaitable[EmulatorPair]]) -> EmulatorPair:
     """Both emulators on free ports; Telegram delivers quickly so no deadline falls back to SMS."""
-    emulators = await serve_emulators(
-        Settings.model_construct(),
-        host="127.0.0.1",
-        telegram_port=0,
-        twilio_port=0,
-        script=Script(default_delivery=0.1),
-    )
-    yield emulators
-    await emulators.aclose()
+    return await make_emulators(Script(default_delivery=0.1))
 
 
 def settings_for(pair: EmulatorPair, store_url: str, **overrides: Any) -> Settings:
