@@ -1,4 +1,4 @@
-"""Shared fixtures: clean environment, settings factory, real Redis, emulator pairs."""
+"""Shared fixtures: clean environment, settings factory, real Redis, HTTP client, emulator pairs."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from otp_router.config import RetrySettings, Settings
 from otp_router.emulators import EmulatorPair, Script, serve_emulators
+from otp_router.http import create_http_client
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +70,14 @@ async def redis_url() -> AsyncIterator[str]:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def http_client() -> AsyncIterator[httpx.AsyncClient]:
+    """The shared HTTP client, as the router creates it."""
+    client = create_http_client()
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from aiohttp import web
 
 from otp_router.emulators.script import Script
 from otp_router.emulators.telegram import TelegramEmulator
-from otp_router.http import create_http_client
 from otp_router.providers.telegram import verify_report_signature
 
 TOKEN = "emulator-test-token"
@@ -68,15 +67,8 @@ def script() -> Script:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    client = create_http_client()
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def make_gateway(
-    script: Script, http: httpx.AsyncClient
+    script: Script, http_client: httpx.AsyncClient
 ) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     """Factory: start an emulator on an ephemeral port; all are stopped afterwards."""
     started: list[TelegramEmulator] = []
@@ -85,7 +77,7 @@ async def make_gateway(
         emulator = TelegramEmulator(TOKEN, script, **kwargs)
         port = await emulator.start("127.0.0.1", 0)
         started.append(emulator)
-        return Gateway(emulator, f"http://127.0.0.1:{port}", http)
+        return Gateway(emulator, f"http://127.0.0.1:{port}", http_client)
 
     yield make
     for emulator in started:
@@ -490,13 +482,13 @@ async def test_unreachable_callback_gives_up_without_crashing(
 
 
 async def test_stop_cancels_pending_deliveries_and_reports(
-    script: Script, receiver: Receiver, http: httpx.AsyncClient
+    script: Script, receiver: Receiver, http_client: httpx.AsyncClient
 ) -> None:
     """Stopping with scheduled deliveries and failing reports in flight leaves nothing running."""
     receiver.failures = 1000
     emulator = TelegramEmulator(TOKEN, script, callback_backoff=100.0)
     port = await emulator.start()
-    gateway = Gateway(emulator, f"http://127.0.0.1:{port}", http)
+    gateway = Gateway(emulator, f"http://127.0.0.1:{port}", http_client)
     await gateway.ok("sendVerificationMessage", phone_number=PHONE, code="1234", callback_url=receiver.url)
     await gateway.ok("sendVerificationMessage", phone_number=OTHER, code="1234", ttl=3600)
     await eventually(lambda: receiver.seen >= 1)

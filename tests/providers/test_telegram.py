@@ -32,7 +32,6 @@ from otp_router.errors import (
     StaleWebhook,
     WebhookError,
 )
-from otp_router.http import create_http_client
 from otp_router.providers.base import Channel, DeliveryState, SendRequest
 from otp_router.providers.telegram import (
     RequestStatus,
@@ -65,13 +64,6 @@ class Gateway:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    client = create_http_client()
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 def script() -> Script:
     # 1 s default delivery becomes 10 ms; a 30 s ttl expires after 0.3 s.
     return Script(time_scale=0.01)
@@ -86,7 +78,7 @@ async def gateway(script: Script) -> AsyncIterator[Gateway]:
 
 
 @pytest.fixture
-def make_channel(http: httpx.AsyncClient, gateway: Gateway) -> Callable[..., TelegramChannel]:
+def make_channel(http_client: httpx.AsyncClient, gateway: Gateway) -> Callable[..., TelegramChannel]:
     def make(
         *,
         token: str = TOKEN,
@@ -97,7 +89,7 @@ def make_channel(http: httpx.AsyncClient, gateway: Gateway) -> Callable[..., Tel
     ) -> TelegramChannel:
         settings = TelegramSettings(token=SecretStr(token), base_url=base_url or gateway.url, timeout=timeout)
         retry = retry or RetrySettings(backoff=False, attempts=3, timeout=10)
-        return TelegramChannel(settings, retry, http, on_retry=on_retry)
+        return TelegramChannel(settings, retry, http_client, on_retry=on_retry)
 
     return make
 
@@ -237,11 +229,11 @@ async def test_revoke_is_not_refunded(
 
 
 async def test_send_clamps_ttl(
-    make_channel: Callable[..., TelegramChannel], gateway: Gateway, http: httpx.AsyncClient
+    make_channel: Callable[..., TelegramChannel], gateway: Gateway, http_client: httpx.AsyncClient
 ) -> None:
     """A ttl below Telegram's range is raised to 30 s rather than refused."""
     sent = await make_channel().send(SendRequest(phone=PHONE, code="1234", ttl=5))
-    state = (await http.get(f"{gateway.url}/_emulator/state")).json()
+    state = (await http_client.get(f"{gateway.url}/_emulator/state")).json()
     assert [r["ttl"] for r in state["requests"] if r["request_id"] == sent.ref] == [30]
 
 

@@ -29,7 +29,6 @@ from otp_router.errors import (
     ProviderUnavailable,
     WebhookError,
 )
-from otp_router.http import create_http_client
 from otp_router.prices import SmsPrices
 from otp_router.providers.base import Channel, ChannelName, DeliveryState, SendRequest
 from otp_router.providers.twilio_sms import (
@@ -47,14 +46,6 @@ US = "+12025550143"
 SENDER = "+15005550006"
 
 MakeChannel = Callable[..., TwilioSmsChannel]
-
-
-@pytest.fixture
-async def http_client() -> AsyncIterator[httpx.AsyncClient]:
-    """The shared HTTP client, as the router creates it."""
-    client = create_http_client()
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
