@@ -1,4 +1,4 @@
-"""Shared fixtures: clean environment, settings factory, real Redis, HTTP client, emulator pairs."""
+"""Shared fixtures: clean environment, settings, real Redis, HTTP client, loopback servers, emulators."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
 from otp_router.config import RetrySettings, Settings
 from otp_router.emulators import EmulatorPair, Script, serve_emulators
@@ -78,6 +79,23 @@ async def http_client() -> AsyncIterator[httpx.AsyncClient]:
     client = create_http_client()
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def serve_loopback() -> AsyncIterator[Callable[[web.Application], Awaitable[str]]]:
+    """Factory: serve an aiohttp app on a free 127.0.0.1 port, return its base URL; all stopped afterwards."""
+    runners: list[web.AppRunner] = []
+
+    async def serve(app: web.Application) -> str:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield serve
+    for runner in runners:
+        await runner.cleanup()
 
 
 @pytest.fixture

@@ -90,7 +90,7 @@ async def gateway(make_gateway: Callable[..., Awaitable[Gateway]]) -> Gateway:
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
+async def receiver(serve_loopback: Callable[[web.Application], Awaitable[str]]) -> Receiver:
     state = Receiver()
 
     async def receive(request: web.Request) -> web.Response:
@@ -102,12 +102,8 @@ async def receiver() -> AsyncIterator[Receiver]:
 
     app = web.Application()
     app.router.add_post("/reports", receive)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}/reports"
-    yield state
-    await runner.cleanup()
+    state.url = f"{await serve_loopback(app)}/reports"
+    return state
 
 
 async def eventually(check: Callable[[], Any], limit: float = 5.0) -> Any:

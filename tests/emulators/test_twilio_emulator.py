@@ -74,7 +74,7 @@ class Receiver:
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
+async def receiver(serve_loopback: Callable[[web.Application], Awaitable[str]]) -> Receiver:
     """A started callback receiver at ``receiver.url``."""
     state = Receiver()
 
@@ -85,13 +85,8 @@ async def receiver() -> AsyncIterator[Receiver]:
 
     app = web.Application()
     app.router.add_post("/twilio/status", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}/twilio/status?v=1"
-    yield state
-    await runner.cleanup()
+    state.url = f"{await serve_loopback(app)}/twilio/status?v=1"
+    return state
 
 
 def form(**overrides: str | None) -> dict[str, str]:

@@ -95,9 +95,10 @@ def make_channel(http_client: httpx.AsyncClient, gateway: Gateway) -> Callable[.
 
 
 @pytest.fixture
-async def stub() -> AsyncIterator[Callable[[web.Response], Awaitable[str]]]:
+def stub(
+    serve_loopback: Callable[[web.Application], Awaitable[str]],
+) -> Callable[[web.Response], Awaitable[str]]:
     """Factory: a loopback server answering every request with one canned response."""
-    runners: list[web.AppRunner] = []
 
     async def serve(response: web.Response) -> str:
         async def handler(request: web.Request) -> web.Response:
@@ -107,15 +108,9 @@ async def stub() -> AsyncIterator[Callable[[web.Response], Awaitable[str]]]:
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handler)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        runners.append(runner)
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+        return await serve_loopback(app)
 
-    yield serve
-    for runner in runners:
-        await runner.cleanup()
+    return serve
 
 
 def closed_port() -> int:
@@ -677,7 +672,9 @@ def test_parse_report_tolerates_unknowns_and_refuses_garbage() -> None:
             parse_report(garbage)
 
 
-async def test_delivery_report_is_signed_and_parsed(make_channel: Callable[..., TelegramChannel]) -> None:
+async def test_delivery_report_is_signed_and_parsed(
+    make_channel: Callable[..., TelegramChannel], serve_loopback: Callable[[web.Application], Awaitable[str]]
+) -> None:
     """The emulator's delivery report reaches a receiver, verifies with the token and parses."""
     received: asyncio.Queue[tuple[str, str, bytes]] = asyncio.Queue()
 
@@ -689,20 +686,14 @@ async def test_delivery_report_is_signed_and_parsed(make_channel: Callable[..., 
 
     app = web.Application()
     app.router.add_post("/telegram", receive)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/telegram"
-        channel = make_channel()
-        sent = await channel.send(
-            SendRequest(phone=PHONE, code="1234", ttl=60, callback_url=url, payload="ver-42")
-        )
-        timestamp, signature, body = await asyncio.wait_for(received.get(), 5)
-        verify_report_signature(TOKEN, timestamp, signature, body)
-        status, payload = channel.parse_report(body)
-        assert (status.ref, status.state, payload) == (sent.ref, DeliveryState.DELIVERED, "ver-42")
-        with pytest.raises(InvalidSignature):
-            verify_report_signature("not-the-token", timestamp, signature, body)
-    finally:
-        await runner.cleanup()
+    url = f"{await serve_loopback(app)}/telegram"
+    channel = make_channel()
+    sent = await channel.send(
+        SendRequest(phone=PHONE, code="1234", ttl=60, callback_url=url, payload="ver-42")
+    )
+    timestamp, signature, body = await asyncio.wait_for(received.get(), 5)
+    verify_report_signature(TOKEN, timestamp, signature, body)
+    status, payload = channel.parse_report(body)
+    assert (status.ref, status.state, payload) == (sent.ref, DeliveryState.DELIVERED, "ver-42")
+    with pytest.raises(InvalidSignature):
+        verify_report_signature("not-the-token", timestamp, signature, body)

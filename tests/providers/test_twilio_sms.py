@@ -342,7 +342,7 @@ class FakeTwilio:
 
 
 @pytest.fixture
-async def fake_twilio() -> AsyncIterator[FakeTwilio]:
+async def fake_twilio(serve_loopback: Callable[[web.Application], Awaitable[str]]) -> FakeTwilio:
     """A started FakeTwilio; each request pops the next scripted response."""
     fake = FakeTwilio()
 
@@ -353,13 +353,8 @@ async def fake_twilio() -> AsyncIterator[FakeTwilio]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    yield fake
-    await runner.cleanup()
+    fake.url = await serve_loopback(app)
+    return fake
 
 
 def message_json(status: str = "queued", price: str | None = None) -> web.Response:
@@ -473,7 +468,7 @@ class Receiver:
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
+async def receiver(serve_loopback: Callable[[web.Application], Awaitable[str]]) -> Receiver:
     """A started callback receiver."""
     state = Receiver()
 
@@ -484,13 +479,8 @@ async def receiver() -> AsyncIterator[Receiver]:
 
     app = web.Application()
     app.router.add_post("/hooks/twilio", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hooks/twilio?verification=v1"
-    yield state
-    await runner.cleanup()
+    state.url = f"{await serve_loopback(app)}/hooks/twilio?verification=v1"
+    return state
 
 
 async def test_status_callbacks_validate_and_parse(
