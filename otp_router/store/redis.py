@@ -226,7 +226,10 @@ class RedisStore(RedisConnection):
         max_connections: int = 50,
     ) -> None:
         require_redis(_VAR)
-        client_url, params = split_redis_url(url, ours=("prefix", "idempotency_ttl", "record_ttl"))
+        # One URL may configure both store and queue: the queue's own parameters are not redis-py's.
+        client_url, params = split_redis_url(
+            url, ours=("prefix", "idempotency_ttl", "record_ttl"), ignored=("group", "dead_letter_maxlen")
+        )
         key_prefix = params.get("prefix", prefix or DEFAULT_PREFIX)
         if not key_prefix:
             raise ConfigError(f"{_VAR}: prefix must not be empty")

@@ -114,3 +114,13 @@ def test_exported_names() -> None:
     }
     for name in names:
         assert hasattr(otp_router.store, name)
+
+
+async def test_redis_store_accepts_the_queue_parameters_of_a_shared_url(redis_url: str) -> None:
+    """A Redis URL carrying the queue's group= and dead_letter_maxlen= still opens a working store."""
+    store = open_store(redis_url + "&group=workers&dead_letter_maxlen=100")
+    try:
+        await store.ping()
+        assert await store.get("missing") is None
+    finally:
+        await store.aclose()
