@@ -86,6 +86,10 @@ log = logging.getLogger("otp_router")
 #: Compare-and-set retries before a write is reported as failed (heavy contention on one id).
 _CAS_TRIES = 20
 
+#: A stored record and its parsed state, passed along a chain of events so that
+#: each step neither re-reads nor re-parses what the previous step just wrote.
+_Snap = tuple[Record, VerificationState]
+
 
 class ResendNotAllowed(OtpRouterError):
     """A user-requested resend was refused by the policy.
@@ -308,17 +312,24 @@ class OtpRouter:
             resend_cooldown=self.policy.resend_cooldown,
             settle_delay=self.settings.settle_delay,
         )
+        # Created already in its first step's write-ahead phase (probing or sending):
+        # one write fewer, and a crash right after it is recovered by the I/O lease.
+        first = apply(state, Start(), now)
         record, created = await self.store.create(
-            vid, state.model_dump_json(), idempotency_key=idempotency_key, deadline=state.deadline
+            vid,
+            first.state.model_dump_json(),
+            idempotency_key=idempotency_key,
+            deadline=first.state.deadline,
+            ledger=first.ledger,
         )
         if not created:
             return self._same_phone(record, number.e164)
         self.metrics.verification_started(number.region)
         self.metrics.sms_only_cost(number.region, self.prices.sms(number.region))
-        await self._feed(vid, Start(), record=record)
+        self._observe(state, first, now)
+        _, latest = await self._carry_out(first, None, (record, first.state))
         self._wakeup.set()
-        # Reload: the probe and send that followed Start wrote newer states.
-        return Verification.from_state(await self._load(vid))
+        return Verification.from_state(latest)
 
     async def check(self, verification_id: str, code: str) -> CheckResult:
         """Check an entered code.
@@ -338,12 +349,12 @@ class OtpRouter:
             return CheckResult(verification_id, CheckOutcome.NOT_FOUND, 0, None)
         state = VerificationState.model_validate_json(record.data)
         matches = codes_match(self.secret, verification_id, entered, state.code_digest)
-        transition = await self._feed(
-            verification_id, CodeEntered(matches), record=record, entered_code=entered
+        transition, (_, latest) = await self._feed(
+            verification_id, CodeEntered(matches), snap=(record, state), entered_code=entered
         )
         checked = next(e for e in transition.effects if isinstance(e, Checked))
         return CheckResult(
-            verification_id, checked.outcome, checked.attempts_left, Verification.from_state(transition.state)
+            verification_id, checked.outcome, checked.attempts_left, Verification.from_state(latest)
         )
 
     async def get(self, verification_id: str) -> Verification:
@@ -356,7 +367,8 @@ class OtpRouter:
 
     async def cancel(self, verification_id: str) -> Verification:
         """Give up on a verification (an undelivered Telegram message is revoked)."""
-        return Verification.from_state((await self._feed(verification_id, Cancel())).state)
+        _, (_, latest) = await self._feed(verification_id, Cancel())
+        return Verification.from_state(latest)
 
     async def resend(self, verification_id: str) -> Verification:
         """The user did not get the code: move to the next channel (or repeat the last).
@@ -364,11 +376,11 @@ class OtpRouter:
         Raises:
             ResendNotAllowed: Too soon, no resends left, or the verification is over.
         """
-        transition = await self._feed(verification_id, Resend())
+        transition, (_, latest) = await self._feed(verification_id, Resend())
         refused = [e for e in transition.effects if isinstance(e, ResendRefused)]
         if refused:
             raise ResendNotAllowed(refused[0].reason, refused[0].retry_after)
-        return Verification.from_state(await self._load(verification_id))
+        return Verification.from_state(latest)
 
     async def apply_report(self, verification_id: str, report: StatusResult) -> bool:
         """Apply a provider delivery report (webhook). Returns False for a duplicate.
@@ -377,7 +389,8 @@ class OtpRouter:
             VerificationNotFound: Unknown id.
         """
         event = Delivery(report.ref, report.state, report.cost, report.refunded, report.cost_is_final)
-        return (await self._feed(verification_id, event)).changed
+        transition, _ = await self._feed(verification_id, event)
+        return transition.changed
 
     async def ledger_total(self, verification_id: str | None = None) -> Decimal:
         """Net cost booked in the ledger, for one verification or all."""
@@ -416,6 +429,7 @@ class OtpRouter:
             if record is None:
                 return
             state = VerificationState.model_validate_json(record.data)
+            snap: _Snap = (record, state)
             if state.deadline is not None:
                 self.metrics.deadline_fired(max(0.0, claimed_at - state.deadline))
             cur = state.current
@@ -428,22 +442,24 @@ class OtpRouter:
                 and (cur.sent_at or 0) + state.steps[cur.step].deliver_within <= self.clock()
             ):
                 # Poll before falling back: a report may have been lost, or there is no public URL.
-                await self._poll(vid, cur.channel, cur.ref)
-                record = None
-            await self._feed(vid, DeadlineReached(), record=record, force_write=True)
+                snap = await self._poll(snap, cur.channel, cur.ref)
+            await self._feed(vid, DeadlineReached(), snap=snap, force_write=True)
         except Exception:  # the loop must survive any single verification's failure
             log.exception("deadline handling failed for one verification")
 
-    async def _poll(self, vid: str, channel_name: ChannelName, ref: str) -> None:
+    async def _poll(self, snap: _Snap, channel_name: ChannelName, ref: str) -> _Snap:
+        """Read a message's status from its provider and apply it as a delivery report."""
         channel = self.channels.get(channel_name)
         if channel is None:
-            return
+            return snap
         try:
-            status = await channel.status(ref)
+            report = await channel.status(ref)
         except ProviderError as exc:
             log.info("status poll failed: %s", type(exc).__name__)
-            return
-        await self.apply_report(vid, status)
+            return snap
+        event = Delivery(report.ref, report.state, report.cost, report.refunded, report.cost_is_final)
+        _, latest = await self._feed(snap[1].id, event, snap=snap)
+        return latest
 
     # --- the event loop of one verification ------------------------------------
 
@@ -458,24 +474,38 @@ class OtpRouter:
         vid: str,
         event: Event,
         *,
-        record: Record | None = None,
+        snap: _Snap | None = None,
         entered_code: str | None = None,
         force_write: bool = False,
-    ) -> Transition:
-        """Apply ``event`` with compare-and-set, then carry out the effects."""
+    ) -> tuple[Transition, _Snap]:
+        """Apply ``event`` with compare-and-set, then carry out the effects.
+
+        Args:
+            vid: Verification id.
+            event: What happened.
+            snap: The record and its parsed state, when the caller already has
+                them (saves a read and a parse; a stale one only costs a CAS retry).
+            entered_code: The code being checked, for the report to Telegram.
+            force_write: Write even when nothing changed (restores a claimed deadline).
+
+        Returns:
+            The transition of ``event`` itself, and the newest record and state
+            known after its effects (and their follow-up events) were carried out.
+        """
         for _ in range(_CAS_TRIES):
-            if record is None:
+            if snap is None:
                 record = await self.store.get(vid)
                 if record is None:
                     raise VerificationNotFound(f"no verification with id {vid!r}")
-            before = VerificationState.model_validate_json(record.data)
+                snap = (record, VerificationState.model_validate_json(record.data))
+            record, before = snap
             now = self.clock()
             transition = apply(before, event, now)
             if not transition.changed and not force_write:
                 self._observe(before, transition, now)
-                return transition
+                return transition, snap
             try:
-                await self.store.cas(
+                written = await self.store.cas(
                     vid,
                     record.version,
                     transition.state.model_dump_json(),
@@ -484,11 +514,10 @@ class OtpRouter:
                 )
             except ConcurrentUpdate:
                 # Someone else changed it: re-apply the event to the fresh state.
-                record = None
+                snap = None
                 continue
             self._observe(before, transition, now)
-            await self._carry_out(transition, entered_code)
-            return transition
+            return transition, await self._carry_out(transition, entered_code, (written, transition.state))
         raise StoreError(f"verification {vid!r} is changing too fast to update")
 
     def _observe(self, before: VerificationState, t: Transition, now: float) -> None:
@@ -516,29 +545,31 @@ class OtpRouter:
             if attempt.delivery is not None and old.get(attempt.step) != attempt.delivery:
                 self.metrics.delivery(attempt.channel.value, attempt.delivery.value)
 
-    async def _carry_out(self, t: Transition, entered_code: str | None) -> None:
-        state = t.state
+    async def _carry_out(self, t: Transition, entered_code: str | None, snap: _Snap) -> _Snap:
+        """Perform the effects of a written transition; returns the newest snapshot."""
         for effect in t.effects:
             match effect:
                 case Probe():
-                    await self._probe(state, effect)
+                    snap = await self._probe(snap, effect)
                 case Send():
-                    await self._send(state, effect)
+                    snap = await self._send(snap, effect)
                 case Settle():
-                    await self._poll(state.id, effect.channel, effect.ref)
+                    snap = await self._poll(snap, effect.channel, effect.ref)
                 case Revoke():
                     self._spawn(self._revoke(effect))
                 case ReportCode() if entered_code is not None:
                     self._spawn(self._report_code(effect, entered_code))
                 case _:
                     pass
+        return snap
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _probe(self, state: VerificationState, effect: Probe) -> None:
+    async def _probe(self, snap: _Snap, effect: Probe) -> _Snap:
+        state = snap[1]
         channel, circuit = self.channels[effect.channel], self._circuits[effect.channel]
         event: Event
         if not circuit.allow():
@@ -559,9 +590,11 @@ class OtpRouter:
                 if not result.reachable:
                     self.metrics.send(effect.channel.value, channel.provider, "unreachable", state.region)
                 event = ProbeDone(effect.step, result.reachable, result.ref, result.cost, result.reason)
-        await self._feed(state.id, event)
+        _, latest = await self._feed(state.id, event, snap=snap)
+        return latest
 
-    async def _send(self, state: VerificationState, effect: Send) -> None:
+    async def _send(self, snap: _Snap, effect: Send) -> _Snap:
+        state = snap[1]
         channel, circuit = self.channels[effect.channel], self._circuits[effect.channel]
         request = SendRequest(
             phone=state.phone,
@@ -594,7 +627,8 @@ class OtpRouter:
                     self.metrics.telegram_balance(result.remaining_balance)
                 event = SendOk(effect.step, result.ref, result.cost, estimate=result.cost_is_estimate)
         self.metrics.send(effect.channel.value, channel.provider, outcome, state.region)
-        await self._feed(state.id, event)
+        _, latest = await self._feed(state.id, event, snap=snap)
+        return latest
 
     async def _unconfirmed_send(
         self, effect: Send, exc: ProviderTransientError, channel: Channel, request: SendRequest

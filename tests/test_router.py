@@ -361,3 +361,32 @@ async def test_cancel_revokes(build: Any) -> None:
     assert (await router.cancel(v.id)).status is Status.CANCELED
     await router.wait_idle()
     assert ("revoke", "req-1") in tg.calls
+
+
+class CountingStore(MemoryStore):
+    """A memory store that counts reads and writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {"get": 0, "create": 0, "cas": 0}
+
+    async def get(self, record_id: str) -> Any:
+        self.counts["get"] += 1
+        return await super().get(record_id)
+
+    async def create(self, *args: Any, **kwargs: Any) -> Any:
+        self.counts["create"] += 1
+        return await super().create(*args, **kwargs)
+
+    async def cas(self, *args: Any, **kwargs: Any) -> Any:
+        self.counts["cas"] += 1
+        return await super().cas(*args, **kwargs)
+
+
+async def test_start_writes_ahead_without_rereading(build: Any) -> None:
+    """A Telegram start is one create (already probing) and two writes (sending, awaiting), no reads."""
+    store = CountingStore()
+    router, tg, _ = await build(store=store)
+    await router.start(US)
+    assert store.counts == {"get": 0, "create": 1, "cas": 2}
+    assert [m for m, _ in tg.calls] == ["probe", "send"]
