@@ -7,6 +7,7 @@ folder so the committed ``bench/results`` files stay untouched.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,65 @@ def test_cost_quick(tmp_path: Path) -> None:
         # One seed: the median across seeds is that seed's figure.
         assert info["median"]["router_over_sms_only"] == pytest.approx(run["router_over_sms_only"])
     assert "| scenario | users |" in markdown
+
+
+def redis_up() -> bool:
+    """Whether the Redis the worker benchmarks need answers on 127.0.0.1:6379."""
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+needs_redis = pytest.mark.skipif(
+    not redis_up() and not os.environ.get("CI"), reason="no Redis at 127.0.0.1:6379 (CI makes this a failure)"
+)
+
+
+@needs_redis
+def test_worker_throughput_quick(tmp_path: Path) -> None:
+    """The worker benchmark drains every queued verification and compares it with both baselines."""
+    data, markdown = run_quick("worker_throughput", tmp_path)
+    assert_common(data, "worker_throughput")
+    assert data["errors"] == 0
+    cfg = data["config"]
+    assert set(data["sides"]) == {"worker", "httpx_aiohttp", "aiohttp"}
+    for side, info in data["sides"].items():
+        rounds = info["rounds"]
+        assert len(rounds) == cfg["rounds"], side
+        assert all(r["verifications"] == cfg["verifications"] and r["errors"] == 0 for r in rounds)
+        assert info["median"]["verifications_per_s"] > 0
+        assert info["median"]["cpu_ms_per_verification"] > 0
+    assert set(data["ratios"]) == {"worker/httpx_aiohttp", "worker/aiohttp"}
+    # Every verification writes to the store through a Lua script and reads records back.
+    commands = data["sides"]["worker"]["redis_commands_per_verification"]
+    assert commands["evalsha"] >= 1 and commands["hmget"] >= 1
+    parts = data["breakdown"]
+    assert parts["redis_round_trips"] >= commands["evalsha"] and parts["redis_round_trip_cpu_ms"] > 0
+    # By default the profile is taken exactly when the worker falls short of the target.
+    assert (data["profile"] is None) == data["target_met"]
+    if data["profile"] is not None:
+        assert data["profile"]["top_self"] and "## Profile" in markdown
+        assert sum(row["share"] for row in data["profile"]["by_area"]) <= 1 + 1e-6
+    assert "| `worker` |" in markdown and "| `httpx_aiohttp` |" in markdown
+
+
+@needs_redis
+def test_deadline_lag_quick(tmp_path: Path) -> None:
+    """The deadline benchmark sends every fallback SMS once, never before its deadline, on both stores."""
+    data, markdown = run_quick("deadline_lag", tmp_path)
+    assert_common(data, "deadline_lag")
+    assert data["errors"] == 0
+    n = data["config"]["verifications"]
+    assert [run["store"] for run in data["runs"]] == ["redis", "sqlite"]
+    for run in data["runs"]:
+        assert run["deadlines_checked"] == run["sms_sent"] == run["status_polls"] == n
+        assert run["sms_missing"] == run["sms_duplicates"] == run["sms_before_deadline"] == 0
+        lag = run["lag_ms"]
+        assert 0 <= lag["p50"] <= lag["p99"] <= lag["max"]
+        assert run["worker_peak_rss_mib"] >= run["worker_rss_ready_mib"] > 0
+        assert run["worker_exit"] == 0
+    assert "| redis |" in markdown and "| sqlite |" in markdown
