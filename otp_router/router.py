@@ -434,14 +434,16 @@ class OtpRouter:
                 self.metrics.deadline_fired(max(0.0, claimed_at - state.deadline))
             cur = state.current
             if (
-                state.status is Status.PENDING
+                # With a public URL, delivery reports arrive by webhook (Telegram retries a
+                # failed one up to 10 times); without one, ask the provider at the deadline.
+                not self.settings.public_url
+                and state.status is Status.PENDING
                 and cur is not None
                 and cur.ref is not None
                 and cur.delivered_at is None
                 and state.deadline is not None
                 and (cur.sent_at or 0) + state.steps[cur.step].deliver_within <= self.clock()
             ):
-                # Poll before falling back: a report may have been lost, or there is no public URL.
                 snap = await self._poll(snap, cur.channel, cur.ref)
             await self._feed(vid, DeadlineReached(), snap=snap, force_write=True)
         except Exception:  # the loop must survive any single verification's failure

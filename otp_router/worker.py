@@ -612,3 +612,7 @@ def _configure_logging(level: str) -> None:
         logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     except ValueError:
         raise ConfigError(f"OTP_ROUTER_LOG_LEVEL: unknown level {level!r}") from None
+    # httpx logs every request at INFO: two lines per verification that say nothing our
+    # own timed log lines don't, and whose URLs could carry query strings. Keep its warnings.
+    if logging.getLogger().getEffectiveLevel() >= logging.INFO:
+        logging.getLogger("httpx").setLevel(logging.WARNING)

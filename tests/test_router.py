@@ -390,3 +390,15 @@ async def test_start_writes_ahead_without_rereading(build: Any) -> None:
     await router.start(US)
     assert store.counts == {"get": 0, "create": 1, "cas": 2}
     assert [m for m, _ in tg.calls] == ["probe", "send"]
+
+
+async def test_with_webhooks_the_deadline_does_not_poll(build: Any, clock: Clock) -> None:
+    """With a public URL (reports by webhook) the deadline falls back without a status read."""
+    router, tg, sms = await build(public_url="https://otp.example.com")
+    v = await router.start(US)
+    assert tg.calls[1][1].callback_url == "https://otp.example.com/webhooks/telegram"
+    clock.now += 31
+    assert await router.fire_due() == 1
+    assert [m for m, _ in tg.calls] == ["probe", "send"]
+    assert (await router.get(v.id)).channel == "sms"
+    assert sms.calls[0][1].callback_url == f"https://otp.example.com/webhooks/twilio?vid={v.id}"
