@@ -14,6 +14,7 @@ from otp_router.config import LimitSettings, Settings
 from otp_router.core import CheckOutcome, Status, VerificationState
 from otp_router.errors import (
     IdempotencyConflict,
+    InputError,
     InvalidCode,
     InvalidPhoneNumber,
     InvalidRecipient,
@@ -402,3 +403,68 @@ async def test_with_webhooks_the_deadline_does_not_poll(build: Any, clock: Clock
     assert [m for m, _ in tg.calls] == ["probe", "send"]
     assert (await router.get(v.id)).channel == "sms"
     assert sms.calls[0][1].callback_url == f"https://otp.example.com/webhooks/twilio?vid={v.id}"
+
+
+async def test_permanent_probe_error_falls_back(build: Any) -> None:
+    """A permanent Telegram error on the probe (e.g. no balance) falls back to SMS with its reason."""
+    from otp_router.errors import ProviderRejected
+
+    async def broke(method: str, arg: Any) -> Any:
+        raise ProviderRejected("no funds", provider="telegram", code="BALANCE_NOT_ENOUGH")
+
+    router, _, _ = await build(tg=broke)
+    v = await router.start(US)
+    assert v.channel == "sms" and v.fallbacks[0].reason == "permanent_error"
+    state = await state_of(router, v.id)
+    assert state.attempts[0].reason == "BALANCE_NOT_ENOUGH"
+    assert router.circuits[ChannelName.TELEGRAM] == 0, "a permanent answer proves the provider is up"
+
+
+async def test_refused_connection_on_send_falls_back(build: Any) -> None:
+    """A send that certainly did not happen (connection refused after retries) falls back to SMS."""
+
+    async def refused(method: str, arg: Any) -> Any:
+        if method == "send":
+            raise ProviderUnavailable("refused", provider="telegram", not_performed=True)
+        return await telegram_handler()(method, arg)
+
+    router, _, sms = await build(tg=refused)
+    v = await router.start(US)
+    assert v.channel == "sms" and v.fallbacks[0].reason == "retries_exhausted"
+    assert len([c for c in sms.calls if c[0] == "send"]) == 1
+
+
+async def test_ambiguous_sms_failure_is_not_sent_again(build: Any) -> None:
+    """An SMS 5xx may have been sent: no second SMS, no other channel; the verification stays pending."""
+
+    async def flaky(method: str, arg: Any) -> Any:
+        if method == "send":
+            raise ProviderUnavailable("503", provider="twilio")
+        return await sms_handler()(method, arg)
+
+    router, _, sms = await build(tg=telegram_handler(reachable=False), sms=flaky)
+    v = await router.start(US)
+    assert v.status is Status.PENDING and v.channel == "sms"
+    assert len([c for c in sms.calls if c[0] == "send"]) == 1
+    state = await state_of(router, v.id)
+    assert state.current is not None and state.current.sent_at is not None and state.current.ref is None
+
+
+async def test_rate_limit_per_country(build: Any) -> None:
+    """The per-country limit refuses starts to that region only."""
+    router, _, _ = await build(limits=LimitSettings(per_phone=0, per_country=2, per_country_window=60))
+    await router.start("+12025550101")
+    await router.start("+12025550102")
+    with pytest.raises(RateLimited) as info:
+        await router.start("+12025550103")
+    assert info.value.scope == "country"
+    assert (await router.start("+447400123456")).region == "GB"
+
+
+async def test_idempotency_key_must_be_reasonable(build: Any) -> None:
+    """An empty or oversized idempotency key is an input error, before anything is sent."""
+    router, tg, _ = await build()
+    for key in ["", "k" * 201]:
+        with pytest.raises(InputError):
+            await router.start(US, idempotency_key=key)
+    assert tg.calls == []
