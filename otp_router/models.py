@@ -36,6 +36,8 @@ class Verification:
         cost: Net cost booked so far (USD), refunds deducted.
         delivered: Whether any channel reported the code delivered.
         fallbacks: Channel changes, in order, with reasons.
+        created: True only on the value ``start`` returns when that call created
+            the verification; False for an idempotent repeat and everywhere else.
     """
 
     id: str
@@ -48,6 +50,7 @@ class Verification:
     cost: Decimal
     delivered: bool
     fallbacks: tuple[FallbackInfo, ...]
+    created: bool = False
 
     @classmethod
     def from_state(cls, state: VerificationState) -> Verification:

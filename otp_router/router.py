@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -271,7 +272,8 @@ class OtpRouter:
         """Send a code to ``phone``: Telegram first, falling back as the policy says.
 
         Returns once the first channel accepted the message (or every channel
-        refused). Deadline fallbacks happen later, in the deadline loop.
+        refused). ``created`` on the result tells a new verification from an
+        idempotent repeat. Deadline fallbacks happen later, in the deadline loop.
 
         Args:
             phone: The number, international format unless ``default_region`` is given.
@@ -329,7 +331,7 @@ class OtpRouter:
         self._observe(state, first, now)
         _, latest = await self._carry_out(first, None, (record, first.state))
         self._wakeup.set()
-        return Verification.from_state(latest)
+        return dataclasses.replace(Verification.from_state(latest), created=True)
 
     async def check(self, verification_id: str, code: str) -> CheckResult:
         """Check an entered code.

@@ -351,7 +351,6 @@ class Worker:
             message = parse_message(delivery.data)
         except PoisonMessage as exc:
             return _Outcome("dead_letter", exc.reason, exc.detail)
-        before = self.router.clock()
         try:
             verification = await self.router.start(
                 message.phone, idempotency_key=message.idempotency_key, default_region=message.default_region
@@ -375,8 +374,7 @@ class Worker:
                 exc_info=log.isEnabledFor(logging.DEBUG),
             )
             return _Outcome("retry", type(exc).__name__)
-        # Same clock as the router's: a verification created before this call is someone else's.
-        kind = "duplicate" if verification.created_at < before else "processed"
+        kind = "processed" if verification.created else "duplicate"
         return _Outcome(kind, verification_id=verification.id)
 
     async def _record(self, delivery: Delivery, outcome: _Outcome, started: float) -> None:

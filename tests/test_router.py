@@ -468,3 +468,12 @@ async def test_idempotency_key_must_be_reasonable(build: Any) -> None:
         with pytest.raises(InputError):
             await router.start(US, idempotency_key=key)
     assert tg.calls == []
+
+
+async def test_start_says_whether_it_created(build: Any) -> None:
+    """The first start with a key is created; its idempotent repeat and later reads are not."""
+    router, _, _ = await build()
+    first = await router.start(US, idempotency_key="k-1")
+    again = await router.start(US, idempotency_key="k-1")
+    assert first.created and not again.created
+    assert not (await router.get(first.id)).created

@@ -180,15 +180,10 @@ class VerificationApi:
         self.authorize(request)
         f = await self.fields(request, allowed=_START_FIELDS, required=frozenset({"phone"}))
         key = f["idempotency_key"]
-        before = self.router.clock()
         verification = await self.router.start(
             f["phone"] or "", idempotency_key=key, default_region=f["default_region"]
         )
-        # The router does not say whether an idempotent start created anything;
-        # a verification created before this call began is a repeat. (Two
-        # identical requests racing within one clock tick may both get 201,
-        # with the same body.)
-        created = key is None or verification.created_at >= before
+        created = verification.created
         log.info("verification %s started (%s)", verification.id, "new" if created else "idempotent repeat")
         headers = {"Location": f"/v1/verifications/{verification.id}"}
         return JSONResponse(verification.to_dict(), status_code=201 if created else 200, headers=headers)
