@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from otp_router.config import Settings
 from otp_router.errors import ConfigError
@@ -108,40 +110,14 @@ def _emulate(args: argparse.Namespace, settings: Settings) -> int:
 # ------------------------------------------------------- send / check / status / demo
 
 
-def _send_arguments(parser: argparse.ArgumentParser) -> None:
-    from otp_router.commands import send_arguments
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    """``module.name``, imported when first called, so importing this module stays light
+    and one subcommand's module failing to import cannot break the others at import time."""
 
-    send_arguments(parser)
+    def call(*args: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args)
 
-
-def _send(args: argparse.Namespace, settings: Settings) -> int:
-    from otp_router.commands import run_send
-
-    return run_send(args, settings)
-
-
-def _check_arguments(parser: argparse.ArgumentParser) -> None:
-    from otp_router.commands import check_arguments
-
-    check_arguments(parser)
-
-
-def _check(args: argparse.Namespace, settings: Settings) -> int:
-    from otp_router.commands import run_check
-
-    return run_check(args, settings)
-
-
-def _status_arguments(parser: argparse.ArgumentParser) -> None:
-    from otp_router.commands import status_arguments
-
-    status_arguments(parser)
-
-
-def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from otp_router.commands import run_status
-
-    return run_status(args, settings)
+    return call
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -165,37 +141,22 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return demo_main(args.users, args.seed, args.time_scale, args.json)
 
 
-# -------------------------------------------------------------------- worker
-
-
-def _worker_arguments(parser: argparse.ArgumentParser) -> None:
-    from otp_router.worker import worker_arguments
-
-    worker_arguments(parser)
-
-
-def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from otp_router.worker import run_worker_command
-
-    return run_worker_command(args, settings)
-
-
 #: Subcommand name → definition. Add new subcommands here.
 COMMANDS: dict[str, Command] = {
     "send": Command(
         help="send a code to PHONE (Telegram first, SMS fallback); prints the verification as JSON",
-        add_arguments=_send_arguments,
-        run=_send,
+        add_arguments=_lazy("otp_router.commands", "send_arguments"),
+        run=_lazy("otp_router.commands", "run_send"),
     ),
     "check": Command(
         help="check CODE for verification ID; prints the result as JSON, exits 0 only if valid",
-        add_arguments=_check_arguments,
-        run=_check,
+        add_arguments=_lazy("otp_router.commands", "check_arguments"),
+        run=_lazy("otp_router.commands", "run_check"),
     ),
     "status": Command(
         help="print verification ID as JSON",
-        add_arguments=_status_arguments,
-        run=_status,
+        add_arguments=_lazy("otp_router.commands", "status_arguments"),
+        run=_lazy("otp_router.commands", "run_status"),
     ),
     "demo": Command(
         help="run a simulated population through the router against the built-in emulators",
@@ -209,8 +170,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "worker": Command(
         help="consume the queue, fire deadlines and serve webhooks until SIGTERM (--check: health)",
-        add_arguments=_worker_arguments,
-        run=_worker,
+        add_arguments=_lazy("otp_router.worker", "worker_arguments"),
+        run=_lazy("otp_router.worker", "run_worker_command"),
     ),
 }
 
