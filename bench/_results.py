@@ -11,11 +11,12 @@ import json
 import os
 import platform
 import statistics
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_OUT", "machine", "median", "ratio", "today", "write_results"]
+__all__ = ["DEFAULT_OUT", "machine", "median", "publish", "ratio", "today", "write_results"]
 
 #: Where the committed results live (the README quotes them).
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -90,3 +91,10 @@ def write_results(out: Path, name: str, data: dict[str, Any], markdown: str) -> 
     json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     md_path.write_text(markdown.rstrip("\n") + "\n", encoding="utf-8")
     return json_path, md_path
+
+
+def publish(out: Path, name: str, data: dict[str, Any], markdown: str) -> None:
+    """Write the results files, print the report, and say where they went."""
+    json_path, md_path = write_results(out, name, data, markdown)
+    print(markdown)
+    print(f"\nwrote {json_path} and {md_path}", file=sys.stderr)

@@ -47,7 +47,7 @@ from typing import Any
 
 import aiohttp
 import httpx
-from _results import DEFAULT_OUT, machine, median, ratio, today, write_results
+from _results import DEFAULT_OUT, machine, median, publish, ratio, today
 from pydantic import SecretStr
 
 from otp_router.config import HttpSettings, RetrySettings, TelegramSettings
@@ -460,9 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         **summarize(results, sides),
     }
     markdown = render(data)
-    json_path, md_path = write_results(args.out, NAME, data, markdown)
-    print(markdown)
-    print(f"\nwrote {json_path} and {md_path}", file=sys.stderr)
+    publish(args.out, NAME, data, markdown)
     return 1 if errors else 0
 
 

@@ -36,7 +36,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from _results import DEFAULT_OUT, machine, median, ratio, today, write_results
+from _results import DEFAULT_OUT, machine, median, publish, ratio, today
 
 from otp_router.demo import DemoSummary, Population, make_population, run_demo
 from otp_router.metrics import NullMetrics
@@ -409,9 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "log_warnings": dict(tally.counts.most_common()),
     }
     markdown = render(data)
-    json_path, md_path = write_results(args.out, NAME, data, markdown)
-    print(markdown)
-    print(f"\nwrote {json_path} and {md_path}", file=sys.stderr)
+    publish(args.out, NAME, data, markdown)
     return 0
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from _results import DEFAULT_OUT, machine, today, write_results
+from _results import DEFAULT_OUT, machine, publish, today
 from _worker_harness import (
     REDIS_URL,
     Emulator,
@@ -621,9 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Another change landed mid-run: child processes started later may have run other code.
         data["code_changed_during_run"] = code_version()
     markdown = render(data)
-    json_path, md_path = write_results(args.out, NAME, data, markdown)
-    print(markdown)
-    print(f"\nwrote {json_path} and {md_path}", file=sys.stderr)
+    publish(args.out, NAME, data, markdown)
     return 1 if errors else 0
 
 
