@@ -33,14 +33,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
-import secrets
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +45,7 @@ from typing import Any
 import aiohttp
 import httpx
 from _results import DEFAULT_OUT, machine, median, publish, ratio, today
+from _worker_harness import Emulator, emulator_process, process_cpu_seconds
 from pydantic import SecretStr
 
 from otp_router.config import HttpSettings, RetrySettings, TelegramSettings
@@ -102,75 +100,11 @@ class Round:
         return data
 
 
-# --------------------------------------------------------------------------- emulator process
-
-
-@dataclass(slots=True)
-class Emulator:
-    """The emulator subprocess and how to reach it."""
-
-    process: asyncio.subprocess.Process
-    telegram_url: str
-    token: str
-
-
-@contextlib.asynccontextmanager
-async def emulator_process(token: str) -> AsyncIterator[Emulator]:
-    """Run ``otp-router emulate`` on free ports; stop it (SIGTERM) on exit.
-
-    The token goes through ``OTP_ROUTER_TELEGRAM__TOKEN`` so that the emulator
-    accepts exactly what the clients send.
-    """
-    env = {
-        **os.environ,
-        "OTP_ROUTER_TELEGRAM__TOKEN": token,
-        "OTP_ROUTER_TWILIO__ACCOUNT_SID": "AC" + "0" * 32,
-        "OTP_ROUTER_TWILIO__AUTH_TOKEN": secrets.token_hex(16),
-    }
-    with tempfile.TemporaryDirectory(prefix="otp-bench-") as cwd:
-        # An empty working folder: no stray .env can change the emulator's settings.
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "otp_router",
-            "emulate",
-            "--host",
-            "127.0.0.1",
-            "--telegram-port",
-            "0",
-            "--twilio-port",
-            "0",
-            cwd=cwd,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        try:
-            assert process.stdout is not None
-            line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
-            if not line:
-                raise RuntimeError(f"otp-router emulate exited ({await process.wait()}) before printing URLs")
-            urls = json.loads(line)
-            yield Emulator(process, urls["telegram_url"], token)
-        finally:
-            if process.returncode is None:
-                process.terminate()
-                try:
-                    await asyncio.wait_for(process.wait(), timeout=10)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` from ``/proc`` (None where unavailable)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            # The command name (field 2) may contain spaces: split after its closing parenthesis.
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    # utime and stime are fields 14 and 15 of the file, i.e. 11 and 12 after the name.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+@contextlib.contextmanager
+def workdir() -> Iterator[Path]:
+    """An empty folder for the emulator to run in: no stray .env can change its settings."""
+    with tempfile.TemporaryDirectory(prefix="otp-bench-") as folder:
+        yield Path(folder)
 
 
 # --------------------------------------------------------------------------- clients
@@ -271,30 +205,32 @@ async def run(
     """Run every round of every side against one emulator process."""
     phones = sample_numbers("GB", min(requests, 5000))
     results: list[Round] = []
-    async with emulator_process(secrets.token_urlsafe(24)) as emulator, aiohttp.ClientSession() as admin:
-        pool = max(concurrency, 10)
-        async with contextlib.AsyncExitStack() as stack:
-            senders = {
-                side: await stack.enter_async_context(make_sender(side, emulator, pool)) for side in sides
-            }
-            # Warm-up: open connections and fill caches before anything is timed.
-            for side in sides:
-                await reset_emulator(admin, emulator)
-                await timed_round(side, -1, senders[side], phones, warmup, concurrency, emulator.process.pid)
-            for index in range(rounds):
-                order = [sides[(index + k) % len(sides)] for k in range(len(sides))]
-                for side in order:
+    with workdir() as folder:
+        async with emulator_process(folder) as emulator, aiohttp.ClientSession() as admin:
+            pool = max(concurrency, 10)
+            async with contextlib.AsyncExitStack() as stack:
+                senders = {
+                    side: await stack.enter_async_context(make_sender(side, emulator, pool)) for side in sides
+                }
+                # Warm-up: open connections and fill caches before anything is timed.
+                for side in sides:
                     await reset_emulator(admin, emulator)
-                    result = await timed_round(
-                        side, index, senders[side], phones, requests, concurrency, emulator.process.pid
-                    )
-                    results.append(result)
-                    print(
-                        f"  round {index + 1}/{rounds} {side:<14} {result.requests_per_s:8.0f} req/s  "
-                        f"{1000 * result.client_cpu_s / requests:6.3f} ms CPU/req"
-                        + (f"  errors {result.errors}" if result.errors else ""),
-                        file=sys.stderr,
-                    )
+                    pid = emulator.process.pid
+                    await timed_round(side, -1, senders[side], phones, warmup, concurrency, pid)
+                for index in range(rounds):
+                    order = [sides[(index + k) % len(sides)] for k in range(len(sides))]
+                    for side in order:
+                        await reset_emulator(admin, emulator)
+                        result = await timed_round(
+                            side, index, senders[side], phones, requests, concurrency, emulator.process.pid
+                        )
+                        results.append(result)
+                        print(
+                            f"  round {index + 1}/{rounds} {side:<14} {result.requests_per_s:8.0f} req/s  "
+                            f"{1000 * result.client_cpu_s / requests:6.3f} ms CPU/req"
+                            + (f"  errors {result.errors}" if result.errors else ""),
+                            file=sys.stderr,
+                        )
     return results
 
 
