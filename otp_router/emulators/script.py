@@ -117,6 +117,8 @@ class Script:
 
     def update_from_json(self, data: dict[str, Any]) -> None:
         """Merge ``{"+1555…": {field: value}}`` into the script."""
+        if not isinstance(data, dict):
+            raise ValueError("the script must be a JSON object")
         for phone, spec in data.items():
             if not isinstance(spec, dict):
                 raise ValueError(f"behaviour for a number must be an object, got {type(spec).__name__}")
