@@ -92,6 +92,11 @@ _CAS_TRIES = 20
 _Snap = tuple[Record, VerificationState]
 
 
+def _delivery(report: StatusResult) -> Delivery:
+    """The core event for a provider's status report (webhook or poll)."""
+    return Delivery(report.ref, report.state, report.cost, report.refunded, report.cost_is_final)
+
+
 class ResendNotAllowed(OtpRouterError):
     """A user-requested resend was refused by the policy.
 
@@ -390,8 +395,7 @@ class OtpRouter:
         Raises:
             VerificationNotFound: Unknown id.
         """
-        event = Delivery(report.ref, report.state, report.cost, report.refunded, report.cost_is_final)
-        transition, _ = await self._feed(verification_id, event)
+        transition, _ = await self._feed(verification_id, _delivery(report))
         return transition.changed
 
     async def ledger_total(self, verification_id: str | None = None) -> Decimal:
@@ -461,8 +465,7 @@ class OtpRouter:
         except ProviderError as exc:
             log.info("status poll failed: %s", type(exc).__name__)
             return snap
-        event = Delivery(report.ref, report.state, report.cost, report.refunded, report.cost_is_final)
-        _, latest = await self._feed(snap[1].id, event, snap=snap)
+        _, latest = await self._feed(snap[1].id, _delivery(report), snap=snap)
         return latest
 
     # --- the event loop of one verification ------------------------------------
