@@ -86,6 +86,11 @@ CIRCUIT_STATES = (0, 1, 2)
 
 # Histogram buckets, in seconds.
 _CODE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 450, 600)
+# Time to code is what a fallback deadline of 1..60 s is judged by: finer steps
+# there (a p95 interpolated across a 30..45 s bucket would be a guess), coarse
+# beyond. Fewer buckets below 1 s keep the per-country series count down.
+_TIME_TO_CODE_BUCKETS: tuple[float, ...] = (0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30, 35, 40)
+_TIME_TO_CODE_BUCKETS += (50, 60, 75, 90, 120, 180, 300, 600)
 _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 
@@ -143,7 +148,13 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     _spec(_C, "deliveries", "channel status", "Delivery reports (webhook or polled) by delivery status."),
     _spec(_C, "fallbacks", "from_channel to_channel reason", "Moves to the next workflow step, by reason."),
-    _spec(_H, "time_to_code_seconds", "channel", "Seconds from start() to code delivered.", _CODE_BUCKETS),
+    _spec(
+        _H,
+        "time_to_code_seconds",
+        "channel country",
+        "Seconds from start() to code delivered, by the channel that delivered it.",
+        _TIME_TO_CODE_BUCKETS,
+    ),
     _spec(_H, "time_to_verify_seconds", "channel", "Seconds from start() to code verified.", _CODE_BUCKETS),
     _spec(_C, "code_checks", "result", "Code checks by result."),
     _spec(_C, "provider_requests", "provider method outcome", "Provider API call attempts by outcome."),
@@ -159,6 +170,18 @@ METRICS: tuple[MetricSpec, ...] = (
     _spec(_C, "cost_charged_usd", "channel country", "USD charged by providers (before refunds)."),
     _spec(_C, "cost_refunded_usd", "channel country", "USD refunded by providers (Telegram ttl refunds)."),
     _spec(_C, "cost_sms_only_usd", "country", "USD the started verifications would have cost on SMS alone."),
+    _spec(
+        _C,
+        "paid_twice",
+        "country",
+        "Verifications that kept a Telegram charge (delivered) and paid another channel too.",
+    ),
+    _spec(
+        _C,
+        "paid_twice_usd",
+        "country",
+        "USD those verifications paid for other channels on top of the delivered Telegram message.",
+    ),
     _spec(_G, "telegram_balance_credits", "", "Telegram Gateway balance last reported, in credits."),
     _spec(_G, "circuit_state", "channel", "Circuit breaker state: 0 closed, 1 open, 2 half-open."),
     _spec(_C, "rate_limited", "scope", "start() calls refused by an abuse limit, by limit scope."),
@@ -413,9 +436,20 @@ class Metrics:
             reason=_closed(reason, FALLBACK_REASONS),
         )
 
-    def time_to_code(self, channel: str, seconds: float) -> None:
-        """Observe start -> delivered (``otp_router_time_to_code_seconds``)."""
-        self._observe("otp_router_time_to_code_seconds", seconds, channel=_closed(channel, CHANNELS))
+    def time_to_code(self, channel: str, seconds: float, country: str) -> None:
+        """Observe start -> delivered (``otp_router_time_to_code_seconds``).
+
+        Args:
+            channel: Channel whose delivery report arrived.
+            seconds: From ``start()`` to that report.
+            country: ISO region of the number.
+        """
+        self._observe(
+            "otp_router_time_to_code_seconds",
+            seconds,
+            channel=_closed(channel, CHANNELS),
+            country=sanitize_country(country),
+        )
 
     def time_to_verify(self, channel: str, seconds: float) -> None:
         """Observe start -> code verified (``otp_router_time_to_verify_seconds``)."""
@@ -523,6 +557,26 @@ class Metrics:
         amount = Decimal(amount)
         if amount.is_finite() and amount > 0:
             self._inc("otp_router_cost_sms_only_usd", float(amount), country=sanitize_country(country))
+
+    def paid_twice(self, country: str, extra: Decimal, *, new_user: bool = True) -> None:
+        """Count a verification that paid twice and what it paid on top.
+
+        Updates ``otp_router_paid_twice_total`` (when ``new_user``) and
+        ``otp_router_paid_twice_usd_total``.
+
+        Args:
+            country: ISO region of the number.
+            extra: USD paid for other channels on top of the delivered Telegram
+                message; non-positive amounts add nothing.
+            new_user: False to add only a later correction of ``extra`` (a final
+                price replacing an estimate) for a verification already counted.
+        """
+        label = sanitize_country(country)
+        if new_user:
+            self._inc("otp_router_paid_twice", country=label)
+        amount = Decimal(extra)
+        if amount.is_finite() and amount > 0:
+            self._inc("otp_router_paid_twice_usd", float(amount), country=label)
 
     def telegram_balance(self, value: Decimal | float) -> None:
         """Set the Telegram balance gauge (``otp_router_telegram_balance_credits``)."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from otp_router.accounting import paid_twice, time_to_code
 from otp_router.core import CheckOutcome, Status, VerificationState
 
 __all__ = ["CheckResult", "FallbackInfo", "Verification"]
@@ -38,6 +39,12 @@ class Verification:
         fallbacks: Channel changes, in order, with reasons.
         created: True only on the value ``start`` returns when that call created
             the verification; False for an idempotent repeat and everywhere else.
+        time_to_code: Seconds from creation to the first delivery report of any
+            channel; None while no channel has reported the code delivered.
+        paid_twice: True when a Telegram charge was kept (the message was
+            delivered) and another channel was charged too (see :mod:`otp_router.accounting`).
+        paid_twice_extra: What the other channels cost on top of that Telegram
+            message (USD); zero unless ``paid_twice``.
     """
 
     id: str
@@ -51,10 +58,14 @@ class Verification:
     delivered: bool
     fallbacks: tuple[FallbackInfo, ...]
     created: bool = False
+    time_to_code: float | None = None
+    paid_twice: bool = False
+    paid_twice_extra: Decimal = Decimal(0)
 
     @classmethod
     def from_state(cls, state: VerificationState) -> Verification:
         """Project the stored state onto the public view."""
+        twice = paid_twice(state)
         return cls(
             id=state.id,
             status=state.status,
@@ -71,6 +82,9 @@ class Verification:
                 )
                 for f in state.fallbacks
             ),
+            time_to_code=time_to_code(state),
+            paid_twice=twice is not None,
+            paid_twice_extra=twice.extra if twice is not None else Decimal(0),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,6 +103,9 @@ class Verification:
                 {"from": f.from_channel, "to": f.to_channel, "reason": f.reason, "at": f.at}
                 for f in self.fallbacks
             ],
+            "time_to_code": self.time_to_code,
+            "paid_twice": self.paid_twice,
+            "paid_twice_extra": str(self.paid_twice_extra),
         }
 
 

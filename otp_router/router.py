@@ -25,6 +25,7 @@ from typing import Any, Self
 
 import httpx
 
+from otp_router.accounting import paid_twice
 from otp_router.circuit import CircuitBreaker, CircuitState
 from otp_router.codes import code_digest, codes_match, derive_code, new_nonce, validate_code
 from otp_router.config import Settings
@@ -540,7 +541,7 @@ class OtpRouter:
                     if status is Status.VERIFIED:
                         self.metrics.time_to_verify(channel, now - state.created_at)
                 case CodeDelivered():
-                    self.metrics.time_to_code(effect.channel.value, effect.seconds)
+                    self.metrics.time_to_code(effect.channel.value, effect.seconds, state.region)
                 case Checked():
                     self.metrics.code_check(effect.outcome.value)
                 case _:
@@ -551,6 +552,14 @@ class OtpRouter:
         for attempt in state.attempts:
             if attempt.delivery is not None and old.get(attempt.step) != attempt.delivery:
                 self.metrics.delivery(attempt.channel.value, attempt.delivery.value)
+        # Counted on the one written transition that makes the verification pay
+        # twice (a replayed event that lost its CAS race is not observed twice).
+        twice = paid_twice(state)
+        if twice is not None:
+            was = paid_twice(before)
+            extra = twice.extra - (was.extra if was is not None else Decimal(0))
+            if was is None or extra > 0:
+                self.metrics.paid_twice(state.region, extra, new_user=was is None)
 
     async def _carry_out(self, t: Transition, entered_code: str | None, snap: _Snap) -> _Snap:
         """Perform the effects of a written transition; returns the newest snapshot."""

@@ -93,12 +93,41 @@ CASES: list[tuple[Callable[[Metrics], object], str, dict[str, str], float]] = [
         {"from_channel": "telegram", "to_channel": "sms", "reason": "ability_refused"},
         1,
     ),
-    (lambda m: m.time_to_code("sms", 4.0), "otp_router_time_to_code_seconds_sum", {"channel": "sms"}, 4.0),
     (
-        lambda m: m.time_to_code("sms", 4.0),
+        lambda m: m.time_to_code("sms", 4.0, "BR"),
+        "otp_router_time_to_code_seconds_sum",
+        {"channel": "sms", "country": "BR"},
+        4.0,
+    ),
+    (
+        lambda m: m.time_to_code("sms", 4.0, "BR"),
         "otp_router_time_to_code_seconds_bucket",
-        {"channel": "sms", "le": "5.0"},
+        {"channel": "sms", "country": "BR", "le": "4.0"},
         1,
+    ),
+    (
+        lambda m: m.time_to_code("telegram", 4.5, "BR"),
+        "otp_router_time_to_code_seconds_bucket",
+        {"channel": "telegram", "country": "BR", "le": "4.0"},
+        0,
+    ),
+    (
+        lambda m: m.paid_twice("ID", Decimal("0.3")),
+        "otp_router_paid_twice_total",
+        {"country": "ID"},
+        1,
+    ),
+    (
+        lambda m: m.paid_twice("ID", Decimal("0.3")),
+        "otp_router_paid_twice_usd_total",
+        {"country": "ID"},
+        0.3,
+    ),
+    (
+        lambda m: m.paid_twice("ID", Decimal("0.05"), new_user=False),
+        "otp_router_paid_twice_usd_total",
+        {"country": "ID"},
+        0.05,
     ),
     (
         lambda m: m.time_to_verify("telegram", 12.5),
@@ -291,10 +320,19 @@ def test_negative_or_nan_durations_do_not_corrupt_histograms(
     metrics: Metrics, registry: CollectorRegistry
 ) -> None:
     """A clock step (negative duration) counts as 0 s and a NaN is dropped, keeping _sum meaningful."""
-    metrics.time_to_code("telegram", -3.0)
-    metrics.time_to_code("telegram", math.nan)
-    assert value(registry, "otp_router_time_to_code_seconds_count", channel="telegram") == 1
-    assert value(registry, "otp_router_time_to_code_seconds_sum", channel="telegram") == 0
+    metrics.time_to_code("telegram", -3.0, "GB")
+    metrics.time_to_code("telegram", math.nan, "GB")
+    assert value(registry, "otp_router_time_to_code_seconds_count", channel="telegram", country="GB") == 1
+    assert value(registry, "otp_router_time_to_code_seconds_sum", channel="telegram", country="GB") == 0
+
+
+def test_a_paid_twice_correction_adds_cost_but_no_user(metrics: Metrics, registry: CollectorRegistry) -> None:
+    """new_user=False (a final price replacing an estimate) adds USD without counting the user again."""
+    metrics.paid_twice("ID", Decimal("0.30"))
+    metrics.paid_twice("ID", Decimal("0.02"), new_user=False)
+    metrics.paid_twice("ID", Decimal("-1"), new_user=False)
+    assert value(registry, "otp_router_paid_twice_total", country="ID") == 1
+    assert value(registry, "otp_router_paid_twice_usd_total", country="ID") == pytest.approx(0.32)
 
 
 def test_impossible_circuit_state_is_refused(metrics: Metrics) -> None:
@@ -394,7 +432,8 @@ def exercise_everything(m: Metrics) -> set[str]:
         m.queue_message(hostile)
         m.dead_letter(hostile)
         m.code_check(hostile)
-        m.time_to_code(hostile, 1.0)
+        m.time_to_code(hostile, 1.0, hostile)
+        m.paid_twice(hostile, Decimal("0.01"))
         m.time_to_verify(hostile, 1.0)
         m.circuit_state(hostile, 0)
     timeout = ProviderTimeout("t", provider="telegram")
@@ -406,7 +445,8 @@ def exercise_everything(m: Metrics) -> set[str]:
         "sms_only_cost": lambda: m.sms_only_cost("IN", Decimal("0.0832")),
         "delivery": lambda: m.delivery("telegram", "delivered"),
         "fallback": lambda: m.fallback("telegram", "sms", "deadline"),
-        "time_to_code": lambda: m.time_to_code("telegram", 2.1),
+        "time_to_code": lambda: m.time_to_code("telegram", 2.1, "IN"),
+        "paid_twice": lambda: m.paid_twice("IN", Decimal("0.0832")),
         "time_to_verify": lambda: m.time_to_verify("sms", 35.0),
         "code_check": lambda: m.code_check("valid"),
         "provider_request": lambda: m.provider_request("twilio", "messages.create", "ok", 0.12),

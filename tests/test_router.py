@@ -25,7 +25,7 @@ from otp_router.errors import (
     VerificationNotFound,
 )
 from otp_router.metrics import Metrics
-from otp_router.policy import CountryRule, Policy
+from otp_router.policy import CountryRule, Policy, Step
 from otp_router.providers.base import (
     ChannelName,
     DeliveryState,
@@ -477,3 +477,53 @@ async def test_start_says_whether_it_created(build: Any) -> None:
     again = await router.start(US, idempotency_key="k-1")
     assert first.created and not again.created
     assert not (await router.get(first.id)).created
+
+
+async def test_telegram_delivered_after_an_early_fallback_counts_paid_twice_once(
+    build: Any, clock: Clock, registry: CollectorRegistry
+) -> None:
+    """Deadline 5 s below the 30 s ttl: Telegram delivers after the SMS went out, so the user paid twice."""
+    router, tg, _ = await build()
+    router.policy = Policy(steps=(Step(ChannelName.TELEGRAM, 5.0, probe=True), Step(ChannelName.SMS, 120.0)))
+    v = await router.start(US)
+    assert tg.calls[1][1].ttl == 30
+    clock.now += 6
+    assert await router.fire_due() == 1
+    state = await state_of(router, v.id)
+    assert state.channel is ChannelName.SMS and state.fallbacks[0].reason == "deadline"
+    # Still inside its ttl: Telegram may refund it yet, so nobody has paid twice so far.
+    assert not (await router.get(v.id)).paid_twice
+    assert registry.get_sample_value("otp_router_paid_twice_total", {"country": "US"}) is None
+    clock.now += 4
+    late = StatusResult("req-1", DeliveryState.DELIVERED, cost=TG, cost_is_final=True)
+    assert await router.apply_report(v.id, late) is True
+    assert await router.apply_report(v.id, late) is False
+    got = await router.get(v.id)
+    assert got.paid_twice and got.paid_twice_extra == SMS
+    assert got.time_to_code == pytest.approx(10.0)
+    assert got.to_dict()["paid_twice_extra"] == str(SMS)
+    assert registry.get_sample_value("otp_router_paid_twice_total", {"country": "US"}) == 1
+    assert registry.get_sample_value("otp_router_paid_twice_usd_total", {"country": "US"}) == float(SMS)
+    ttc = {"channel": "telegram", "country": "US"}
+    assert registry.get_sample_value("otp_router_time_to_code_seconds_count", ttc) == 1
+    # The late code is the same code: the user who types it is verified.
+    assert (await router.check(v.id, code_of(router, state))).valid
+    assert registry.get_sample_value("otp_router_paid_twice_total", {"country": "US"}) == 1
+    assert await router.ledger_total(v.id) == TG + SMS
+
+
+async def test_deadline_equal_to_ttl_never_pays_twice(
+    build: Any, clock: Clock, registry: CollectorRegistry
+) -> None:
+    """With the 30 s default, an undelivered Telegram message is refunded before the SMS counts twice."""
+    router, tg, _ = await build(tg=telegram_handler(status=DeliveryState.SENT))
+    v = await router.start(US)
+    clock.now += 31
+    assert await router.fire_due() == 1
+    tg.handler = telegram_handler(status=DeliveryState.EXPIRED)
+    clock.now += 20
+    await router.fire_due()
+    got = await router.get(v.id)
+    assert got.channel == "sms" and not got.paid_twice and got.paid_twice_extra == 0
+    assert got.time_to_code is None
+    assert registry.get_sample_value("otp_router_paid_twice_total", {"country": "US"}) is None

@@ -181,6 +181,18 @@ def _schemas() -> dict[str, Any]:
                 "cost": {"type": "string", "description": "Net cost so far, USD, as a decimal string."},
                 "delivered": {"type": "boolean"},
                 "fallbacks": {"type": "array", "items": _ref("Fallback")},
+                "time_to_code": {
+                    "type": ["number", "null"],
+                    "description": "Seconds from creation to the first delivery report; null before one.",
+                },
+                "paid_twice": {
+                    "type": "boolean",
+                    "description": "A delivered (charged) Telegram message and a charged SMS.",
+                },
+                "paid_twice_extra": {
+                    "type": "string",
+                    "description": "USD paid for other channels on top of that Telegram message (decimal).",
+                },
             },
         },
         "CheckResult": {
