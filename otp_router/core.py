@@ -77,13 +77,20 @@ PROVIDER_OF = {ChannelName.TELEGRAM: "telegram", ChannelName.SMS: "twilio"}
 
 
 class Status(enum.StrEnum):
-    """Where a verification stands."""
+    """Where a verification stands.
+
+    A verification whose every step failed while some message it sent may
+    still arrive (Telegram delivers until the message's ttl; an SMS may be
+    late) stays ``pending`` until that message is reported failed or the code
+    expires: the code it carries is the same, and a user who types it in time
+    is verified.
+    """
 
     PENDING = "pending"
     VERIFIED = "verified"
     EXPIRED = "expired"
     CANCELED = "canceled"
-    FAILED = "failed"  # every channel failed
+    FAILED = "failed"  # every channel failed and no message sent can still arrive
     TOO_MANY_ATTEMPTS = "too_many_attempts"
 
     @property

@@ -177,7 +177,10 @@ class _Builder:
             return
         if index >= len(state.steps):
             self.state = state.model_copy(update={"step": index})
-            self.finish(Status.FAILED, now)
+            # Out of steps. A message already sent may still arrive (Telegram until its
+            # ttl, a slow SMS) with the same code: stay checkable until the code expires.
+            if not _may_still_arrive(self.state):
+                self.finish(Status.FAILED, now)
             return
         step = state.steps[index]
         attempt = Attempt(
@@ -335,6 +338,14 @@ def _delivery(b: _Builder, event: Delivery, now: float) -> None:
         and attempt.phase in (AttemptPhase.AWAITING, AttemptPhase.TIMED_OUT)
     ):
         b.fall_back(attempt, _FAILURE_REASON[event.state], now, event.state.value)
+    elif (
+        event.state.is_failed
+        and b.state.status is Status.PENDING
+        and _out_of_steps(b.state)
+        and not _may_still_arrive(b.state)
+    ):
+        # Every step failed earlier and this was the last message that could still arrive.
+        b.finish(Status.FAILED, now)
 
 
 def _deadline_reached(b: _Builder, now: float) -> None:
@@ -354,6 +365,9 @@ def _deadline_reached(b: _Builder, now: float) -> None:
         return
     if now >= state.expires_at:
         b.finish(Status.EXPIRED, now)
+        return
+    if _out_of_steps(state):
+        # Every step failed; only waiting for a late message until the code expires.
         return
     cur = state.current
     if cur is None:
@@ -377,8 +391,9 @@ def _deadline_reached(b: _Builder, now: float) -> None:
             )
             b.put_attempt(sent)
         case AttemptPhase.AWAITING:
-            # No revoke: ttl == deliver_within, so Telegram refunds an undelivered
-            # message by itself, while a revoked one is never refunded.
+            # No revoke: Telegram refunds a message not delivered within its ttl by
+            # itself, while a revoked one is never refunded; and if it does arrive
+            # late, its code still verifies.
             if cur.step + 1 < len(state.steps):
                 b.fall_back(cur, FallbackReason.DEADLINE, now, None)
             else:
@@ -422,6 +437,9 @@ def _resend(b: _Builder, now: float) -> None:
     if state.status is not Status.PENDING:
         b.effects.append(ResendRefused("verification is over", None))
         return
+    if _out_of_steps(state):
+        b.effects.append(ResendRefused("every channel failed", None))
+        return
     if state.resends >= state.max_resends:
         b.effects.append(ResendRefused("no resends left", None))
         return
@@ -437,6 +455,23 @@ def _resend(b: _Builder, now: float) -> None:
         # Last step: repeat it as a new step, so each step still sends at most once.
         b.state = b.state.model_copy(update={"steps": (*state.steps, state.steps[cur.step])})
     b.fall_back(cur, FallbackReason.USER_RESEND, now, None)
+
+
+def _out_of_steps(state: VerificationState) -> bool:
+    """Every step was tried and left (the verification may still wait for a late message)."""
+    return state.step >= len(state.steps)
+
+
+def _may_still_arrive(state: VerificationState) -> bool:
+    """Some message was sent and is not known to have failed: its code may still reach the user.
+
+    "Sent" includes an unconfirmed send (it may have left). A delivered
+    message counts too: the user has the code and may type it late.
+    """
+    return any(
+        a.sent_at is not None and not (a.delivery is not None and a.delivery.is_failed)
+        for a in state.attempts
+    )
 
 
 def _schedule_settle(state: VerificationState, now: float) -> VerificationState:
@@ -455,9 +490,11 @@ def _deadline(state: VerificationState) -> float | None:
         return state.settle_at
     cur = state.current
     at = state.expires_at
-    if cur is None:
+    if _out_of_steps(state):
+        pass  # waiting for a late message: nothing to do before the code expires
+    elif cur is None:
         return min(state.created_at + IO_LEASE, at)
-    if cur.phase in (AttemptPhase.PROBING, AttemptPhase.SENDING):
+    elif cur.phase in (AttemptPhase.PROBING, AttemptPhase.SENDING):
         at = min(at, cur.io_since + IO_LEASE)
     elif cur.phase is AttemptPhase.AWAITING and cur.sent_at is not None:
         at = min(at, cur.sent_at + state.steps[cur.step].deliver_within)

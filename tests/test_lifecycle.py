@@ -21,6 +21,7 @@ from otp_router.core import (
     Event,
     FallbackReason,
     FellBack,
+    Finished,
     Probe,
     ProbeDone,
     ProbeFailed,
@@ -234,6 +235,69 @@ def test_all_channels_failing_fails_the_verification() -> None:
     ]
 
 
+def test_late_telegram_code_verifies_after_sms_step_began() -> None:
+    """Telegram delivering after the fallback to SMS: the same code verifies."""
+    ts = run(
+        fresh(),
+        (Start(), 0),
+        (ProbeDone(0, True, "r1", TG_COST), 1),
+        (SendOk(0, "r1", TG_COST), 2),
+        (DeadlineReached(), 32),
+        (SendOk(1, "SM1", SMS_COST, estimate=True), 33),
+        (Delivery("r1", DeliveryState.DELIVERED, TG_COST, cost_final=True), 40),
+        (CodeEntered(True), 45),
+    )
+    assert ts[-1].state.status is Status.VERIFIED
+    assert Checked(CheckOutcome.VALID, 5) in ts[-1].effects
+    assert ts[-1].state.total_cost == TG_COST + SMS_COST  # the paid-twice case
+
+
+def test_late_code_verifies_after_the_last_step_failed() -> None:
+    """Every step failed but Telegram's message may still arrive: it stays checkable, and verifies."""
+    ts = run(
+        fresh(),
+        (Start(), 0),
+        (ProbeDone(0, True, "r1", TG_COST), 1),
+        (SendOk(0, "r1", TG_COST), 2),
+        (DeadlineReached(), 32),  # fall back to SMS
+        (SendOk(1, "SM1", SMS_COST, estimate=True), 33),
+        (Delivery("SM1", DeliveryState.UNDELIVERED), 40),  # the last step fails
+        (Delivery("r1", DeliveryState.DELIVERED, TG_COST), 50),  # Telegram delivers late
+    )
+    waiting = ts[-2].state
+    assert waiting.status is Status.PENDING and waiting.current is None
+    # Nothing to do but ask providers how the sent messages fared, until the code expires.
+    assert waiting.deadline == waiting.settle_at == 47.0
+    settle = apply(waiting, DeadlineReached(), 47.0)
+    assert Settle(0, ChannelName.TELEGRAM, "r1") in settle.effects
+    assert settle.state.status is Status.PENDING and not any(isinstance(e, Send) for e in settle.effects)
+    refused = apply(waiting, Resend(), 100)
+    assert ResendRefused("every channel failed", None) in refused.effects
+    wrong = apply(ts[-1].state, CodeEntered(False), 55)
+    assert Checked(CheckOutcome.INVALID, 4) in wrong.effects
+    right = apply(wrong.state, CodeEntered(True), 56)
+    assert right.state.status is Status.VERIFIED and Checked(CheckOutcome.VALID, 4) in right.effects
+    assert Checked(CheckOutcome.EXPIRED, 4) in apply(right.state, CodeEntered(True), 57).effects
+    expired = apply(waiting, DeadlineReached(), 600)
+    assert expired.state.status is Status.EXPIRED
+
+
+def test_failed_once_no_sent_message_can_arrive() -> None:
+    """Out of steps, the verification fails when the last message that could arrive is reported failed."""
+    s = run(
+        fresh(),
+        (Start(), 0),
+        (ProbeDone(0, True, "r1", TG_COST), 1),
+        (SendOk(0, "r1", TG_COST), 2),
+        (DeadlineReached(), 32),
+        (SendOk(1, "SM1", SMS_COST, estimate=True), 33),
+        (Delivery("SM1", DeliveryState.UNDELIVERED), 40),
+    )[-1].state
+    t = apply(s, Delivery("r1", DeliveryState.EXPIRED, TG_COST, refunded=True), 33)
+    assert t.state.status is Status.FAILED and Finished(Status.FAILED) in t.effects
+    assert Checked(CheckOutcome.EXPIRED, 5) in apply(t.state, CodeEntered(True), 34).effects
+
+
 def test_resend_respects_cooldown_and_moves_on() -> None:
     """A resend is refused during the cooldown, then moves to the next step."""
     s = run(fresh(), (Start(), 0), (ProbeDone(0, True, "r1"), 1), (SendOk(0, "r1"), 2))[-1].state
@@ -378,6 +442,14 @@ class Lifecycle(RuleBasedStateMachine):
     def ledger_matches_attempt_costs(self) -> None:
         for attempt in self.state.attempts:
             assert self.booked_amount.get(attempt.step, Decimal(0)) == attempt.cost
+
+    @invariant()
+    def failed_only_when_no_code_can_arrive(self) -> None:
+        if self.state.status is Status.FAILED:
+            assert all(
+                a.sent_at is None or (a.delivery is not None and a.delivery.is_failed)
+                for a in self.state.attempts
+            ), "a verification whose code may still arrive must stay checkable"
 
     @invariant()
     def every_fallback_has_a_reason(self) -> None:

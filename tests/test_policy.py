@@ -54,3 +54,89 @@ def test_bad_policy_names_the_setting(tmp_path: Path, text: str) -> None:
     path.write_text(text)
     with pytest.raises(ConfigError, match="OTP_ROUTER_POLICY_FILE"):
         Policy.load(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("surprise = 1\n", "unknown key 'surprise'"),
+        ('[[steps]]\nchannel = "telegram"\ndeliver_whitin = 10\n', "steps[0]: unknown key 'deliver_whitin'"),
+        (
+            '[[steps]]\nchannel = "telegram"\n[[steps]]\nchannel = "sms"\nprobe_it = true\n',
+            "steps[1]: unknown key 'probe_it'",
+        ),
+        ('[countries.NG]\nskipp = ["sms"]\n', "countries.NG: unknown key 'skipp'"),
+        ("[countries.BR.telegram]\nttll = 60\n", "countries.BR.telegram: unknown key 'ttll'"),
+        ("[countries.BR.telegram]\nprobe = false\n", "countries.BR.telegram: unknown key 'probe'"),
+    ],
+)
+def test_unknown_keys_are_refused_with_where(tmp_path: Path, text: str, message: str) -> None:
+    """A misspelt key anywhere is refused, naming the key and where it is."""
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        Policy.load(path)
+    assert message in str(info.value)
+
+
+def test_deadline_and_ttl_are_separate() -> None:
+    """A step's deadline and ttl are configured apart; the ttl defaults to max(30, deadline)."""
+    policy = Policy.from_dict(
+        {
+            "steps": [
+                {"channel": "telegram", "deliver_within": 10, "ttl": 60},
+                {"channel": "sms", "deliver_within": 120},
+            ]
+        }
+    )
+    tg, sms = policy.steps_for("GB")
+    assert (tg.deliver_within, tg.ttl, tg.probe) == (10.0, 60, True)
+    assert (sms.deliver_within, sms.ttl, sms.probe) == (120.0, 120, False)
+    assert Step(ChannelName.TELEGRAM, 10).ttl == 30
+
+
+def test_country_overrides_a_steps_times() -> None:
+    """[countries.XX.telegram] replaces the step's deadline/ttl for that country only."""
+    policy = Policy.from_dict(
+        {
+            "steps": [
+                {"channel": "telegram", "deliver_within": 10, "ttl": 45},
+                {"channel": "sms", "deliver_within": 120},
+            ],
+            "countries": {
+                "BR": {"telegram": {"deliver_within": 20}},
+                "IN": {"telegram": {"ttl": 90}, "order": ["telegram"]},
+            },
+        }
+    )
+    assert [(s.channel, s.deliver_within, s.ttl) for s in policy.steps_for("BR")] == [
+        (ChannelName.TELEGRAM, 20.0, 30),  # a new deadline re-derives the ttl
+        (ChannelName.SMS, 120.0, 120),
+    ]
+    assert [(s.deliver_within, s.ttl, s.probe) for s in policy.steps_for("IN")] == [(10.0, 90, True)]
+    assert policy.steps_for("DE")[0].ttl == 45
+
+
+def test_country_override_on_the_default_workflow() -> None:
+    """A country step table also works when the file has no [[steps]] (the built-in workflow)."""
+    policy = Policy.from_dict({"countries": {"GB": {"telegram": {"deliver_within": 12, "ttl": 30}}}})
+    tg = policy.steps_for("GB")[0]
+    assert (tg.channel, tg.deliver_within, tg.ttl, tg.probe) == (ChannelName.TELEGRAM, 12.0, 30, True)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"steps": [{"channel": "telegram", "ttl": 20}]}, "steps[0].ttl must be 30..3600"),
+        ({"steps": [{"channel": "telegram", "ttl": 4000}]}, "steps[0].ttl must be 30..3600"),
+        ({"steps": [{"channel": "telegram", "deliver_within": "soon"}]}, "steps[0].deliver_within"),
+        ({"steps": [{"channel": "sms"}], "countries": {"GB": {"telegram": {"ttl": 60}}}}, "no telegram step"),
+        ({"steps": [{"deliver_within": 5}]}, "steps[0]: missing key 'channel'"),
+        ({"countries": {"GB": {"telegram": 5}}}, "countries.GB.telegram must be a table"),
+    ],
+)
+def test_bad_step_values_are_refused(data: dict[str, object], message: str) -> None:
+    """Out-of-range ttls, non-numbers, overrides of absent steps: ConfigError saying where."""
+    with pytest.raises(ConfigError) as info:
+        Policy.from_dict(data)
+    assert message in str(info.value)
