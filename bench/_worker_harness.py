@@ -298,6 +298,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "OTP_ROUTER_CONCURRENCY": str(settings.concurrency),
         "OTP_ROUTER_SETTLE_DELAY": str(settings.settle_delay),
         "OTP_ROUTER_LIMITS__PER_PHONE": str(settings.limits.per_phone),
+        "OTP_ROUTER_LIMITS__PER_PREFIX": str(settings.limits.per_prefix),
         "OTP_ROUTER_LIMITS__PER_COUNTRY": str(settings.limits.per_country),
         "OTP_ROUTER_HTTP_PORT": str(settings.http_port),
         "OTP_ROUTER_LOG_LEVEL": settings.log_level,

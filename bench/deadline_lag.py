@@ -243,7 +243,7 @@ async def run_store(
         code_secret=SecretStr(secrets.token_hex(16)),
         policy_file=write_policy(workdir / "policy.toml", args.deliver_within),
         # Rate limits off: 10,000 starts from one process in seconds would (rightly) be refused.
-        limits=LimitSettings(per_phone=0, per_country=0),
+        limits=LimitSettings(per_phone=0, per_prefix=0, per_country=0),
         # Settling costs later than any deadline here, so the Telegram step deadline is the one that fires.
         settle_delay=max(3600.0, 10 * args.deliver_within),
         http_port=0,

@@ -100,7 +100,7 @@ DESCRIPTIONS = {
     "aiohttp": "baseline (b): the two Gateway calls via a bare `aiohttp.ClientSession`, no router",
 }
 #: Rate limits high enough never to refuse, low enough that the limiter's code path runs as in production.
-LIMITS = LimitSettings(per_phone=1000, per_country=10_000_000)
+LIMITS = LimitSettings(per_phone=1000, per_prefix=10_000_000, per_country=10_000_000)
 
 Post = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 

@@ -37,6 +37,7 @@ from otp_router.errors import (
     StaleWebhook,
     StoreError,
     UnsupportedCountry,
+    UnsupportedNumberType,
     VerificationNotFound,
     WebhookError,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "StoreError",
     "SyncOtpRouter",
     "UnsupportedCountry",
+    "UnsupportedNumberType",
     "Verification",
     "VerificationNotFound",
     "WebhookError",

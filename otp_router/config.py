@@ -17,9 +17,12 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from otp_router.errors import ConfigError
+from otp_router.phone import NUMBER_TYPES
+from otp_router.providers.base import ChannelName
 
 __all__ = [
     "CircuitSettings",
+    "FraudSettings",
     "HttpSettings",
     "LimitSettings",
     "RetrySettings",
@@ -94,8 +97,51 @@ class LimitSettings(BaseModel):
 
     per_phone: int = Field(default=5, ge=0)
     per_phone_window: float = Field(default=3600.0, gt=0)
+    #: Starts per number prefix (``FraudSettings.prefix_digits`` digits after the calling code).
+    per_prefix: int = Field(default=100, ge=0)
+    per_prefix_window: float = Field(default=600.0, gt=0)
     per_country: int = Field(default=1000, ge=0)
     per_country_window: float = Field(default=60.0, gt=0)
+
+
+#: Number types sent to when a channel has no entry in ``FraudSettings.allowed_number_types``.
+DEFAULT_NUMBER_TYPES: tuple[str, ...] = ("mobile", "fixed_line_or_mobile")
+
+
+def _default_allowed_types() -> dict[str, tuple[str, ...]]:
+    return {"telegram": DEFAULT_NUMBER_TYPES, "sms": DEFAULT_NUMBER_TYPES}
+
+
+class FraudSettings(BaseModel):
+    """Toll-fraud defences on ``start()`` (see the README)."""
+
+    #: Number types (``phonenumbers`` names, any case) each channel may send to, e.g.
+    #: ``{"sms": ["mobile", "fixed_line_or_mobile"]}``. A channel left out gets mobile and
+    #: fixed_line_or_mobile.
+    allowed_number_types: dict[str, tuple[str, ...]] = Field(default_factory=_default_allowed_types)
+    #: Digits of the national number, after the calling code, that make a prefix.
+    prefix_digits: int = Field(default=5, ge=1, le=6)
+
+    @field_validator("allowed_number_types")
+    @classmethod
+    def _known_types(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        out: dict[str, tuple[str, ...]] = {}
+        channels = {c.value for c in ChannelName}
+        for channel, types in value.items():
+            if channel.strip().lower() not in channels:
+                raise ValueError(f"unknown channel {channel!r}; known: {', '.join(sorted(channels))}")
+            names = tuple(dict.fromkeys(t.strip().lower() for t in types))
+            unknown = sorted(set(names) - NUMBER_TYPES)
+            if unknown:
+                raise ValueError(
+                    f"{channel}: unknown number type(s) {unknown}; known: {', '.join(sorted(NUMBER_TYPES))}"
+                )
+            out[channel.strip().lower()] = names
+        return out
+
+    def number_types_for(self, channel: str) -> tuple[str, ...]:
+        """The number types ``channel`` may send to."""
+        return self.allowed_number_types.get(channel, DEFAULT_NUMBER_TYPES)
 
 
 class CircuitSettings(BaseModel):
@@ -131,6 +177,7 @@ class Settings(BaseSettings):
     twilio: TwilioSettings = TwilioSettings()
     retry: RetrySettings = RetrySettings()
     limits: LimitSettings = LimitSettings()
+    fraud: FraudSettings = FraudSettings()
     http: HttpSettings = HttpSettings()
     circuit: CircuitSettings = CircuitSettings()
 

@@ -9,9 +9,10 @@ own types and no vendor exception reaches a caller::
     ├── InputError                  the caller gave us something unusable (nothing sent, nothing stored)
     │   ├── InvalidPhoneNumber
     │   ├── UnsupportedCountry
+    │   ├── UnsupportedNumberType   premium rate, toll free, VoIP… (toll-fraud policy)
     │   └── InvalidCode
     ├── VerificationNotFound
-    ├── RateLimited                 an abuse limit on start(); carries retry_after
+    ├── RateLimited                 an abuse limit on start(); carries retry_after and scope
     ├── IdempotencyConflict         same key reused for another phone number
     ├── WebhookError
     │   ├── InvalidSignature        forged or tampered callback
@@ -61,6 +62,7 @@ __all__ = [
     "StaleWebhook",
     "StoreError",
     "UnsupportedCountry",
+    "UnsupportedNumberType",
     "VerificationNotFound",
     "WebhookError",
 ]
@@ -86,6 +88,23 @@ class UnsupportedCountry(InputError):
     """The number is valid but its country is denied by the routing policy."""
 
 
+class UnsupportedNumberType(InputError):
+    """The number's type (premium rate, toll free, VoIP…) is not allowed on any channel.
+
+    Senders of one-time codes are the target of toll fraud: codes requested for
+    numbers that pay the attacker per message or call. Only the types allowed
+    by ``OTP_ROUTER_FRAUD__ALLOWED_NUMBER_TYPES`` are sent to.
+
+    Args:
+        message: What was refused (never the number itself).
+        number_type: The ``phonenumbers`` type in lower case, e.g. ``"premium_rate"``.
+    """
+
+    def __init__(self, message: str, *, number_type: str) -> None:
+        super().__init__(message)
+        self.number_type = number_type
+
+
 class InvalidCode(InputError):
     """The entered code is not numeric or has the wrong length."""
 
@@ -100,7 +119,7 @@ class RateLimited(OtpRouterError):
     Args:
         message: What limit was hit (never the phone number).
         retry_after: Seconds until a new start would be accepted.
-        scope: ``"phone"`` or ``"country"``.
+        scope: ``"phone"``, ``"prefix"`` or ``"country"``.
     """
 
     def __init__(self, message: str, *, retry_after: float, scope: str) -> None:

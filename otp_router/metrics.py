@@ -82,6 +82,7 @@ CODE_CHECK_RESULTS = frozenset({"valid", "invalid", "expired", "too_many_attempt
 PROVIDER_OUTCOMES = frozenset({"ok", "transient_error", "permanent_error", "error"})
 WEBHOOK_OUTCOMES = frozenset({"accepted", "duplicate", "invalid_signature", "stale", "bad_request"})
 QUEUE_OUTCOMES = frozenset({"processed", "duplicate", "dead_letter", "reclaimed"})
+FRAUD_SCOPES = frozenset({"number_type"})
 CIRCUIT_STATES = (0, 1, 2)
 
 # Histogram buckets, in seconds.
@@ -185,6 +186,12 @@ METRICS: tuple[MetricSpec, ...] = (
     _spec(_G, "telegram_balance_credits", "", "Telegram Gateway balance last reported, in credits."),
     _spec(_G, "circuit_state", "channel", "Circuit breaker state: 0 closed, 1 open, 2 half-open."),
     _spec(_C, "rate_limited", "scope", "start() calls refused by an abuse limit, by limit scope."),
+    _spec(
+        _C,
+        "fraud_blocks",
+        "scope",
+        "start() calls refused by a toll-fraud defence, by scope (number_type).",
+    ),
     _spec(_C, "webhooks", "provider outcome", "Provider callbacks received, by outcome."),
     _spec(_C, "queue_messages", "outcome", "Queue messages handled by the worker, by outcome."),
     _spec(_C, "dead_letters", "reason", "Queue messages moved to the dead-letter stream, by reason."),
@@ -605,6 +612,14 @@ class Metrics:
             scope: The limit's scope, e.g. phone or country (never the value itself).
         """
         self._inc("otp_router_rate_limited", scope=_token(scope))
+
+    def fraud_block(self, scope: str) -> None:
+        """Count a start() refused by a toll-fraud defence (``otp_router_fraud_blocks_total``).
+
+        Args:
+            scope: number_type.
+        """
+        self._inc("otp_router_fraud_blocks", scope=_closed(scope, FRAUD_SCOPES))
 
     def webhook(self, provider: str, outcome: str) -> None:
         """Count a provider callback (``otp_router_webhooks_total``).

@@ -1,6 +1,8 @@
 """Phone number parsing with ``phonenumbers``: E.164 out, region kept.
 
-A bad number is refused here, before any provider call or store write.
+A bad number is refused here, before any provider call or store write. The
+number's type (mobile, fixed line, premium rate…) and its prefix are kept for
+the toll-fraud defences in :mod:`otp_router.router`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,16 @@ import phonenumbers
 
 from otp_router.errors import InvalidPhoneNumber
 
-__all__ = ["PhoneNumber", "parse_phone"]
+__all__ = ["NUMBER_TYPES", "PhoneNumber", "number_prefix", "parse_phone"]
+
+#: ``phonenumbers``' number type constants by their lower-case name ("mobile", "premium_rate"…).
+_TYPE_NAMES: dict[int, str] = {
+    value: name.lower()
+    for name, value in vars(phonenumbers.PhoneNumberType).items()
+    if name.isupper() and isinstance(value, int)
+}
+#: Every number type name ``phonenumbers`` can return, for validating settings.
+NUMBER_TYPES: frozenset[str] = frozenset(_TYPE_NAMES.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,10 +32,16 @@ class PhoneNumber:
     Attributes:
         e164: The number in E.164 form, e.g. ``"+447911123456"``.
         region: ISO 3166-1 alpha-2 region (``"GB"``), or ``"ZZ"`` for non-geographic numbers.
+        number_type: ``phonenumbers``' type in lower case: ``"mobile"``,
+            ``"fixed_line_or_mobile"`` (regions such as US/CA that do not tell
+            them apart), ``"fixed_line"``, ``"premium_rate"``, ``"toll_free"``…
+        country_code: The calling code, e.g. ``44``.
     """
 
     e164: str
     region: str
+    number_type: str = "unknown"
+    country_code: int = 0
 
     def __repr__(self) -> str:
         # Never print the full number: reprs end up in logs and tracebacks.
@@ -60,4 +77,25 @@ def parse_phone(raw: str, *, default_region: str | None = None) -> PhoneNumber:
         raise InvalidPhoneNumber("phone number is not a valid number in its country")
     region = phonenumbers.region_code_for_number(parsed) or "ZZ"
     e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-    return PhoneNumber(e164=e164, region=region)
+    number_type = _TYPE_NAMES.get(phonenumbers.number_type(parsed), "unknown")
+    code = parsed.country_code or 0
+    return PhoneNumber(e164=e164, region=region, number_type=number_type, country_code=code)
+
+
+def number_prefix(number: PhoneNumber, digits: int) -> str:
+    """The calling code and the first ``digits`` digits of the national number.
+
+    Numbers of one prefix share an operator range: SMS pumping attacks walk
+    through such a range, so velocity and conversion limits are kept per prefix.
+
+    Args:
+        number: A parsed number.
+        digits: How many digits of the national significant number to keep.
+
+    Returns:
+        E.g. ``"+44 7911"`` for ``+447911123456`` and 4 digits. The national
+        part is cut short so the result never is a whole number.
+    """
+    code = str(number.country_code)
+    national = number.e164[1 + len(code) :]
+    return f"+{code} {national[: max(0, min(digits, len(national) - 2))]}"

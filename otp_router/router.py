@@ -69,14 +69,15 @@ from otp_router.errors import (
     ProviderTransientError,
     RateLimited,
     StoreError,
+    UnsupportedNumberType,
     VerificationNotFound,
 )
 from otp_router.instrument import InstrumentedChannel
 from otp_router.lifecycle import apply, new_state
 from otp_router.metrics import Metrics, NullMetrics, get_metrics
 from otp_router.models import CheckResult, Verification
-from otp_router.phone import parse_phone
-from otp_router.policy import Policy
+from otp_router.phone import PhoneNumber, number_prefix, parse_phone
+from otp_router.policy import Policy, Step
 from otp_router.prices import SmsPrices
 from otp_router.providers.base import Channel, ChannelName, SendRequest, StatusResult
 from otp_router.store.base import Record, Store
@@ -289,7 +290,9 @@ class OtpRouter:
         Raises:
             InvalidPhoneNumber: Unparseable or invalid number (nothing sent or stored).
             UnsupportedCountry: The policy allows no channel for the number's country.
-            RateLimited: Too many starts for this number or country.
+            UnsupportedNumberType: No channel may send to this type of number
+                (premium rate, toll free, VoIP…; see ``Settings.fraud``).
+            RateLimited: Too many starts for this number, prefix or country (``scope`` says which).
             IdempotencyConflict: The key was used for another number.
         """
         number = parse_phone(phone, default_region=default_region)
@@ -297,13 +300,14 @@ class OtpRouter:
         steps = tuple(s for s in steps if s.channel in self.channels)
         if not steps:
             raise InputError(f"no configured channel can reach region {number.region}")
+        steps = self._steps_for_type(number, steps)
         now = self.clock()
         vid = self._new_id(idempotency_key)
         if idempotency_key is not None:
             existing = await self.store.get(vid)
             if existing is not None:
                 return self._same_phone(existing, number.e164)
-        await self._check_limits(number.e164, number.region, now)
+        await self._check_limits(number, now)
         nonce = new_nonce()
         code = derive_code(self.secret, vid, nonce, self.settings.code_length)
         state = new_state(
@@ -706,15 +710,44 @@ class OtpRouter:
             raise IdempotencyConflict("idempotency_key was already used for another phone number")
         return Verification.from_state(state)
 
-    async def _check_limits(self, e164: str, region: str, now: float) -> None:
+    def _steps_for_type(self, number: PhoneNumber, steps: tuple[Step, ...]) -> tuple[Step, ...]:
+        """The steps whose channel may send to this type of number (toll-fraud policy).
+
+        Raises:
+            UnsupportedNumberType: No step is left; nothing was sent or stored.
+        """
+        fraud = self.settings.fraud
+        allowed = tuple(s for s in steps if number.number_type in fraud.number_types_for(s.channel.value))
+        if not allowed:
+            self.metrics.fraud_block("number_type")
+            raise UnsupportedNumberType(
+                f"{number.number_type} numbers are not sent codes (region {number.region})",
+                number_type=number.number_type,
+            )
+        return allowed
+
+    def _hashed(self, kind: str, value: str) -> str:
+        # Keyed hash: limit keys must not put phone numbers (or their prefixes) in the store's key space.
+        return f"{kind}:" + hashlib.sha256(self.secret + value.encode()).hexdigest()[:32]
+
+    async def _check_limits(self, number: PhoneNumber, now: float) -> None:
         limits = self.settings.limits
+        region = number.region
         if limits.per_phone:
-            # Hash the number: rate-limit keys must not put phone numbers in the store's key space.
-            key = "phone:" + hashlib.sha256(self.secret + e164.encode()).hexdigest()[:32]
+            key = self._hashed("phone", number.e164)
             wait = await self.store.hit(key, limit=limits.per_phone, window=limits.per_phone_window, now=now)
             if wait is not None:
                 self.metrics.rate_limited("phone")
                 raise RateLimited("too many codes for this number", retry_after=wait, scope="phone")
+        if limits.per_prefix:
+            # SMS pumping walks through one operator range: many numbers, one prefix.
+            key = self._hashed("prefix", number_prefix(number, self.settings.fraud.prefix_digits))
+            window = limits.per_prefix_window
+            wait = await self.store.hit(key, limit=limits.per_prefix, window=window, now=now)
+            if wait is not None:
+                self.metrics.rate_limited("prefix")
+                message = f"too many codes for this number's prefix (region {region})"
+                raise RateLimited(message, retry_after=wait, scope="prefix")
         if limits.per_country:
             wait = await self.store.hit(
                 f"country:{region}", limit=limits.per_country, window=limits.per_country_window, now=now

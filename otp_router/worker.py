@@ -63,6 +63,7 @@ from otp_router.errors import (
     RateLimited,
     StoreError,
     UnsupportedCountry,
+    UnsupportedNumberType,
 )
 from otp_router.queue import Delivery, Queue, open_queue, queue_url_for
 from otp_router.queue.base import DeadLetterReason, PoisonMessage, parse_message
@@ -359,6 +360,9 @@ class Worker:
             return _Outcome("dead_letter", DeadLetterReason.INVALID_PHONE)
         except UnsupportedCountry:
             return _Outcome("dead_letter", DeadLetterReason.UNSUPPORTED_COUNTRY)
+        except UnsupportedNumberType as exc:
+            reason = DeadLetterReason.UNSUPPORTED_NUMBER_TYPE
+            return _Outcome("dead_letter", reason, f"type={exc.number_type}")
         except InputError:
             return _Outcome("dead_letter", DeadLetterReason.INVALID_INPUT)
         except IdempotencyConflict:

@@ -92,6 +92,16 @@ async def test_bad_phone_is_one_line_and_costs_nothing(
     assert pair.telegram.log == [] and pair.twilio.log == []
 
 
+async def test_toll_free_number_is_one_line_and_costs_nothing(
+    env: dict[str, str], pair: EmulatorPair
+) -> None:
+    """A toll-free number prints one line naming its type, exits non-zero and makes no provider call."""
+    code, out, err = await run(env, "send", "+18005551212")
+    assert code == 1 and out is None
+    assert len(err.strip().splitlines()) == 1 and "toll_free" in err
+    assert pair.telegram.log == [] and pair.twilio.log == []
+
+
 async def test_bad_code_and_unknown_id(env: dict[str, str]) -> None:
     """A malformed code is a one-line error; an unknown id checks as not_found; status of it fails."""
     code, out, err = await run(env, "check", "v_nope", "12ab56")

@@ -53,7 +53,7 @@ from otp_router.config import LimitSettings, RetrySettings, Settings
 from otp_router.core import Status
 from otp_router.demo import DemoSummary, make_population, run_demo
 from otp_router.emulators import Behaviour, Script, serve_emulators
-from otp_router.errors import RateLimited
+from otp_router.errors import RateLimited, UnsupportedNumberType
 from otp_router.harness import emulated_settings, sample_numbers
 from otp_router.metrics import Metrics
 from otp_router.policy import Policy, Step
@@ -348,10 +348,12 @@ async def provoke_failures(metrics: Metrics) -> None:
     The demo's providers never refuse an SMS and it sets no abuse limit, so
     the panels for SMS send failures and rate limits would stay empty. Here
     one number is not on Telegram and Twilio refuses it (error 21211): the
-    SMS send is rejected. Starting it again trips a per-phone limit of one.
-    Both go through the real router, emulators and instrumentation.
+    SMS send is rejected. Starting it again trips a per-phone limit of one,
+    another number of its prefix a per-prefix limit of one, and a premium-rate
+    number the number-type policy (the toll-fraud panel). All go through the
+    real router, emulators and instrumentation.
     """
-    (phone,) = sample_numbers("GB", 1)
+    phone, neighbour = sample_numbers("GB", 2)
     script = Script({phone: Behaviour(telegram="absent", sms_invalid=True)})
     pair = await serve_emulators(
         Settings.model_construct(), host="127.0.0.1", telegram_port=0, twilio_port=0, script=script
@@ -362,7 +364,7 @@ async def provoke_failures(metrics: Metrics) -> None:
             store_url="memory://",
             code_secret=secrets.token_hex(32),
             retry=RetrySettings(backoff=False),
-            limits=LimitSettings(per_phone=1),
+            limits=LimitSettings(per_phone=1, per_prefix=1),
         )
         policy = Policy(steps=(Step(ChannelName.TELEGRAM, 30, probe=True), Step(ChannelName.SMS, 120)))
         async with OtpRouter.from_settings(settings, policy=policy, metrics=metrics) as router:
@@ -370,6 +372,10 @@ async def provoke_failures(metrics: Metrics) -> None:
             assert verification.status is Status.FAILED, verification
             with pytest.raises(RateLimited):
                 await router.start(phone)
+            with pytest.raises(RateLimited, match="prefix"):
+                await router.start(neighbour)
+            with pytest.raises(UnsupportedNumberType):
+                await router.start("+449012345678")
     finally:
         await pair.aclose()
 

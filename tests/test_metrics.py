@@ -182,6 +182,13 @@ CASES: list[tuple[Callable[[Metrics], object], str, dict[str, str], float]] = [
     (lambda m: m.circuit_state("sms", 2), "otp_router_circuit_state", {"channel": "sms"}, 2),
     (lambda m: m.rate_limited("phone"), "otp_router_rate_limited_total", {"scope": "phone"}, 1),
     (
+        lambda m: m.fraud_block("number_type"),
+        "otp_router_fraud_blocks_total",
+        {"scope": "number_type"},
+        1,
+    ),
+    (lambda m: m.fraud_block("+447911123456"), "otp_router_fraud_blocks_total", {"scope": "other"}, 1),
+    (
         lambda m: m.webhook("telegram", "invalid_signature"),
         "otp_router_webhooks_total",
         {"provider": "telegram", "outcome": "invalid_signature"},
@@ -428,6 +435,7 @@ def exercise_everything(m: Metrics) -> set[str]:
         m.provider_error(hostile, hostile, hostile)
         m.provider_retry(hostile, hostile, hostile)
         m.rate_limited(hostile)
+        m.fraud_block(hostile)
         m.webhook(hostile, hostile)
         m.queue_message(hostile)
         m.dead_letter(hostile)
@@ -456,6 +464,7 @@ def exercise_everything(m: Metrics) -> set[str]:
         "telegram_balance": lambda: m.telegram_balance(Decimal("99.5")),
         "circuit_state": lambda: m.circuit_state("telegram", 1),
         "rate_limited": lambda: m.rate_limited("country"),
+        "fraud_block": lambda: m.fraud_block("number_type"),
         "webhook": lambda: m.webhook("twilio", "accepted"),
         "queue_message": lambda: m.queue_message("processed"),
         "dead_letter": lambda: m.dead_letter("max_deliveries"),

@@ -241,6 +241,8 @@ async def test_poison_messages_are_dead_lettered_and_the_rest_processed(
         ids["invalid_message"] = await queue.enqueue('{"phone": "' + other + '"}')
         ids["invalid_phone"] = await queue.enqueue(QueueMessage(phone="+4412", idempotency_key="b"))
         ids["unsupported_country"] = await queue.enqueue(QueueMessage(phone=blocked, idempotency_key="c"))
+        premium = QueueMessage(phone="+449012345678", idempotency_key="f")
+        ids["unsupported_number_type"] = await queue.enqueue(premium)
         ids["idempotency_conflict"] = await queue.enqueue(QueueMessage(phone=other, idempotency_key="a"))
         ids["rate_limited"] = await queue.enqueue(QueueMessage(phone=good, idempotency_key="d"))
         ids["duplicate"] = await queue.enqueue(QueueMessage(phone=good, idempotency_key="a"))
@@ -254,7 +256,7 @@ async def test_poison_messages_are_dead_lettered_and_the_rest_processed(
     finally:
         await queue.aclose()
     reasons = {"bad_json", "invalid_message", "invalid_phone", "unsupported_country"}
-    reasons |= {"idempotency_conflict", "rate_limited"}
+    reasons |= {"idempotency_conflict", "rate_limited", "unsupported_number_type"}
     assert dead == {ids[reason]: reason for reason in reasons}
     assert telegram_sends(pair) == Counter([good, other])
     for reason in reasons:

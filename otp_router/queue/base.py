@@ -73,6 +73,7 @@ class DeadLetterReason(enum.StrEnum):
     INVALID_MESSAGE = "invalid_message"  # JSON that does not follow the schema
     INVALID_PHONE = "invalid_phone"
     UNSUPPORTED_COUNTRY = "unsupported_country"
+    UNSUPPORTED_NUMBER_TYPE = "unsupported_number_type"  # premium rate, toll free… (toll-fraud policy)
     INVALID_INPUT = "invalid_input"  # any other input the router refused
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     RATE_LIMITED = "rate_limited"

@@ -29,6 +29,7 @@ from otp_router.errors import (
     RateLimited,
     StoreError,
     UnsupportedCountry,
+    UnsupportedNumberType,
     VerificationNotFound,
 )
 from otp_router.router import ResendNotAllowed
@@ -50,6 +51,7 @@ ERROR_STATUS: tuple[tuple[type[Exception], int, str], ...] = (
     (InvalidPhoneNumber, 400, "invalid_phone_number"),
     (InvalidCode, 400, "invalid_code"),
     (UnsupportedCountry, 422, "unsupported_country"),
+    (UnsupportedNumberType, 422, "unsupported_number_type"),
     (InputError, 400, "bad_request"),
     (RateLimited, 429, "rate_limited"),
     (ResendNotAllowed, 429, "resend_not_allowed"),

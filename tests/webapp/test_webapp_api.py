@@ -66,6 +66,17 @@ async def test_bad_phone_is_400_without_channel_calls(
     assert "202555014" not in resp.text and "202555014" not in caplog.text
 
 
+async def test_premium_rate_number_is_422_without_channel_calls(make_env: Factory) -> None:
+    """A premium-rate number is a 422 unsupported_number_type naming the type; nothing sent or stored."""
+    env = await make_env()
+    resp = await env.client.post("/v1/verifications", json={"phone": "+449012345678"}, headers=AUTH)
+    assert resp.status_code == 422
+    error = resp.json()["error"]
+    assert error["code"] == "unsupported_number_type" and "premium_rate" in error["message"]
+    assert env.tg.calls == [] and env.sms.calls == []
+    assert "9012345678" not in resp.text
+
+
 @pytest.mark.parametrize(
     "headers",
     [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {API_TOKEN}"}],
