@@ -2,8 +2,8 @@
 
 Each subcommand is a function ``(args, settings) -> exit code`` registered in
 :data:`COMMANDS` together with a function adding its arguments, so new
-subcommands (``send``, ``check``, ``status``, ``demo``, ``worker``) plug in
-without touching :func:`main`. Settings are read once with
+subcommands (``send``, ``check``, ``status``, ``demo``, ``worker``,
+``assets``) plug in without touching :func:`main`. Settings are read once with
 :meth:`Settings.load`; a configuration error prints one clean message and
 exits with status 2.
 """
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from otp_router import __version__
 from otp_router.config import Settings
 from otp_router.errors import ConfigError
 
@@ -141,6 +142,38 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return demo_main(args.users, args.seed, args.time_scale, args.json)
 
 
+# -------------------------------------------------------------------- assets
+
+
+def _assets_arguments(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_subparsers(dest="asset", metavar="ASSET", required=True)
+    which.add_parser("list", help="name every shipped asset")
+    dashboard = which.add_parser("dashboard", help="print a Grafana dashboard (JSON)")
+    dashboard.add_argument("name", help="dashboard name, see 'otp-router assets list'")
+    which.add_parser("alerts", help="print the Prometheus alert and recording rules (alerts.yml)")
+    which.add_parser("prometheus", help="print a Prometheus configuration that loads alerts.yml beside it")
+
+
+def _assets(args: argparse.Namespace, settings: Settings) -> int:
+    from otp_router import assets
+
+    match args.asset:
+        case "list":
+            text = "".join(f"dashboard {name}\n" for name in assets.dashboard_names())
+            text += "alerts\nprometheus\n"
+        case "dashboard":
+            try:
+                text = assets.dashboard(args.name)
+            except KeyError as exc:
+                raise ConfigError(str(exc.args[0])) from None
+        case "alerts":
+            text = assets.alerts()
+        case _:
+            text = assets.prometheus_config()
+    sys.stdout.write(text)
+    return 0
+
+
 #: Subcommand name → definition. Add new subcommands here.
 COMMANDS: dict[str, Command] = {
     "send": Command(
@@ -173,6 +206,11 @@ COMMANDS: dict[str, Command] = {
         add_arguments=_lazy("otp_router.worker", "worker_arguments"),
         run=_lazy("otp_router.worker", "run_worker_command"),
     ),
+    "assets": Command(
+        help="print the shipped Grafana dashboards, alert rules or Prometheus configuration",
+        add_arguments=_assets_arguments,
+        run=_assets,
+    ),
 }
 
 
@@ -189,6 +227,7 @@ def build_parser(commands: dict[str, Command] | None = None) -> argparse.Argumen
         prog="otp-router",
         description="Login codes through the Telegram Gateway first, Twilio SMS when needed.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in (commands or COMMANDS).items():
         command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))

@@ -20,10 +20,10 @@ import yaml
 from otp_router.metrics import METRIC_NAMES, METRICS
 
 ROOT = Path(__file__).resolve().parent.parent
-DASHBOARD_DIR = ROOT / "grafana" / "dashboards"
+DASHBOARD_DIR = ROOT / "otp_router" / "assets" / "dashboards"
 DASHBOARDS = sorted(DASHBOARD_DIR.glob("*.json"))
-ALERTS = ROOT / "config" / "alerts.yml"
-PROMETHEUS = ROOT / "config" / "prometheus.yml"
+ALERTS = ROOT / "otp_router" / "assets" / "alerts.yml"
+PROMETHEUS = ROOT / "otp_router" / "assets" / "prometheus.yml"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 
 #: Current Grafana panel types the dashboards may use (no graph, singlestat, table-old...).
@@ -201,13 +201,13 @@ def iter_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 
 def load_rules() -> list[dict[str, Any]]:
-    """Every rule (alerting and recording) in config/alerts.yml."""
+    """Every rule (alerting and recording) in otp_router/assets/alerts.yml."""
     data = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
     return [rule for group in data["groups"] for rule in group["rules"]]
 
 
 def recording_names() -> set[str]:
-    """Names of the recording rules defined in config/alerts.yml."""
+    """Names of the recording rules defined in otp_router/assets/alerts.yml."""
     return {rule["record"] for rule in load_rules() if "record" in rule}
 
 

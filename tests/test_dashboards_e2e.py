@@ -3,8 +3,8 @@
 A seeded demo run (real router, Telegram and Twilio emulators, SQLite store,
 signed webhooks) records into a private ``CollectorRegistry`` that is served
 on a loopback port. A real ``prometheus`` binary, configured from
-``config/prometheus.yml`` with ``config/alerts.yml`` loaded, scrapes it every
-second. After the run, every target of every panel in ``grafana/dashboards/``
+``otp_router/assets/prometheus.yml`` with ``otp_router/assets/alerts.yml`` loaded, scrapes it every
+second. After the run, every target of every panel in ``otp_router/assets/dashboards/``
 is sent to Prometheus' HTTP API with the template variables substituted as
 Grafana substitutes them, and must return at least one series with a finite
 value. The Cost dashboard's exact totals must equal the router's own ledger.
@@ -63,9 +63,10 @@ from otp_router.router import OtpRouter
 pytestmark = [pytest.mark.prometheus, pytest.mark.timeout(120)]
 
 ROOT = Path(__file__).resolve().parent.parent
-DASHBOARDS = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
-PROMETHEUS_CONFIG = ROOT / "config" / "prometheus.yml"
-ALERTS = ROOT / "config" / "alerts.yml"
+DASHBOARD_DIR = ROOT / "otp_router" / "assets" / "dashboards"
+DASHBOARDS = sorted(DASHBOARD_DIR.glob("*.json"))
+PROMETHEUS_CONFIG = ROOT / "otp_router" / "assets" / "prometheus.yml"
+ALERTS = ROOT / "otp_router" / "assets" / "alerts.yml"
 
 #: The scenario: enough users that every kind the demo draws (slow, absent,
 #: 5xx, flood-waited, undelivered SMS, typos) occurs at least once.
@@ -206,7 +207,7 @@ class PrometheusServer:
 def prometheus(prometheus_binary: str, exporter: str, tmp_path: Path) -> Iterator[PrometheusServer]:
     """A real Prometheus scraping ``exporter`` every second with our rules loaded.
 
-    The scrape job is config/prometheus.yml's own (so its job name is the one
+    The scrape job is otp_router/assets/prometheus.yml's own (so its job name is the one
     the dashboards and alerts expect); only the intervals, the target and the
     rule file's path are changed. The process is terminated at teardown, and
     dies with pytest if pytest is killed.
@@ -423,7 +424,7 @@ async def test_every_panel_query_returns_data_and_cost_totals_match_the_ledger(
 
 async def assert_cost_totals_match(api: PrometheusApi, summary: DemoSummary) -> None:
     """The Cost dashboard's exact-total stats, as queried, equal the ledger's figures."""
-    cost = json.loads((ROOT / "grafana" / "dashboards" / "cost.json").read_text(encoding="utf-8"))
+    cost = json.loads((DASHBOARD_DIR / "cost.json").read_text(encoding="utf-8"))
     values = dashboard_variables(cost)
     stats = {
         panel["title"]: substitute(panel["targets"][0]["expr"], values)
@@ -443,7 +444,7 @@ async def assert_cost_totals_match(api: PrometheusApi, summary: DemoSummary) -> 
 
 
 async def assert_rules_evaluate(api: PrometheusApi) -> None:
-    """Every recording and alert rule of config/alerts.yml is loaded and evaluates without error."""
+    """Every recording and alert rule of the shipped alerts.yml is loaded and evaluates without error."""
     loop = asyncio.get_running_loop()
     until = loop.time() + 10
     # A rule stays "unknown" until its group's first evaluation.

@@ -1,4 +1,4 @@
-"""promtool checks of config/prometheus.yml and config/alerts.yml, plus the alert unit tests.
+"""promtool checks of the shipped prometheus.yml and alerts.yml (otp_router/assets/) and the alert tests.
 
 promtool comes with Prometheus (Debian: ``apt-get install prometheus``). Without
 it these tests skip locally, but fail when the CI environment variable is set,
@@ -49,15 +49,15 @@ def run(promtool: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_alert_rules_are_valid(promtool: str) -> None:
-    """promtool accepts every alert and recording rule in config/alerts.yml."""
-    result = run(promtool, "check", "rules", "config/alerts.yml")
+    """promtool accepts every alert and recording rule in otp_router/assets/alerts.yml."""
+    result = run(promtool, "check", "rules", "otp_router/assets/alerts.yml")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
 
 def test_prometheus_config_is_valid(promtool: str) -> None:
-    """promtool accepts config/prometheus.yml, including the rule file it loads."""
-    result = run(promtool, "check", "config", "config/prometheus.yml")
+    """promtool accepts otp_router/assets/prometheus.yml, including the rule file it loads."""
+    result = run(promtool, "check", "config", "otp_router/assets/prometheus.yml")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 rule files found" in result.stdout
 
@@ -71,7 +71,7 @@ def test_alerts_fire_as_specified(promtool: str) -> None:
 def test_dashboard_queries_are_valid_promql(promtool: str, tmp_path: Path) -> None:
     """Every panel query parses as PromQL: each becomes a recording rule that promtool checks."""
     rules = []
-    for path in sorted((ROOT / "grafana" / "dashboards").glob("*.json")):
+    for path in sorted((ROOT / "otp_router" / "assets" / "dashboards").glob("*.json")):
         for panel in json.loads(path.read_text(encoding="utf-8"))["panels"]:
             for target in panel["targets"]:
                 expr = re.sub(r"\$\{?(\w+)\}?", lambda m: GRAFANA_VARIABLES[m.group(1)], target["expr"])
