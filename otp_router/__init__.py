@@ -41,9 +41,10 @@ from otp_router.errors import (
     VerificationNotFound,
     WebhookError,
 )
+from otp_router.latency import LatencyDistribution, choose_deadline
 from otp_router.models import CheckResult, FallbackInfo, Verification
 from otp_router.phone import PhoneNumber, parse_phone
-from otp_router.policy import CountryRule, Policy, Step
+from otp_router.policy import AutoDeadline, CountryRule, Policy, Step
 from otp_router.providers.base import (
     Channel,
     ChannelName,
@@ -62,6 +63,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AllProvidersFailed",
+    "AutoDeadline",
     "Channel",
     "ChannelName",
     "CheckOutcome",
@@ -79,6 +81,7 @@ __all__ = [
     "InvalidPhoneNumber",
     "InvalidRecipient",
     "InvalidSignature",
+    "LatencyDistribution",
     "OtpRouter",
     "OtpRouterError",
     "PhoneNumber",
@@ -108,6 +111,7 @@ __all__ = [
     "Verification",
     "VerificationNotFound",
     "WebhookError",
+    "choose_deadline",
     "enqueue",
     "parse_phone",
 ]

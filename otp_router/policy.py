@@ -44,10 +44,36 @@ TOML form (see ``config/policy.example.toml``)::
     [countries.KP]
     blocked = true
 
+**A learned deadline: ``deliver_within = "auto"``** (Telegram steps only).
+The router picks each country's deadline from the delivery latencies it has
+seen and the country's SMS price, within ``deliver_within_min`` (default 3)
+and ``deliver_within_max`` (default: the ttl, else 30) seconds; the rule is
+in :mod:`otp_router.latency`. Until a country has enough observations
+(``auto_min_samples``) its deadline stays at ``deliver_within_max``, the
+bound toward the ttl. The top-level ``wait_cost_per_second`` prices one
+second of a user's wait in USD (what the router trades against the SMS
+price), and ``sms_latency`` is the SMS delivery time assumed until the SMS
+latency of a country has been learned::
+
+    wait_cost_per_second = 0.001
+
+    [[steps]]
+    channel = "telegram"
+    deliver_within = "auto"
+    deliver_within_min = 3
+    deliver_within_max = 30
+    ttl = 30
+
+A learned deadline below the ttl can make a user pay twice, exactly as a
+fixed one can: the rule counts that cost (it is the reason a country with
+expensive SMS waits longer), it does not avoid it.
+
 A country's ``[countries.XX.<channel>]`` table takes the step keys
-``deliver_within`` and ``ttl`` and replaces those of the workflow's step of
-that channel for numbers of that country; a ``ttl`` not given is derived
-again from the country's ``deliver_within``.
+``deliver_within`` (a number or ``"auto"``), ``deliver_within_min``,
+``deliver_within_max`` and ``ttl`` and replaces those of the workflow's step
+of that channel for numbers of that country; a ``ttl`` not given is derived
+again from the country's deadline (``deliver_within``, or
+``deliver_within_max`` when it is ``"auto"``).
 
 The loader refuses unknown keys anywhere (top level, steps, countries, a
 country's step table) with the key's name and where it is, e.g.
@@ -66,12 +92,17 @@ from typing import Any
 from otp_router.errors import ConfigError, UnsupportedCountry
 from otp_router.providers.base import ChannelName
 
-__all__ = ["CountryRule", "Policy", "Step"]
+__all__ = ["AutoDeadline", "CountryRule", "Policy", "Step"]
 
 TELEGRAM_TTL_MIN = 30
 TELEGRAM_TTL_MAX = 3600
 #: Longest SMS validity period we ask for (Twilio's ``ValidityPeriod`` caps lower; its adapter clamps).
 SMS_TTL_MAX = 36000
+#: The ``deliver_within`` value that asks for a learned deadline.
+AUTO = "auto"
+#: Default bounds of a learned (``"auto"``) deadline, seconds.
+AUTO_MIN = 3.0
+AUTO_MAX = 30.0
 
 
 def default_ttl(channel: ChannelName, deliver_within: float) -> int:
@@ -88,29 +119,57 @@ def default_ttl(channel: ChannelName, deliver_within: float) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoDeadline:
+    """Bounds of a learned deadline (``deliver_within = "auto"``).
+
+    Attributes:
+        minimum: Never fall back earlier than this, seconds.
+        maximum: Never wait longer than this, seconds (at most the step's ttl).
+            Also the deadline used while a country has too few observations.
+    """
+
+    minimum: float = AUTO_MIN
+    maximum: float = AUTO_MAX
+
+    def __post_init__(self) -> None:
+        if not 0 < self.minimum <= self.maximum < float("inf"):
+            raise ValueError("deliver_within_min must be positive and at most deliver_within_max")
+
+
+@dataclass(frozen=True, slots=True)
 class Step:
     """One step of the workflow.
 
     Attributes:
         channel: Channel to send through.
-        deliver_within: Seconds to wait for a delivery report before falling back.
+        deliver_within: Seconds to wait for a delivery report before falling
+            back. For an ``auto`` step: the deadline used until one is learned.
         probe: Ask the channel first whether the number can receive (Telegram's
             free-when-refused ``checkSendAbility``).
         ttl: Validity requested from the provider, seconds (Telegram's refund
-            window). 0 when building means "the default", see :func:`default_ttl`;
-            after construction it always holds the concrete value. A ttl above
-            ``deliver_within`` can make a user pay twice (module docstring).
+            window). 0 when building means "the default", see :func:`default_ttl`
+            (of ``auto.maximum`` for an ``auto`` step); after construction it
+            always holds the concrete value. A ttl above ``deliver_within`` can
+            make a user pay twice (module docstring).
+        auto: Bounds of a learned deadline (``deliver_within = "auto"``), or
+            None for a fixed one. The router replaces an ``auto`` step by a
+            fixed one (the learned deadline) when a verification starts, so a
+            stored verification always holds concrete times.
     """
 
     channel: ChannelName
     deliver_within: float
     probe: bool = False
     ttl: int = 0
+    auto: AutoDeadline | None = None
 
     def __post_init__(self) -> None:
         if not self.ttl:
+            longest = (
+                self.deliver_within if self.auto is None else max(self.deliver_within, self.auto.maximum)
+            )
             # Frozen dataclass: fill in the derived default once, at construction.
-            object.__setattr__(self, "ttl", default_ttl(self.channel, self.deliver_within))
+            object.__setattr__(self, "ttl", default_ttl(self.channel, longest))
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,9 +197,24 @@ def _default_steps() -> tuple[Step, ...]:
     )
 
 
-_TOP_KEYS = frozenset({"steps", "countries", "resend_cooldown", "max_resends"})
+def _raw_step(step: Step) -> dict[str, Any]:
+    """A built step as the TOML table it could come from (for country overrides of defaults)."""
+    raw: dict[str, Any] = {"channel": step.channel.value, "probe": step.probe, "ttl": step.ttl}
+    if step.auto is None:
+        raw["deliver_within"] = step.deliver_within
+    else:
+        raw |= {
+            "deliver_within": AUTO,
+            "deliver_within_min": step.auto.minimum,
+            "deliver_within_max": step.auto.maximum,
+        }
+    return raw
+
+
+_POLICY_NUMBERS = frozenset({"wait_cost_per_second", "auto_min_samples", "sms_latency"})
+_TOP_KEYS = frozenset({"steps", "countries", "resend_cooldown", "max_resends"}) | _POLICY_NUMBERS
 #: Keys a country may override for one of its steps.
-_STEP_TIME_KEYS = frozenset({"deliver_within", "ttl"})
+_STEP_TIME_KEYS = frozenset({"deliver_within", "deliver_within_min", "deliver_within_max", "ttl"})
 _STEP_KEYS = frozenset({"channel", "probe"}) | _STEP_TIME_KEYS
 _COUNTRY_KEYS = frozenset({"order", "skip", "blocked"})
 _CHANNELS = frozenset(c.value for c in ChannelName)
@@ -169,6 +243,15 @@ def _seconds(value: Any, where: str) -> float:
     return seconds
 
 
+def _non_negative(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where} must be a number")
+    number = float(value)
+    if not 0 <= number < float("inf"):
+        raise ValueError(f"{where} must not be negative")
+    return number
+
+
 def _ttl(value: Any, channel: ChannelName, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{where}.ttl must be a whole number of seconds")
@@ -183,12 +266,33 @@ def _step(raw: Mapping[str, Any], where: str) -> Step:
     if "channel" not in raw:
         raise ValueError(f"{where}: missing key 'channel'")
     channel = ChannelName(raw["channel"])
-    deliver_within = _seconds(raw.get("deliver_within", 30.0), f"{where}.deliver_within")
     ttl = _ttl(raw["ttl"], channel, where) if "ttl" in raw else 0
     probe = raw.get("probe", channel is ChannelName.TELEGRAM)
     if not isinstance(probe, bool):
         raise ValueError(f"{where}.probe must be true or false")
+    if raw.get("deliver_within") == AUTO:
+        auto = _auto(raw, channel, ttl, where)
+        return Step(channel=channel, deliver_within=auto.maximum, probe=probe, ttl=ttl, auto=auto)
+    for key in ("deliver_within_min", "deliver_within_max"):
+        if key in raw:
+            raise ValueError(f"{where}.{key} is only for deliver_within = {AUTO!r}")
+    deliver_within = _seconds(raw.get("deliver_within", 30.0), f"{where}.deliver_within")
     return Step(channel=channel, deliver_within=deliver_within, probe=probe, ttl=ttl)
+
+
+def _auto(raw: Mapping[str, Any], channel: ChannelName, ttl: int, where: str) -> AutoDeadline:
+    """The bounds of a learned deadline; ``ttl`` 0 means "not given"."""
+    if channel is not ChannelName.TELEGRAM:
+        # The rule prices Telegram's refund window; no other channel has one.
+        raise ValueError(f"{where}.deliver_within = {AUTO!r} is only for telegram steps")
+    minimum = _seconds(raw.get("deliver_within_min", AUTO_MIN), f"{where}.deliver_within_min")
+    maximum = _seconds(raw.get("deliver_within_max", ttl or AUTO_MAX), f"{where}.deliver_within_max")
+    if minimum > maximum:
+        raise ValueError(f"{where}.deliver_within_min must not exceed deliver_within_max")
+    if ttl and maximum > ttl:
+        # Past the ttl Telegram has given up (and refunded): waiting longer only delays the SMS.
+        raise ValueError(f"{where}.deliver_within_max must not exceed the ttl ({ttl} s)")
+    return AutoDeadline(minimum, maximum)
 
 
 def _country(
@@ -208,9 +312,13 @@ def _country(
         if channel not in steps:
             raise ValueError(f"{where}.{name}: the workflow has no {name} step to override")
         base = dict(steps[channel])
-        if "deliver_within" in table:
+        if "deliver_within" in table or "deliver_within_max" in table:
             # A new deadline re-derives the default ttl unless the country gives one.
             base.pop("ttl", None)
+        if "deliver_within" in table and table["deliver_within"] != AUTO:
+            # A fixed deadline replaces the workflow's learned one with its bounds.
+            base.pop("deliver_within_min", None)
+            base.pop("deliver_within_max", None)
         overrides[channel] = _step({**base, **table}, f"{where}.{name}")
     return CountryRule(
         order=tuple(ChannelName(c) for c in order) if order is not None else None,
@@ -229,12 +337,22 @@ class Policy:
         countries: Per-region overrides.
         resend_cooldown: Seconds after a send before the user may ask for a resend.
         max_resends: User-requested resends per verification.
+        wait_cost_per_second: USD one second of a user's wait is worth, traded
+            against SMS prices by ``auto`` deadlines (:mod:`otp_router.latency`).
+        auto_min_samples: Effective (decayed) observations a country needs
+            before its learned deadline is fully trusted; below, the deadline
+            leans toward ``deliver_within_max``.
+        sms_latency: Seconds an SMS is assumed to take until the country's
+            SMS latency has been learned.
     """
 
     steps: tuple[Step, ...] = field(default_factory=_default_steps)
     countries: Mapping[str, CountryRule] = field(default_factory=dict)
     resend_cooldown: float = 30.0
     max_resends: int = 2
+    wait_cost_per_second: float = 0.001
+    auto_min_samples: float = 50.0
+    sms_latency: float = 5.0
 
     def steps_for(self, region: str) -> tuple[Step, ...]:
         """The workflow for a number of ``region``.
@@ -275,9 +393,7 @@ class Policy:
             for raw in raw_steps:
                 by_channel.setdefault(ChannelName(raw["channel"]), raw)
             if not raw_steps:
-                by_channel = {
-                    s.channel: {"channel": s.channel.value, "deliver_within": s.deliver_within} for s in steps
-                }
+                by_channel = {s.channel: _raw_step(s) for s in steps}
             countries = {
                 region: _country(region, _table(raw, f"countries.{region}"), by_channel)
                 for region, raw in _table(data.get("countries", {}), "countries").items()
@@ -287,6 +403,7 @@ class Policy:
                 countries=countries,
                 resend_cooldown=float(data.get("resend_cooldown", 30.0)),
                 max_resends=int(data.get("max_resends", 2)),
+                **{key: _non_negative(data[key], key) for key in _POLICY_NUMBERS & set(data)},
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise ConfigError(f"invalid routing policy (OTP_ROUTER_POLICY_FILE): {exc}") from None

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from otp_router.errors import ConfigError, UnsupportedCountry
-from otp_router.policy import Policy, Step
+from otp_router.policy import AutoDeadline, Policy, Step
 from otp_router.providers.base import ChannelName
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "policy.example.toml"
@@ -133,6 +133,42 @@ def test_country_override_on_the_default_workflow() -> None:
         ({"steps": [{"channel": "sms"}], "countries": {"GB": {"telegram": {"ttl": 60}}}}, "no telegram step"),
         ({"steps": [{"deliver_within": 5}]}, "steps[0]: missing key 'channel'"),
         ({"countries": {"GB": {"telegram": 5}}}, "countries.GB.telegram must be a table"),
+        (
+            {"steps": [{"channel": "sms", "deliver_within": "auto"}]},
+            "steps[0].deliver_within = 'auto' is only for telegram steps",
+        ),
+        (
+            {"steps": [{"channel": "telegram", "deliver_within": 10, "deliver_within_max": 20}]},
+            "steps[0].deliver_within_max is only for deliver_within = 'auto'",
+        ),
+        (
+            {
+                "steps": [
+                    {"channel": "telegram", "deliver_within": "auto", "deliver_within_max": 60, "ttl": 30}
+                ]
+            },
+            "steps[0].deliver_within_max must not exceed the ttl (30 s)",
+        ),
+        (
+            {
+                "steps": [
+                    {
+                        "channel": "telegram",
+                        "deliver_within": "auto",
+                        "deliver_within_min": 20,
+                        "ttl": 60,
+                        "deliver_within_max": 10,
+                    }
+                ]
+            },
+            "steps[0].deliver_within_min must not exceed deliver_within_max",
+        ),
+        (
+            {"steps": [{"channel": "telegram", "deliver_within": "auto", "deliver_within_min": 0}]},
+            "steps[0].deliver_within_min must be positive",
+        ),
+        ({"wait_cost_per_second": -1}, "wait_cost_per_second must not be negative"),
+        ({"sms_latency": "slow"}, "sms_latency must be a number"),
     ],
 )
 def test_bad_step_values_are_refused(data: dict[str, object], message: str) -> None:
@@ -140,3 +176,63 @@ def test_bad_step_values_are_refused(data: dict[str, object], message: str) -> N
     with pytest.raises(ConfigError) as info:
         Policy.from_dict(data)
     assert message in str(info.value)
+
+
+def test_auto_deadline_bounds_and_ttl() -> None:
+    """deliver_within = "auto" keeps its bounds; the ttl defaults from the maximum and vice versa."""
+    policy = Policy.from_dict(
+        {
+            "wait_cost_per_second": 0.002,
+            "auto_min_samples": 20,
+            "sms_latency": 8,
+            "steps": [
+                {
+                    "channel": "telegram",
+                    "deliver_within": "auto",
+                    "deliver_within_min": 2,
+                    "deliver_within_max": 45,
+                },
+                {"channel": "sms", "deliver_within": 120},
+            ],
+        }
+    )
+    tg = policy.steps[0]
+    assert tg.auto == AutoDeadline(2.0, 45.0)
+    assert (tg.deliver_within, tg.ttl) == (45.0, 45), "cold start at the maximum; ttl from it"
+    assert (policy.wait_cost_per_second, policy.auto_min_samples, policy.sms_latency) == (0.002, 20.0, 8.0)
+    only_ttl = Policy.from_dict({"steps": [{"channel": "telegram", "deliver_within": "auto", "ttl": 60}]})
+    assert only_ttl.steps[0].auto == AutoDeadline(3.0, 60.0)
+    bare = Policy.from_dict({"steps": [{"channel": "telegram", "deliver_within": "auto"}]})
+    assert (bare.steps[0].auto, bare.steps[0].ttl) == (AutoDeadline(3.0, 30.0), 30)
+
+
+def test_country_overrides_between_fixed_and_auto() -> None:
+    """A country may turn a fixed deadline into auto (with its own bounds) or an auto one into a fixed one."""
+    auto = {
+        "channel": "telegram",
+        "deliver_within": "auto",
+        "deliver_within_min": 4,
+        "deliver_within_max": 30,
+    }
+    policy = Policy.from_dict(
+        {
+            "steps": [auto, {"channel": "sms", "deliver_within": 120}],
+            "countries": {
+                "US": {"telegram": {"deliver_within": 5}},
+                "BR": {"telegram": {"deliver_within_max": 60}},
+                "IN": {"telegram": {"deliver_within_min": 8}},
+            },
+        }
+    )
+    us, br, india = (policy.steps_for(r)[0] for r in ("US", "BR", "IN"))
+    assert (us.auto, us.deliver_within, us.ttl) == (None, 5.0, 30)
+    assert (br.auto, br.ttl) == (AutoDeadline(4.0, 60.0), 60)
+    assert india.auto == AutoDeadline(8.0, 30.0)
+    fixed = Policy.from_dict(
+        {
+            "steps": [{"channel": "telegram", "deliver_within": 30}],
+            "countries": {"GB": {"telegram": {"deliver_within": "auto", "deliver_within_max": 20}}},
+        }
+    )
+    assert fixed.steps_for("GB")[0].auto == AutoDeadline(3.0, 20.0)
+    assert fixed.steps_for("DE")[0].auto is None

@@ -15,6 +15,10 @@ due deadline to exactly one caller by pushing it forward by a lease; the
 caller then reschedules or clears it with its CAS write. A caller that dies
 mid-way loses its lease and the deadline fires again after the lease, where
 the version check makes the retry harmless.
+
+Latency cells: named float counters that every process adds to, for the
+learned delivery-latency estimate (:mod:`otp_router.latency`). Adding is one
+atomic increment with no read, so concurrent writers never lose an update.
 """
 
 from __future__ import annotations
@@ -144,6 +148,18 @@ class Store(Protocol):
 
     async def get_or_set_secret(self, name: str, value: str) -> str:
         """Return the stored secret ``name``, storing ``value`` first if absent."""
+        ...
+
+    async def add_latency(self, cell: str, weight: float) -> None:
+        """Add ``weight`` to the latency cell ``cell`` (a missing cell counts as 0), atomically."""
+        ...
+
+    async def latency_cells(self) -> dict[str, float]:
+        """Every latency cell and its weight."""
+        ...
+
+    async def drop_latency(self, cells: Sequence[str]) -> None:
+        """Delete these latency cells (missing ones are ignored)."""
         ...
 
     async def ping(self) -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "LEDGER_FIELDS",
     "check_claim_args",
     "check_hit_args",
+    "check_latency_weight",
     "dedup_entries",
     "entry_from_fields",
     "entry_to_fields",
@@ -144,6 +145,17 @@ def check_hit_args(limit: int, window: float) -> None:
         raise ValueError("limit must be at least 1")
     if not window > 0:
         raise ValueError("window must be positive")
+
+
+def check_latency_weight(weight: float) -> None:
+    """Validate a :meth:`Store.add_latency` weight.
+
+    Raises:
+        ValueError: The weight is negative, infinite or NaN (one bad write
+            would poison a shared estimate for every process).
+    """
+    if not 0 <= weight < float("inf"):
+        raise ValueError("latency weight must be a finite, non-negative number")
 
 
 def retry_after(times: Sequence[float], *, limit: int, window: float, now: float) -> float:

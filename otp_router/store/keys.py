@@ -15,6 +15,7 @@ Layout (``P`` is the prefix)::
     P:ledger-seq             string counter                 insertion order for ties
     P:rate:<key>             zset   <event> -> time         sliding-window events
     P:secret:<name>          string value
+    P:latency                hash   <cell> -> weight        learned delivery latency
 
 Redis Cluster: the Lua scripts touch several of these keys at once, so they
 must live in one hash slot. Use a hash-tagged prefix such as ``{otp-router}``
@@ -78,6 +79,11 @@ class RedisKeys:
     def secret(self, name: str) -> str:
         """String holding a named secret."""
         return f"{self.prefix}:secret:{name}"
+
+    @property
+    def latency(self) -> str:
+        """Hash of latency cells and their weights (one HINCRBYFLOAT per delivery)."""
+        return f"{self.prefix}:latency"
 
     @property
     def pattern(self) -> str:

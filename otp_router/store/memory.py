@@ -17,6 +17,7 @@ from otp_router.store.base import LedgerEntry, Record
 from otp_router.store.common import (
     check_claim_args,
     check_hit_args,
+    check_latency_weight,
     dedup_entries,
     entry_to_fields,
     retry_after,
@@ -47,6 +48,7 @@ class MemoryStore:
         self._hits: dict[str, tuple[float, list[float]]] = {}
         self._hit_count = 0
         self._secrets: dict[str, str] = {}
+        self._latency: dict[str, float] = {}
         self._closed = False
 
     def _check_open(self) -> None:
@@ -186,6 +188,26 @@ class MemoryStore:
         async with self._lock:
             self._check_open()
             return self._secrets.setdefault(name, value)
+
+    async def add_latency(self, cell: str, weight: float) -> None:
+        """Add ``weight`` to a latency cell (see :meth:`Store.add_latency`)."""
+        check_latency_weight(weight)
+        async with self._lock:
+            self._check_open()
+            self._latency[cell] = self._latency.get(cell, 0.0) + weight
+
+    async def latency_cells(self) -> dict[str, float]:
+        """Every latency cell and its weight."""
+        async with self._lock:
+            self._check_open()
+            return dict(self._latency)
+
+    async def drop_latency(self, cells: Sequence[str]) -> None:
+        """Delete these latency cells."""
+        async with self._lock:
+            self._check_open()
+            for cell in cells:
+                self._latency.pop(cell, None)
 
     async def ping(self) -> None:
         """Raise :class:`~otp_router.errors.StoreError` once the store is closed."""

@@ -34,6 +34,7 @@ from otp_router.store.common import (
     LEDGER_FIELDS,
     check_claim_args,
     check_hit_args,
+    check_latency_weight,
     dedup_entries,
     entry_from_fields,
     entry_to_fields,
@@ -396,6 +397,25 @@ class RedisStore(RedisConnection):
                 pipe.get(key)
                 _, stored = await pipe.execute()
         return str(stored)
+
+    async def add_latency(self, cell: str, weight: float) -> None:
+        """Add ``weight`` to a latency cell (see :meth:`Store.add_latency`): one ``HINCRBYFLOAT``."""
+        check_latency_weight(weight)
+        with self._mapped():
+            await self._client.hincrbyfloat(self.keys.latency, cell, float(weight))
+
+    async def latency_cells(self) -> dict[str, float]:
+        """Every latency cell and its weight."""
+        with self._mapped():
+            raw: dict[Any, Any] = await self._client.hgetall(self.keys.latency)
+        return {str(cell): float(weight) for cell, weight in raw.items()}
+
+    async def drop_latency(self, cells: Sequence[str]) -> None:
+        """Delete these latency cells."""
+        if not cells:
+            return
+        with self._mapped():
+            await self._client.hdel(self.keys.latency, *cells)
 
 
 def _ttl_param(params: dict[str, str], name: str, default: float | None) -> float | None:

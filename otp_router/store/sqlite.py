@@ -25,6 +25,7 @@ from otp_router.store.base import LedgerEntry, Record
 from otp_router.store.common import (
     check_claim_args,
     check_hit_args,
+    check_latency_weight,
     dedup_entries,
     entry_from_fields,
     entry_to_fields,
@@ -69,6 +70,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE secrets (
         name TEXT PRIMARY KEY,
         value TEXT NOT NULL
+    );
+    """,
+    """
+    CREATE TABLE latency (
+        cell TEXT PRIMARY KEY,
+        weight REAL NOT NULL
     );
     """,
 )
@@ -272,6 +279,37 @@ class SqliteStore(SqliteFile):
             return stored
 
         return await self._run(op)
+
+    async def add_latency(self, cell: str, weight: float) -> None:
+        """Add ``weight`` to a latency cell (see :meth:`Store.add_latency`): one upsert."""
+        check_latency_weight(weight)
+
+        def op(conn: sqlite3.Connection) -> None:
+            with write_transaction(conn):
+                conn.execute(
+                    "INSERT INTO latency (cell, weight) VALUES (?, ?)"
+                    " ON CONFLICT (cell) DO UPDATE SET weight = weight + excluded.weight",
+                    (cell, float(weight)),
+                )
+
+        await self._run(op)
+
+    async def latency_cells(self) -> dict[str, float]:
+        """Every latency cell and its weight."""
+
+        def op(conn: sqlite3.Connection) -> dict[str, float]:
+            return {cell: float(weight) for cell, weight in conn.execute("SELECT cell, weight FROM latency")}
+
+        return await self._run(op)
+
+    async def drop_latency(self, cells: Sequence[str]) -> None:
+        """Delete these latency cells."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            with write_transaction(conn):
+                conn.executemany("DELETE FROM latency WHERE cell = ?", [(cell,) for cell in cells])
+
+        await self._run(op)
 
     # -- extras (not part of the protocol) ---------------------------------
 

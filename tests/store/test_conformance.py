@@ -359,6 +359,44 @@ async def test_invalid_limits_are_refused(store: Store) -> None:
         await store.claim_due(1.0, limit=1, lease=0)
 
 
+# -- latency cells ---------------------------------------------------------
+
+
+async def test_latency_cells_add_up_and_drop(store: Store) -> None:
+    """Adds to one cell sum; cells are independent; dropped cells are gone, missing ones ignored."""
+    assert await store.latency_cells() == {}
+    await store.add_latency("telegram|GB|7|12", 1.5)
+    await store.add_latency("telegram|GB|7|12", 2.25)
+    await store.add_latency("sms|GB|7|never", 4e9)
+    cells = await store.latency_cells()
+    assert cells == {"telegram|GB|7|12": pytest.approx(3.75), "sms|GB|7|never": pytest.approx(4e9)}
+    await store.drop_latency(["telegram|GB|7|12", "absent|cell"])
+    await store.drop_latency([])
+    assert set(await store.latency_cells()) == {"sms|GB|7|never"}
+
+
+async def test_concurrent_latency_adds_are_never_lost(make_store: MakeStore) -> None:
+    """Two clients adding to the same cell at once lose no increment."""
+    a, b = await make_store(), await make_store()
+    await asyncio.gather(*(s.add_latency("telegram|BR|7|3", 0.5) for s in [a, b] * 20))
+    assert (await b.latency_cells())["telegram|BR|7|3"] == pytest.approx(20.0)
+
+
+async def test_latency_weight_must_be_finite_and_non_negative(store: Store) -> None:
+    """A negative, infinite or NaN weight is refused and writes nothing."""
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            await store.add_latency("telegram|GB|7|1", bad)
+    assert await store.latency_cells() == {}
+
+
+async def test_latency_cell_names_are_verbatim(store: Store) -> None:
+    """Cell names with separators and unicode round-trip exactly."""
+    name = "telegram|é:1/ZZ|-3|never"
+    await store.add_latency(name, 1.0)
+    assert await store.latency_cells() == {name: 1.0}
+
+
 # -- secrets, health, lifecycle ---------------------------------------------
 
 

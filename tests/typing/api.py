@@ -9,8 +9,10 @@ from __future__ import annotations
 from decimal import Decimal
 
 from otp_router import (
+    AutoDeadline,
     CheckOutcome,
     CheckResult,
+    LatencyDistribution,
     OtpRouter,
     OtpRouterError,
     RateLimited,
@@ -18,6 +20,7 @@ from otp_router import (
     Status,
     SyncOtpRouter,
     Verification,
+    choose_deadline,
     enqueue,
     parse_phone,
 )
@@ -58,3 +61,17 @@ def blocking(phone: str) -> str:
 async def producer() -> str:
     region: str = parse_phone("+447400123456").region
     return region + await enqueue("redis://127.0.0.1:6379/0", "+447400123456", idempotency_key="login-1")
+
+
+def simulated_deadline(latencies: list[float | None], sms_price: float) -> float:
+    # What a benchmark does: the router's deadline rule on a drawn population.
+    return choose_deadline(
+        LatencyDistribution.from_latencies(latencies),
+        bounds=AutoDeadline(minimum=3.0, maximum=30.0),
+        ttl=30,
+        telegram_price=0.01,
+        sms_price=sms_price,
+        sms_latency=5.0,
+        wait_cost_per_second=0.001,
+        min_samples=50,
+    )
