@@ -149,6 +149,10 @@ class SqliteFile:
             # Re-read under the write lock: another process may have migrated
             # the file between our first look and taking the lock.
             (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version:
+                # The store's and the queue's files both number their schemas: never
+                # migrate (or judge the version of) a file of the other kind.
+                self._check_schema(conn)
             if version > len(migrations):
                 raise StoreError(
                     f"{self._error_prefix}: schema version {version} is newer than this otp-router "
@@ -162,7 +166,7 @@ class SqliteFile:
                 conn.execute(f"PRAGMA user_version = {step + 1}")
 
     def _check_schema(self, conn: sqlite3.Connection) -> None:
-        """Called when the file is already at the latest schema version; may raise StoreError."""
+        """Called when the file already has a schema (of any version); may raise StoreError."""
 
     async def ping(self) -> None:
         """Open the file if needed and run a trivial query.

@@ -112,6 +112,14 @@ class SqliteStore(SqliteFile):
     _thread_name = "otp-router-sqlite"
     _memory_ok = True
 
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        # The queue's file has a schema version too: make sure this one is really a store.
+        if (
+            conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone()
+            is None
+        ):
+            raise StoreError("sqlite: the file is not an otp-router store (is it the queue's file?)")
+
     # -- Store protocol ---------------------------------------------------
 
     async def create(

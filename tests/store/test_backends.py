@@ -83,6 +83,7 @@ async def test_sqlite_refuses_newer_schema(tmp_path: Path) -> None:
     """A file written by a newer otp-router (higher user_version) is refused, not damaged."""
     path = tmp_path / "otp.db"
     raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE records (id TEXT PRIMARY KEY)")
     raw.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
     raw.close()
 
@@ -90,6 +91,38 @@ async def test_sqlite_refuses_newer_schema(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="newer"):
         await store.ping()
     await store.aclose()
+
+
+async def test_sqlite_store_refuses_the_queue_file(tmp_path: Path) -> None:
+    """Pointing the store at the queue's database fails clearly instead of migrating it."""
+    from otp_router.queue.sqlite import SqliteQueue
+
+    queue = SqliteQueue(tmp_path / "otp.db")
+    await queue.ping()
+    await queue.aclose()
+    store = SqliteStore(tmp_path / "otp.db")
+    with pytest.raises(StoreError, match="not an otp-router store"):
+        await store.ping()
+    await store.aclose()
+
+
+async def test_sqlite_store_migrates_an_older_file(tmp_path: Path) -> None:
+    """A store file of the first schema gains the latency table and keeps its records."""
+    path = tmp_path / "otp.db"
+    raw = sqlite3.connect(path)
+    for statement in MIGRATIONS[0].split(";"):
+        raw.execute(statement)
+    raw.execute("INSERT INTO records (id, version, data) VALUES ('v1', 3, '{}')")
+    raw.execute("PRAGMA user_version = 1")
+    raw.commit()
+    raw.close()
+    store = SqliteStore(path)
+    try:
+        assert (await store.get("v1")) is not None
+        await store.add_latency("telegram|GB|7|3", 1.0)
+        assert await store.latency_cells() == {"telegram|GB|7|3": 1.0}
+    finally:
+        await store.aclose()
 
 
 async def test_sqlite_unopenable_path_is_a_store_error(tmp_path: Path) -> None:
