@@ -6,17 +6,37 @@ they print as ``**********`` in reprs and logs.
 
 Reading the environment happens only when :meth:`Settings.load` (or
 ``Settings()``) is called, never at import time.
+
+Every value is checked before anything uses it: numbers must be finite
+(``inf`` and ``nan`` are refused, so a duration can never be endless) and at
+most a year of seconds, text
+must be valid UTF-8 without control characters (a byte that is not UTF-8 in
+the environment would otherwise surface in an HTTP header or a form at the
+first send), URLs must parse and have a scheme and a host. :meth:`Settings.load`
+reports every problem on one line naming the variable.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from otp_router.errors import ConfigError
+from otp_router.inputs import is_text
 from otp_router.phone import NUMBER_TYPES
 from otp_router.providers.base import ChannelName
 
@@ -36,11 +56,58 @@ TELEGRAM_BASE_URL = "https://gatewayapi.telegram.org"
 TWILIO_BASE_URL = "https://api.twilio.com"
 
 
-def _strip_slash(value: str) -> str:
-    return value.rstrip("/")
+#: Settings whose text may hold line breaks and tabs (an SMS body can have several lines).
+_MULTILINE = frozenset({"message_template"})
 
 
-class TelegramSettings(BaseModel):
+#: Largest number any setting accepts: a year, in seconds. Every float setting is a
+#: duration (or a fraction); a larger one is a typo, and one near the float limit
+#: would overflow in the timer and socket calls it ends up in.
+_MAX_SECONDS = 366 * 86400.0
+
+
+def _checked(value: Any, info: ValidationInfo) -> Any:
+    """Every setting: numbers at most a year; text valid UTF-8 (no lone surrogate)
+    and without control characters."""
+    if isinstance(value, float) and value > _MAX_SECONDS:
+        raise ValueError(f"must be at most {_MAX_SECONDS:.0f} (a year of seconds)")
+    text = value.get_secret_value() if isinstance(value, SecretStr) else value
+    if isinstance(text, str):
+        if info.field_name in _MULTILINE:
+            text = text.replace("\n", "").replace("\r", "").replace("\t", "")
+        if not is_text(text):
+            # Never repeat the value: it may be a secret.
+            raise ValueError("must be valid UTF-8 text without control characters")
+    return value
+
+
+def _url(value: str, schemes: tuple[str, ...], *, host: bool = True) -> str:
+    """Check that ``value`` parses as a URL with one of ``schemes`` (and a host)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ValueError("is not a valid URL") from None
+    if parts.scheme.lower() not in schemes:
+        raise ValueError(f"must start with {' or '.join(s + '://' for s in schemes)}")
+    if host and not parts.hostname:
+        raise ValueError("has no host")
+    return value
+
+
+def _http_url(value: str) -> str:
+    return _url(value, ("http", "https")).rstrip("/")
+
+
+class _Section(BaseModel):
+    """Base of the nested settings: finite numbers, printable text (see the module docs)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    _checked = field_validator("*")(_checked)
+
+
+class TelegramSettings(_Section):
     """Telegram Gateway API access."""
 
     token: SecretStr = SecretStr("")
@@ -51,10 +118,10 @@ class TelegramSettings(BaseModel):
     timeout: float = Field(default=10.0, gt=0)
     enabled: bool = True
 
-    _norm = field_validator("base_url")(_strip_slash)
+    _norm = field_validator("base_url")(_http_url)
 
 
-class TwilioSettings(BaseModel):
+class TwilioSettings(_Section):
     """Twilio Programmable Messaging access."""
 
     account_sid: str = ""
@@ -67,7 +134,7 @@ class TwilioSettings(BaseModel):
     message_template: str = "Your login code is {code}"
     enabled: bool = True
 
-    _norm = field_validator("base_url")(_strip_slash)
+    _norm = field_validator("base_url")(_http_url)
 
     @field_validator("message_template")
     @classmethod
@@ -77,7 +144,7 @@ class TwilioSettings(BaseModel):
         return value
 
 
-class RetrySettings(BaseModel):
+class RetrySettings(_Section):
     """Bounded retry policy for provider calls (see ``otp_router.retry``)."""
 
     attempts: int = Field(default=4, ge=1, le=10)
@@ -92,7 +159,7 @@ class RetrySettings(BaseModel):
     max_retry_after: float = Field(default=10.0, ge=0)
 
 
-class LimitSettings(BaseModel):
+class LimitSettings(_Section):
     """Abuse limits on ``start()``. A value of 0 disables that limit."""
 
     per_phone: int = Field(default=5, ge=0)
@@ -112,7 +179,7 @@ def _default_allowed_types() -> dict[str, tuple[str, ...]]:
     return {"telegram": DEFAULT_NUMBER_TYPES, "sms": DEFAULT_NUMBER_TYPES}
 
 
-class FraudSettings(BaseModel):
+class FraudSettings(_Section):
     """Toll-fraud defences on ``start()`` (see the README)."""
 
     #: Number types (``phonenumbers`` names, any case) each channel may send to, e.g.
@@ -144,14 +211,14 @@ class FraudSettings(BaseModel):
         return self.allowed_number_types.get(channel, DEFAULT_NUMBER_TYPES)
 
 
-class CircuitSettings(BaseModel):
+class CircuitSettings(_Section):
     """Per-channel circuit breaker (see ``otp_router.circuit``)."""
 
     failures: int = Field(default=5, ge=1)
     cooldown: float = Field(default=30.0, gt=0)
 
 
-class HttpSettings(BaseModel):
+class HttpSettings(_Section):
     """The shared outgoing HTTP client."""
 
     max_connections: int = Field(default=100, ge=1)
@@ -171,6 +238,7 @@ class Settings(BaseSettings):
         env_file=".env",
         env_file_encoding="utf-8",
         extra="ignore",
+        allow_inf_nan=False,
     )
 
     telegram: TelegramSettings = TelegramSettings()
@@ -214,16 +282,31 @@ class Settings(BaseSettings):
     queue_max_deliveries: int = Field(default=10, ge=1)
     log_level: str = "INFO"
 
+    _checked = field_validator("*")(_checked)
+
     @field_validator("public_url")
     @classmethod
     def _norm_public_url(cls, value: str | None) -> str | None:
-        return value.rstrip("/") if value else value
+        # Twilio must be able to call it back: a scheme and a host, nothing less.
+        return _http_url(value) if value else value
 
     @field_validator("store_url")
     @classmethod
     def _known_store(cls, value: str) -> str:
         if not value.startswith(("memory://", "sqlite://", "redis://", "rediss://", "unix://")):
             raise ValueError("must start with memory://, sqlite:/// or redis://")
+        return _url(value, ("memory", "sqlite", "redis", "rediss", "unix"), host=False)
+
+    @field_validator("queue_url")
+    @classmethod
+    def _known_queue(cls, value: str | None) -> str | None:
+        return _url(value, ("redis", "rediss", "unix", "sqlite"), host=False) if value else value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in logging.getLevelNamesMapping():
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return value
 
     @classmethod
@@ -239,8 +322,15 @@ class Settings(BaseSettings):
         try:
             return cls(**overrides)
         except ValidationError as exc:
-            lines = []
+            problems = []
             for err in exc.errors():
                 name = ENV_PREFIX + "__".join(str(part) for part in err["loc"]).upper()
-                lines.append(f"{name}: {err['msg']}")
-            raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
+                problems.append(f"{name}: {err['msg']}")
+            raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+        except SettingsError as exc:
+            # A nested section given as one variable (OTP_ROUTER_TELEGRAM='{...}') that is not JSON.
+            match = re.search(r'field "([^"]+)"', str(exc))
+            name = ENV_PREFIX + (match.group(1).upper() if match else "*")
+            raise ConfigError(f"invalid settings: {name}: cannot be parsed") from None
+        except UnicodeDecodeError:
+            raise ConfigError("invalid settings: .env is not valid UTF-8") from None

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import phonenumbers
 
 from otp_router.errors import InvalidPhoneNumber
+from otp_router.inputs import is_text
 
 __all__ = ["NUMBER_TYPES", "PhoneNumber", "number_prefix", "parse_phone"]
 
@@ -63,14 +64,21 @@ def parse_phone(raw: str, *, default_region: str | None = None) -> PhoneNumber:
         InvalidPhoneNumber: Unparseable, impossible or invalid number. The
             message never repeats the number itself.
     """
-    if not isinstance(raw, str) or not raw.strip():
+    if not isinstance(raw, str):
+        raise InvalidPhoneNumber("phone number must be a string")
+    if not raw.strip():
         raise InvalidPhoneNumber("phone number is empty")
     if len(raw) > 64:
         raise InvalidPhoneNumber("phone number is too long")
+    if not is_text(raw.strip()):
+        # phonenumbers would skip a NUL or a lone surrogate and parse the rest: refuse garbage instead.
+        raise InvalidPhoneNumber("phone number contains control characters or invalid text")
     try:
         parsed = phonenumbers.parse(raw, default_region)
     except phonenumbers.NumberParseException as exc:
         raise InvalidPhoneNumber(f"phone number cannot be parsed: {exc._msg}") from None
+    if parsed.extension:
+        raise InvalidPhoneNumber("phone number has an extension; a code cannot reach one")
     if not phonenumbers.is_possible_number(parsed):
         raise InvalidPhoneNumber("phone number has an impossible length for its country")
     if not phonenumbers.is_valid_number(parsed):

@@ -252,6 +252,12 @@ def _non_negative(value: Any, where: str) -> float:
     return number
 
 
+def _count(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where} must be a whole number, 0 or more")
+    return value
+
+
 def _ttl(value: Any, channel: ChannelName, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{where}.ttl must be a whole number of seconds")
@@ -401,8 +407,8 @@ class Policy:
             return cls(
                 steps=steps,
                 countries=countries,
-                resend_cooldown=float(data.get("resend_cooldown", 30.0)),
-                max_resends=int(data.get("max_resends", 2)),
+                resend_cooldown=_non_negative(data.get("resend_cooldown", 30.0), "resend_cooldown"),
+                max_resends=_count(data.get("max_resends", 2), "max_resends"),
                 **{key: _non_negative(data[key], key) for key in _POLICY_NUMBERS & set(data)},
             )
         except (KeyError, ValueError, TypeError) as exc:
@@ -417,4 +423,8 @@ class Policy:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read routing policy OTP_ROUTER_POLICY_FILE={path}: {exc}") from None
+        except (UnicodeDecodeError, RecursionError):
+            raise ConfigError(
+                f"cannot read routing policy OTP_ROUTER_POLICY_FILE={path}: not UTF-8, or nested too deeply"
+            ) from None
         return cls.from_dict(data)

@@ -90,11 +90,15 @@ def _read(path: Path | None) -> dict[str, Any]:
             text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"price table {path}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"price table {path}: not UTF-8") from None
     try:
         # parse_float=Decimal keeps 0.0083 exact instead of a binary float.
         return tomllib.loads(text, parse_float=Decimal)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"price table {path or _PACKAGED}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"price table {path or _PACKAGED}: nested too deeply") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,6 +79,8 @@ class RedisConnection:
         max_connections: Pool size (redis-py's ``max_connections`` URL
             parameter overrides it). Callers beyond it wait for a free
             connection instead of failing.
+        encoding_errors: How replies that are not UTF-8 are decoded (and
+            text encoded), as for :meth:`bytes.decode`.
     """
 
     #: What this is, in "… is closed" messages.
@@ -86,7 +88,7 @@ class RedisConnection:
     #: Start of every StoreError message about a redis-py error.
     _error_prefix: ClassVar[str] = "redis"
 
-    def __init__(self, client_url: str, *, max_connections: int) -> None:
+    def __init__(self, client_url: str, *, max_connections: int, encoding_errors: str = "strict") -> None:
         import redis.asyncio as aioredis
         import redis.exceptions
 
@@ -95,7 +97,10 @@ class RedisConnection:
         # redis-py's default pool raises "Too many connections" once its
         # limit is reached; a burst of concurrent callers should queue.
         pool = aioredis.BlockingConnectionPool.from_url(
-            client_url, decode_responses=True, max_connections=max_connections
+            client_url,
+            decode_responses=True,
+            encoding_errors=encoding_errors,
+            max_connections=max_connections,
         )
         self._client: Redis = aioredis.Redis.from_pool(pool)
         self._closed = False

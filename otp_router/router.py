@@ -72,6 +72,7 @@ from otp_router.errors import (
     UnsupportedNumberType,
     VerificationNotFound,
 )
+from otp_router.inputs import check_text
 from otp_router.instrument import InstrumentedChannel
 from otp_router.lifecycle import apply, new_state
 from otp_router.metrics import Metrics, NullMetrics, get_metrics
@@ -86,12 +87,24 @@ __all__ = ["OtpRouter", "ResendNotAllowed"]
 
 log = logging.getLogger("otp_router")
 
+#: Longest verification id accepted from a caller; ours have 24 or 34 characters.
+_MAX_ID_LENGTH = 128
+
 #: Compare-and-set retries before a write is reported as failed (heavy contention on one id).
 _CAS_TRIES = 20
 
 #: A stored record and its parsed state, passed along a chain of events so that
 #: each step neither re-reads nor re-parses what the previous step just wrote.
 _Snap = tuple[Record, VerificationState]
+
+
+def _check_id(verification_id: object) -> str:
+    """A caller's verification id, refused before it reaches the store if it cannot be one.
+
+    Store keys must be valid UTF-8 (Redis and SQLite refuse lone surrogates with
+    an encoding error, not a lookup miss), so this is an input error, never a 500.
+    """
+    return check_text(verification_id, name="verification id", max_length=_MAX_ID_LENGTH)
 
 
 def _delivery(report: StatusResult) -> Delivery:
@@ -295,6 +308,8 @@ class OtpRouter:
             RateLimited: Too many starts for this number, prefix or country (``scope`` says which).
             IdempotencyConflict: The key was used for another number.
         """
+        if default_region is not None:
+            check_text(default_region, name="default_region", max_length=8)
         number = parse_phone(phone, default_region=default_region)
         steps = self.policy.steps_for(number.region)
         steps = tuple(s for s in steps if s.channel in self.channels)
@@ -354,6 +369,7 @@ class OtpRouter:
             InvalidCode: The code is not all digits or has the wrong length
                 (no attempt is used up, nothing is written).
         """
+        _check_id(verification_id)
         entered = validate_code(code, self.settings.code_length)
         record = await self.store.get(verification_id)
         if record is None:
@@ -374,12 +390,13 @@ class OtpRouter:
 
         Raises:
             VerificationNotFound: Unknown id.
+            InputError: Not an id at all (control characters, too long, not a string).
         """
-        return Verification.from_state(await self._load(verification_id))
+        return Verification.from_state(await self._load(_check_id(verification_id)))
 
     async def cancel(self, verification_id: str) -> Verification:
         """Give up on a verification (an undelivered Telegram message is revoked)."""
-        _, (_, latest) = await self._feed(verification_id, Cancel())
+        _, (_, latest) = await self._feed(_check_id(verification_id), Cancel())
         return Verification.from_state(latest)
 
     async def resend(self, verification_id: str) -> Verification:
@@ -388,7 +405,7 @@ class OtpRouter:
         Raises:
             ResendNotAllowed: Too soon, no resends left, or the verification is over.
         """
-        transition, (_, latest) = await self._feed(verification_id, Resend())
+        transition, (_, latest) = await self._feed(_check_id(verification_id), Resend())
         refused = [e for e in transition.effects if isinstance(e, ResendRefused)]
         if refused:
             raise ResendNotAllowed(refused[0].reason, refused[0].retry_after)
@@ -400,7 +417,7 @@ class OtpRouter:
         Raises:
             VerificationNotFound: Unknown id.
         """
-        transition, _ = await self._feed(verification_id, _delivery(report))
+        transition, _ = await self._feed(_check_id(verification_id), _delivery(report))
         return transition.changed
 
     async def ledger_total(self, verification_id: str | None = None) -> Decimal:
@@ -698,8 +715,7 @@ class OtpRouter:
     def _new_id(self, idempotency_key: str | None) -> str:
         if idempotency_key is None:
             return "v_" + secrets.token_urlsafe(16)
-        if not idempotency_key or len(idempotency_key) > 200:
-            raise InputError("idempotency_key must be 1..200 characters")
+        check_text(idempotency_key, name="idempotency_key", max_length=200)
         # Deterministic id: a repeated key finds the first verification with one read.
         digest = hashlib.sha256(self.secret + b"idem:" + idempotency_key.encode()).hexdigest()
         return "v_" + digest[:32]

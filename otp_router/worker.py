@@ -66,7 +66,7 @@ from otp_router.errors import (
     UnsupportedNumberType,
 )
 from otp_router.queue import Delivery, Queue, open_queue, queue_url_for
-from otp_router.queue.base import DeadLetterReason, PoisonMessage, parse_message
+from otp_router.queue.base import DeadLetterReason, PoisonMessage, parse_delivery
 from otp_router.router import OtpRouter
 
 if TYPE_CHECKING:
@@ -349,7 +349,7 @@ class Worker:
         if delivery.attempt > self.settings.queue_max_deliveries:
             return _Outcome("dead_letter", DeadLetterReason.TOO_MANY_DELIVERIES)
         try:
-            message = parse_message(delivery.data)
+            message = parse_delivery(delivery)
         except PoisonMessage as exc:
             return _Outcome("dead_letter", exc.reason, exc.detail)
         try:

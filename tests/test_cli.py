@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -116,3 +117,64 @@ async def test_invalid_setting_is_named(env: dict[str, str]) -> None:
     """An invalid setting fails at start-up naming the variable, exit 2."""
     code, _, err = await run({**env, "OTP_ROUTER_CODE_LENGTH": "3"}, "status", "v_x")
     assert code == 2 and "OTP_ROUTER_CODE_LENGTH" in err
+
+
+async def run_bytes(env: dict[str, str], *args: bytes) -> tuple[int, bytes, bytes]:
+    """Run with raw argument bytes, as a shell would pass a mistyped or binary argument."""
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (b"send", b"+4474001234\xff56"),
+        (b"send", b"+447400123456", b"--idempotency-key", b"key-\xff\xfe"),
+        (b"send", b"+447400123456", b"--idempotency-key", b"key-\x1b[2J"),
+        (b"send", b"7400123456", b"--region", b"G\xffB"),
+        (b"status", b"v_\xc3"),
+        (b"check", b"v_\xed\xa0\x80", b"123456"),
+        (b"check", b"v_x", b"12345\xff"),
+    ],
+    ids=["phone", "key", "key-escape", "region", "status-id", "check-id", "check-code"],
+)
+async def test_undecodable_arguments_are_one_line_errors(
+    env: dict[str, str], pair: EmulatorPair, tmp_path: Path, args: tuple[bytes, ...]
+) -> None:
+    """Argument bytes that are not UTF-8 (or hold control characters) are a one-line error, exit 1:
+    no traceback, no provider call, nothing stored."""
+    code, out, err = await run_bytes(env, *args)
+    assert code == 1 and out == b""
+    assert err.startswith(b"otp-router: ") and len(err.strip().splitlines()) == 1
+    assert b"Traceback" not in err
+    assert pair.telegram.log == [] and pair.twilio.log == []
+    db = tmp_path / "cli.db"
+    if db.exists():
+        conn = sqlite3.connect(db)
+        try:
+            assert conn.execute("SELECT COUNT(*) FROM records").fetchone() == (0,)
+        finally:
+            conn.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OTP_ROUTER_TELEGRAM__BASE_URL", "127.0.0.1:1"),
+        ("OTP_ROUTER_RETRY__TIMEOUT", "nan"),
+        ("OTP_ROUTER_TWILIO__AUTH_TOKEN", "tok\udcffen"),  # the byte 0xff in the real environment
+    ],
+)
+async def test_invalid_setting_stops_before_any_send(
+    env: dict[str, str], pair: EmulatorPair, name: str, value: str
+) -> None:
+    """A scheme-less URL, a non-finite duration or undecodable bytes: exit 2 naming the variable,
+    one line, before anything is sent."""
+    code, out, err = await run({**env, name: value}, "send", "+447400123456")
+    assert code == 2 and out is None
+    assert name in err and len(err.strip().splitlines()) == 1
+    assert pair.telegram.log == [] and pair.twilio.log == []

@@ -51,6 +51,7 @@ from otp_router.errors import (
     StaleWebhook,
     WebhookError,
 )
+from otp_router.inputs import JsonInputError, decode_json
 from otp_router.providers.base import (
     ChannelName,
     DeliveryState,
@@ -81,6 +82,8 @@ CODE_MIN_LENGTH = 4
 CODE_MAX_LENGTH = 8
 PAYLOAD_MAX_BYTES = 128
 CALLBACK_URL_MAX_BYTES = 256
+#: Largest delivery report parsed (the web app refuses larger bodies before the signature check).
+REPORT_MAX_BYTES = 64 * 1024
 
 _log = logging.getLogger(__name__)
 
@@ -488,9 +491,9 @@ def parse_report(body: bytes) -> tuple[StatusResult, str | None]:
         WebhookError: The body is not a ``RequestStatus``.
     """
     try:
-        data = json.loads(body, parse_float=Decimal)
-    except ValueError:
-        raise WebhookError("Telegram delivery report is not JSON") from None
+        data = decode_json(body, max_bytes=REPORT_MAX_BYTES, parse_float=Decimal)
+    except JsonInputError as exc:
+        raise WebhookError(f"Telegram delivery report is not acceptable JSON: {exc}") from None
     try:
         status = RequestStatus.model_validate(data)
     except ValidationError:

@@ -147,7 +147,6 @@ async def enqueue(
         InputError: Another field does not follow the message schema.
         StoreError: The queue backend failed.
     """
-    parse_phone(phone, default_region=default_region)
     try:
         message = QueueMessage(
             phone=phone,
@@ -159,6 +158,8 @@ async def enqueue(
     except ValidationError as exc:
         fields = sorted({".".join(str(p) for p in err["loc"]) for err in exc.errors()})
         raise InputError(f"invalid queue message field(s): {', '.join(fields)}") from None
+    # After the schema check, which has made sure every field is a string of text.
+    parse_phone(phone, default_region=default_region)
     try:
         data = message.to_json()
     except ValueError:

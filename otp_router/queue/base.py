@@ -43,12 +43,14 @@ that will not change) are moved to a dead-letter store with their reason by
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from otp_router.errors import InputError
+from otp_router.inputs import JsonInputError, decode_json, has_lone_surrogate
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -58,7 +60,10 @@ __all__ = [
     "PoisonMessage",
     "Queue",
     "QueueMessage",
+    "message_text",
+    "parse_delivery",
     "parse_message",
+    "stored_bytes",
 ]
 
 #: Larger ``data`` values are dead-lettered unparsed (``too_large``).
@@ -68,7 +73,8 @@ MAX_MESSAGE_BYTES = 64 * 1024
 class DeadLetterReason(enum.StrEnum):
     """Why a message was dead-lettered. Also the ``reason`` metric label."""
 
-    BAD_JSON = "bad_json"  # no ``data`` field, not JSON, or not a JSON object
+    BAD_JSON = "bad_json"  # no ``data`` field, not JSON, or not a JSON object (repeated key, too deep)
+    BAD_ENCODING = "bad_encoding"  # not UTF-8 text (invalid bytes, a SQLite BLOB)
     TOO_LARGE = "too_large"
     INVALID_MESSAGE = "invalid_message"  # JSON that does not follow the schema
     INVALID_PHONE = "invalid_phone"
@@ -78,6 +84,9 @@ class DeadLetterReason(enum.StrEnum):
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     RATE_LIMITED = "rate_limited"
     TOO_MANY_DELIVERIES = "too_many_deliveries"
+
+
+_JSON_REASONS = {"encoding": DeadLetterReason.BAD_ENCODING, "too_large": DeadLetterReason.TOO_LARGE}
 
 
 class QueueMessage(BaseModel):
@@ -122,6 +131,12 @@ class PoisonMessage(Exception):
 def parse_message(data: str | None) -> QueueMessage:
     """Validate a ``data`` field against the message schema.
 
+    The JSON is decoded with :func:`otp_router.inputs.decode_json`, the same
+    strict decoder the HTTP API uses: a repeated key, nesting deeper than
+    :data:`~otp_router.inputs.MAX_JSON_DEPTH` levels, ``NaN`` or text that is
+    not UTF-8 (a queue hands undecodable bytes over as lone surrogates) makes
+    the message poison at once, never an error that would be retried.
+
     Args:
         data: The field's text, or None when the entry has no ``data`` field.
 
@@ -129,17 +144,17 @@ def parse_message(data: str | None) -> QueueMessage:
         The message.
 
     Raises:
-        PoisonMessage: ``bad_json``, ``too_large`` or ``invalid_message``; its
-            detail names fields and error types only, never values.
+        PoisonMessage: ``bad_json``, ``bad_encoding``, ``too_large`` or
+            ``invalid_message``; its detail names fields and error types
+            only, never values.
     """
     if data is None:
         raise PoisonMessage(DeadLetterReason.BAD_JSON, "the entry has no 'data' field")
-    if len(data.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_BYTES:
-        raise PoisonMessage(DeadLetterReason.TOO_LARGE, f"data is over {MAX_MESSAGE_BYTES} bytes")
     try:
-        decoded = json.loads(data)
-    except ValueError:
-        raise PoisonMessage(DeadLetterReason.BAD_JSON, "data is not valid JSON") from None
+        decoded = decode_json(data, max_bytes=MAX_MESSAGE_BYTES)
+    except JsonInputError as exc:
+        reason = _JSON_REASONS.get(exc.reason, DeadLetterReason.BAD_JSON)
+        raise PoisonMessage(reason, f"data: {exc}") from None
     if not isinstance(decoded, dict):
         raise PoisonMessage(DeadLetterReason.BAD_JSON, "data is not a JSON object")
     try:
@@ -152,6 +167,40 @@ def parse_message(data: str | None) -> QueueMessage:
         raise PoisonMessage(DeadLetterReason.INVALID_MESSAGE, ", ".join(problems)) from None
 
 
+def parse_delivery(delivery: Delivery) -> QueueMessage:
+    """:func:`parse_message` for a delivery, refusing first what its queue could not read as text.
+
+    Raises:
+        PoisonMessage: As :func:`parse_message`; ``bad_encoding`` when the
+            queue flagged the entry (e.g. a SQLite ``BLOB`` instead of text).
+    """
+    if delivery.unreadable is not None:
+        raise PoisonMessage(DeadLetterReason.BAD_ENCODING, delivery.unreadable)
+    return parse_message(delivery.data)
+
+
+def message_text(message: QueueMessage | str) -> str:
+    """The ``data`` value to enqueue for ``message``.
+
+    Raises:
+        InputError: ``message`` is text with a lone surrogate, which no queue
+            can store as UTF-8 (refused here rather than failing inside a driver).
+    """
+    if isinstance(message, QueueMessage):
+        return message.to_json()
+    if not isinstance(message, str) or has_lone_surrogate(message):
+        raise InputError("queue message data must be valid UTF-8 text")
+    return message
+
+
+def stored_bytes(text: str) -> bytes:
+    """Bytes to store for a field a queue read with ``surrogateescape``: the original bytes again."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Delivery:
     """A message handed to one consumer, pending until acknowledged.
@@ -161,12 +210,18 @@ class Delivery:
         fields: The entry's fields as enqueued; normally just ``data``.
         enqueued_at: Unix time the message was enqueued (the queue server's clock).
         attempt: 1 on first delivery, then one more each time it is reclaimed.
+        unreadable: Set by the queue when the entry is not text at all (a
+            SQLite ``BLOB``): why. Such a delivery is dead-lettered as
+            ``bad_encoding`` without being parsed. Bytes that are not UTF-8
+            reach ``fields`` decoded with ``surrogateescape``, so reading a
+            bad entry never fails and dead-lettering stores the original bytes.
     """
 
     id: str
     fields: Mapping[str, str]
     enqueued_at: float
     attempt: int = 1
+    unreadable: str | None = None
 
     @property
     def data(self) -> str | None:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from otp_router.constants import DEAD_LETTER_MAXLEN, DEFAULT_GROUP, DEFAULT_PREFIX, QueueKeys
 from otp_router.errors import ConfigError
-from otp_router.queue.base import DeadLetter, Delivery, QueueMessage
+from otp_router.queue.base import DeadLetter, Delivery, QueueMessage, message_text
 from otp_router.redis_common import RedisConnection, require_redis, split_redis_url
 
 if TYPE_CHECKING:
@@ -109,7 +109,11 @@ class RedisStreamQueue(RedisConnection):
             self.dead_letter_maxlen = int(params.get("dead_letter_maxlen", DEAD_LETTER_MAXLEN))
         except ValueError:
             raise ConfigError(f"{_VAR}: dead_letter_maxlen must be an integer") from None
-        super().__init__(client_url, max_connections=max_connections)
+        # surrogateescape: an entry whose bytes are not UTF-8 (written by another
+        # program) reads as text with lone surrogates, which parse_message refuses
+        # as bad_encoding, and dead-lettering writes the very same bytes back.
+        # Strict decoding would fail every read that includes it, forever.
+        super().__init__(client_url, max_connections=max_connections, encoding_errors="surrogateescape")
         self._dead_letter: AsyncScript = self._client.register_script(_DEAD_LETTER)
         self._group_ready = False
 
@@ -150,7 +154,7 @@ class RedisStreamQueue(RedisConnection):
 
     async def enqueue(self, message: QueueMessage | str) -> str:
         """``XADD <prefix>:queue * data <json>``; returns the entry id."""
-        data = message.to_json() if isinstance(message, QueueMessage) else message
+        data = message_text(message)
         with self._mapped():
             entry_id: Any = await self._client.xadd(self.keys.stream, {"data": data})
         return str(entry_id)

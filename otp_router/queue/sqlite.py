@@ -30,10 +30,11 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from otp_router.errors import StoreError
-from otp_router.queue.base import DeadLetter, Delivery, QueueMessage
+from otp_router.inputs import has_lone_surrogate
+from otp_router.queue.base import DeadLetter, Delivery, QueueMessage, message_text, stored_bytes
 from otp_router.sqlite_common import SqliteFile, write_transaction
 
 __all__ = ["MIGRATIONS", "SqliteQueue"]
@@ -68,7 +69,32 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-_CLAIM_COLUMNS = "id, data, enqueued_at, deliveries"
+# ``data`` is read as bytes with its storage class: a row written by another
+# program may hold a BLOB or bytes that are not UTF-8, and letting sqlite3
+# decode it would fail the whole read (blocking every row behind it) instead
+# of dead-lettering that one row. The numeric columns are cast for the same
+# reason: SQLite stores whatever an INSERT gives, text included, and a value
+# that cannot be converted reads as 0 instead of failing every claim.
+_CLAIM_COLUMNS = (
+    "id, typeof(data), CAST(data AS BLOB), CAST(enqueued_at AS REAL), CAST(deliveries AS INTEGER)"
+)
+
+
+def _delivery(row: tuple[Any, ...]) -> Delivery:
+    row_id, kind, raw, enqueued_at, deliveries = row
+    fields = {} if raw is None else {"data": bytes(raw).decode("utf-8", "surrogateescape")}
+    unreadable = "data is stored as a BLOB, not as TEXT" if kind == "blob" else None
+    return Delivery(str(row_id), fields, float(enqueued_at), int(deliveries) + 1, unreadable)
+
+
+def _stored(delivery: Delivery) -> str | bytes | None:
+    """``data`` as it was stored: text, or the original bytes when it was a BLOB or not UTF-8."""
+    data = delivery.data
+    if data is None:
+        return None
+    if delivery.unreadable is not None or has_lone_surrogate(data):
+        return stored_bytes(data)
+    return data
 
 
 class SqliteQueue(SqliteFile):
@@ -129,16 +155,13 @@ class SqliteQueue(SqliteFile):
                 "UPDATE queue SET consumer = ?, claimed_at = ?, deliveries = deliveries + 1 WHERE id = ?",
                 [(consumer, now, row[0]) for row in rows],
             )
-        return [
-            Delivery(str(row[0]), {} if row[1] is None else {"data": row[1]}, float(row[2]), int(row[3]) + 1)
-            for row in rows
-        ]
+        return [_delivery(row) for row in rows]
 
     # -- Queue protocol -----------------------------------------------------
 
     async def enqueue(self, message: QueueMessage | str) -> str:
         """Insert a row; returns its id."""
-        data = message.to_json() if isinstance(message, QueueMessage) else message
+        data = message_text(message)
         now = self.clock()
 
         def op(conn: sqlite3.Connection) -> str:
@@ -216,7 +239,7 @@ class SqliteQueue(SqliteFile):
                     conn.execute(
                         "INSERT INTO dead_letters (message_id, data, enqueued_at, reason,"
                         " failed_at, attempts) VALUES (?, ?, ?, ?, ?, ?)",
-                        (delivery.id, delivery.data, delivery.enqueued_at, reason, now, delivery.attempt),
+                        (delivery.id, _stored(delivery), delivery.enqueued_at, reason, now, delivery.attempt),
                     )
 
         await self._run(op)
@@ -226,13 +249,19 @@ class SqliteQueue(SqliteFile):
 
         def op(conn: sqlite3.Connection) -> list[DeadLetter]:
             rows = conn.execute(
-                "SELECT id, message_id, data, reason, failed_at, attempts"
+                "SELECT id, message_id, CAST(data AS BLOB), reason, CAST(failed_at AS REAL),"
+                " CAST(attempts AS INTEGER)"
                 " FROM dead_letters ORDER BY id LIMIT ?",
                 (count,),
             ).fetchall()
             return [
                 DeadLetter(
-                    str(r[0]), r[1], {} if r[2] is None else {"data": r[2]}, r[3], float(r[4]), int(r[5])
+                    str(r[0]),
+                    r[1],
+                    {} if r[2] is None else {"data": bytes(r[2]).decode("utf-8", "surrogateescape")},
+                    r[3],
+                    float(r[4]),
+                    int(r[5]),
                 )
                 for r in rows
             ]
@@ -258,7 +287,7 @@ class SqliteQueue(SqliteFile):
 
         def op(conn: sqlite3.Connection) -> float | None:
             value: float | None = conn.execute(
-                "SELECT MIN(enqueued_at) FROM queue WHERE consumer IS NULL"
+                "SELECT MIN(CAST(enqueued_at AS REAL)) FROM queue WHERE consumer IS NULL"
             ).fetchone()[0]
             return value
 

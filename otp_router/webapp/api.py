@@ -24,7 +24,6 @@ server with access logs off or filtered (:class:`~otp_router.webapp.RedactQuery`
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -33,6 +32,7 @@ from urllib.parse import parse_qsl
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from otp_router.inputs import JsonInputError, decode_json
 from otp_router.router import OtpRouter
 from otp_router.webapp.common import ApiError, read_body
 
@@ -65,6 +65,24 @@ def _pairs_to_fields(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
     if repeated:
         raise ApiError(400, "bad_request", f"field given more than once: {_names(repeated)}")
     return fields
+
+
+def _form_pairs(raw: bytes, what: str) -> list[tuple[str, str]]:
+    """Decode form or query bytes strictly: percent-escapes must decode to UTF-8.
+
+    Starlette's own query parsing replaces invalid bytes with U+FFFD, which
+    would turn two different malformed idempotency keys into the same one.
+    """
+    try:
+        return parse_qsl(
+            raw.decode("utf-8"),
+            keep_blank_values=True,
+            max_num_fields=_MAX_FIELDS,
+            encoding="utf-8",
+            errors="strict",
+        )
+    except ValueError:  # includes UnicodeDecodeError and too many fields
+        raise ApiError(400, "bad_request", f"{what} is not valid UTF-8 form data") from None
 
 
 def _media_type(request: Request) -> str:
@@ -122,7 +140,9 @@ class VerificationApi:
                 and unparseable bodies; 413 for large bodies; 415 for other
                 content types.
         """
-        query = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
+        query = [
+            (k, v) for k, v in _form_pairs(request.scope["query_string"], "query string") if k != "token"
+        ]
         if request.method == "GET":
             raw = _pairs_to_fields(query)
         else:
@@ -150,19 +170,15 @@ class VerificationApi:
         media = _media_type(request)
         if media == "application/json" or media.endswith("+json"):
             try:
-                data = json.loads(body)
-            except ValueError:
-                # The decoder's message may quote the body (and so a phone number).
-                raise ApiError(400, "bad_request", "request body is not valid JSON") from None
+                # Strict: UTF-8 only, bounded depth, a repeated key is refused (never "last one wins").
+                data = decode_json(body, max_bytes=API_BODY_LIMIT)
+            except JsonInputError as exc:
+                raise ApiError(400, "bad_request", f"request body is not valid JSON: {exc}") from None
             if not isinstance(data, dict):
                 raise ApiError(400, "bad_request", "request body must be a JSON object")
             return data
         if media == "application/x-www-form-urlencoded":
-            try:
-                pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=_MAX_FIELDS)
-            except ValueError:
-                raise ApiError(400, "bad_request", "request body is not a valid form") from None
-            return _pairs_to_fields(pairs)
+            return _pairs_to_fields(_form_pairs(body, "request body"))
         raise ApiError(
             415,
             "unsupported_media_type",

@@ -51,7 +51,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from twilio.request_validator import RequestValidator
 
-from otp_router.errors import InvalidSignature, StaleWebhook, VerificationNotFound, WebhookError
+from otp_router.errors import (
+    InputError,
+    InvalidSignature,
+    StaleWebhook,
+    VerificationNotFound,
+    WebhookError,
+)
 from otp_router.providers.base import StatusResult
 from otp_router.providers.telegram import parse_report, verify_report_signature
 from otp_router.providers.twilio_sms import parse_status_callback, verify_status_callback
@@ -206,7 +212,8 @@ class Webhooks:
             return _ack("ignored")
         try:
             changed = await self.router.apply_report(verification_id, report)
-        except VerificationNotFound:
+        except (VerificationNotFound, InputError):
+            # InputError: a payload that cannot be one of our ids (control characters…).
             metrics.webhook(provider, "bad_request")
             # %r and a cap: the id comes from the request and must not forge log lines.
             log.info("%s callback for unknown verification %r ignored", provider, verification_id[:64])

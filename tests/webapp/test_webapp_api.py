@@ -127,6 +127,10 @@ async def test_form_encoded_bodies(make_env: Factory) -> None:
     assert resp.json()["status"] == "valid"
 
 
+_JSON = {"Content-Type": "application/json"}
+_FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
@@ -134,13 +138,36 @@ async def test_form_encoded_bodies(make_env: Factory) -> None:
         ({"json": {"phone": 12025550143}}, "'phone' must be a string"),
         ({"json": {"default_region": "US"}}, "missing field: 'phone'"),
         ({"json": [US]}, "JSON object"),
-        ({"content": b'{"phone": "+1202', "headers": {"Content-Type": "application/json"}}, "not valid JSON"),
+        ({"content": b'{"phone": "+1202', "headers": _JSON}, "not valid JSON"),
         (
-            {"content": "phone=1&phone=2", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+            {"content": "phone=1&phone=2", "headers": _FORM},
             "more",
         ),
+        (
+            {"content": b'{"phone": "+12025550143", "phone": "+12025550144"}', "headers": _JSON},
+            "repeated key",
+        ),
+        ({"content": b'{"phone": ' + b"[" * 5000 + b"]" * 5000 + b"}", "headers": _JSON}, "nested"),
+        ({"content": b'{"phone": "+1202555\xff0143"}', "headers": _JSON}, "UTF-8"),
+        (
+            {"content": b'{"phone": "+12025550143", "idempotency_key": "\\udc80"}', "headers": _JSON},
+            "surrogate",
+        ),
+        ({"content": b"phone=%2B12025550143&idempotency_key=%FF", "headers": _FORM}, "UTF-8"),
     ],
-    ids=["unknown", "not-string", "missing", "not-object", "bad-json", "repeated"],
+    ids=[
+        "unknown",
+        "not-string",
+        "missing",
+        "not-object",
+        "bad-json",
+        "repeated",
+        "repeated-json-key",
+        "recursion",
+        "invalid-utf8",
+        "escaped-surrogate",
+        "form-invalid-utf8",
+    ],
 )
 async def test_bad_fields_are_400_naming_the_problem(
     make_env: Factory, kwargs: dict[str, Any], needle: str

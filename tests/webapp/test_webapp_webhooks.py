@@ -96,7 +96,32 @@ async def test_telegram_malformed_signed_body_is_400(make_env: Factory, registry
     assert webhook_count(registry, "telegram", "bad_request") == 1
 
 
-@pytest.mark.parametrize("vid", ["v_unknown", None])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"request_id": "req-1", "request_id": "req-2", "delivery_status": {"status": "delivered"}}',
+        b'{"request_id": "req-1", "extra": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"request_id": "req-\xff", "delivery_status": {"status": "delivered"}}',
+        b'{"request_id": "req-\\ud800", "delivery_status": {"status": "delivered"}}',
+        b'{"request_id": "req-1", "request_cost": NaN, "delivery_status": {"status": "delivered"}}',
+    ],
+    ids=["repeated-key", "recursion", "invalid-utf8", "escaped-surrogate", "nan"],
+)
+async def test_telegram_hostile_signed_json_is_400_and_changes_nothing(
+    make_env: Factory, registry: CollectorRegistry, body: bytes
+) -> None:
+    """A correctly signed report with a repeated key, absurd nesting, bytes that are not UTF-8, an
+    unpaired surrogate or NaN is a 400 (never a 500): the verification is untouched."""
+    env = await make_env()
+    vid = await env.start()
+    before = await env.record(vid)
+    resp = await post_tg(env, body)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "bad_request"
+    assert webhook_count(registry, "telegram", "bad_request") == 1
+    assert await env.record(vid) == before
+
+
+@pytest.mark.parametrize("vid", ["v_unknown", None, "v_\x00", "v_\u2028" * 100])
 async def test_telegram_unknown_verification_is_acknowledged(
     make_env: Factory, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture, vid: str | None
 ) -> None:
