@@ -130,16 +130,24 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.05,
         help="real seconds per emulated provider second (default: %(default)s, i.e. 20x faster)",
     )
+    parser.add_argument(
+        "--shape",
+        default="mixed",
+        help="population shape from otp_router.population.SHAPES (default: %(default)s)",
+    )
     parser.add_argument("--json", type=Path, help="also write the summary numbers to this JSON file")
 
 
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from otp_router.demo import main as demo_main
+    from otp_router.population import SHAPES
 
     if args.users < 1 or not 0 < args.time_scale <= 1:
         raise ConfigError("--users must be at least 1 and --time-scale in (0, 1]")
+    if args.shape not in SHAPES:
+        raise ConfigError(f"--shape must be one of {', '.join(SHAPES)}")
     # The demo is self-contained: it ignores OTP_ROUTER_* provider settings on purpose.
-    return demo_main(args.users, args.seed, args.time_scale, args.json)
+    return demo_main(args.users, args.seed, args.time_scale, args.json, args.shape)
 
 
 # -------------------------------------------------------------------- assets

@@ -3,10 +3,12 @@
 It starts the Telegram Gateway and Twilio emulators, a SQLite store in a
 temporary folder and the router's webhook server, then sends a few hundred
 simulated users through ``start`` → read the code on their "phone" →
-``check``. Most users are on Telegram; some are not, some receive slowly or
-never, some numbers are bad. Emulated provider time runs faster than the
-wall clock (``--time-scale``) so Telegram's 30 s minimum ttl does not make
-you wait; the router's step deadlines are scaled to match.
+``check``. The users come from :mod:`otp_router.population`: most are on
+Telegram and receive within seconds, some come online later or never, some
+are not on Telegram, some SMS are slow or undelivered, some numbers are bad.
+Emulated provider time runs faster than the wall clock (``--time-scale``) so
+Telegram's 30 s minimum ttl does not make you wait; the router's step
+deadlines are scaled to match.
 
 The summary's costs come from the router's own ledger; the SMS-only figure
 prices every started verification at the same table the router estimates
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import secrets
@@ -32,112 +35,19 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO
 
+from otp_router.accounting import paid_twice, time_to_code
 from otp_router.config import RetrySettings, Settings
 from otp_router.core import Status, VerificationState
-from otp_router.emulators import EmulatorPair, Script, serve_emulators
+from otp_router.emulators import EmulatorPair, serve_emulators
 from otp_router.errors import InputError
-from otp_router.harness import emulated_settings, read_code, sample_numbers
+from otp_router.harness import emulated_settings, read_code
 from otp_router.metrics import Metrics, NullMetrics
 from otp_router.policy import Policy, Step
+from otp_router.population import Population, Shape, User, make_population
 from otp_router.prices import SmsPrices
-from otp_router.providers.base import ChannelName
 from otp_router.router import OtpRouter
 
-__all__ = ["DemoSummary", "Population", "User", "make_population", "run_demo"]
-
-#: Countries of the simulated users and their shares.
-COUNTRIES = {"GB": 15, "DE": 12, "FR": 10, "IN": 15, "BR": 10, "ID": 10, "NG": 8, "US": 10, "IT": 5, "ES": 5}
-BAD_NUMBERS = ["+44 12", "12345", "+1 999 000 0000", "call me", "+49 0000", "+33 1"]
-
-
-@dataclass(frozen=True, slots=True)
-class User:
-    """One simulated person: a number, how the providers treat it, how they type."""
-
-    phone: str
-    kind: str
-    behaviour: dict[str, Any]
-    typo_first: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Population:
-    """The seeded population."""
-
-    users: tuple[User, ...]
-
-    def script(self, time_scale: float) -> Script:
-        """The emulator script that makes the providers treat each user as drawn."""
-        script = Script(time_scale=time_scale)
-        script.update_from_json({u.phone: u.behaviour for u in self.users if u.behaviour})
-        return script
-
-
-def make_population(size: int, seed: int, *, telegram_share: float | None = None) -> Population:
-    """Draw ``size`` users reproducibly from ``seed``.
-
-    Shares (of valid numbers): 64 % on Telegram and delivered within the ttl,
-    15 % not on Telegram, 2 % unavailable, 8 % slow (past the ttl: refunded),
-    4 % never delivered, 2 % Telegram 5xx, 1 % flood-waited; 4 % of SMS end
-    undelivered. About 4 % of all numbers are malformed.
-
-    Args:
-        size: Number of users.
-        seed: Makes the draw reproducible.
-        telegram_share: Weight of the ``telegram`` kind (0..1) instead of the
-            default; the other kinds share the rest in their default proportions.
-            None keeps the default shares (and the exact same draw).
-
-    Raises:
-        ValueError: ``telegram_share`` is outside 0..1.
-    """
-    rng = random.Random(seed)
-    regions = rng.choices(list(COUNTRIES), weights=list(COUNTRIES.values()), k=size)
-    pools = {r: iter(sample_numbers(r, regions.count(r), offset=rng.randrange(5000))) for r in set(regions)}
-    kinds: list[tuple[str, float]] = [
-        ("telegram", 64),
-        ("absent", 15),
-        ("unavailable", 2),
-        ("slow", 8),
-        ("never", 4),
-        ("telegram_5xx", 2),
-        ("flood", 1),
-    ]
-    if telegram_share is not None:
-        if not 0 <= telegram_share <= 1:
-            raise ValueError("telegram_share must be between 0 and 1")
-        others = sum(w for k, w in kinds if k != "telegram")
-        kinds = [
-            (k, telegram_share if k == "telegram" else (1 - telegram_share) * w / others) for k, w in kinds
-        ]
-    users: list[User] = []
-    for region in regions:
-        if rng.random() < 0.04:
-            users.append(User(rng.choice(BAD_NUMBERS), "bad_number", {}, False))
-            continue
-        kind = rng.choices([k for k, _ in kinds], weights=[w for _, w in kinds])[0]
-        behaviour: dict[str, Any] = {}
-        if kind == "telegram":
-            behaviour["telegram_delay"] = round(rng.uniform(1.0, 20.0), 2)
-        elif kind == "absent":
-            behaviour["telegram"] = "absent"
-        elif kind == "unavailable":
-            behaviour["telegram"] = "unavailable"
-        elif kind == "slow":
-            behaviour["telegram_delay"] = round(rng.uniform(40.0, 90.0), 2)
-        elif kind == "never":
-            behaviour["telegram_never"] = True
-        elif kind == "telegram_5xx":
-            behaviour["telegram_5xx"] = 1
-        elif kind == "flood":
-            behaviour["telegram_flood_wait"] = 1
-            behaviour["telegram_delay"] = 3.0
-        if rng.random() < 0.04:
-            behaviour["sms_final"] = "undelivered"
-            behaviour["sms_error_code"] = 30003
-        behaviour["sms_delay"] = round(rng.uniform(2.0, 15.0), 2)
-        users.append(User(next(pools[region]), kind, behaviour, rng.random() < 0.08))
-    return Population(tuple(users))
+__all__ = ["DemoSummary", "Population", "User", "make_population", "run_demo", "scaled_policy"]
 
 
 @dataclass(slots=True)
@@ -156,6 +66,7 @@ class DemoSummary:
     cost_refunded: Decimal = Decimal(0)
     cost_sms_only: Decimal = Decimal(0)
     paid_twice: int = 0
+    paid_twice_extra: Decimal = Decimal(0)
     time_to_code: list[float] = field(default_factory=list)
     wall_seconds: float = 0.0
 
@@ -182,6 +93,8 @@ class DemoSummary:
             "cost_refunded": str(self.cost_refunded),
             "cost_sms_only": str(self.cost_sms_only),
             "paid_twice": self.paid_twice,
+            "paid_twice_share": self.paid_twice / self.started if self.started else None,
+            "paid_twice_extra": str(self.paid_twice_extra),
             "time_to_code_p50": self.percentile(0.5),
             "time_to_code_p95": self.percentile(0.95),
             "wall_seconds": round(self.wall_seconds, 2),
@@ -215,7 +128,12 @@ class DemoSummary:
             ("  of which refunds", f"{money(-self.cost_refunded)}  (Telegram codes not delivered in time)"),
             ("cost on SMS only", f"{money(self.cost_sms_only)}  ({money(sms_per_user)} per user)"),
             ("saving", f"{saving:.1%}"),
-            ("users who paid twice", f"{self.paid_twice}  (a kept Telegram charge and an SMS)"),
+            (
+                "users who paid twice",
+                f"{self.paid_twice}  ({self.paid_twice / max(self.started, 1):.1%} of started; "
+                f"a delivered Telegram message and an SMS)",
+            ),
+            ("  extra cost of paying twice", f"{money(self.paid_twice_extra)}  (the SMS on top)"),
             ("time to code p50 / p95", f"{seconds(p50)} / {seconds(p95)}  (provider time)"),
         ]
         width = max(len(k) for k, _ in rows)
@@ -291,7 +209,8 @@ async def run_demo(
     metrics: Metrics | NullMetrics | None = None,
     progress: TextIO | None = sys.stderr,
     concurrency: int = 60,
-    telegram_share: float | None = None,
+    shape: Shape | str = "mixed",
+    policy: Policy | None = None,
     arrival_window: float = 5.0,
 ) -> DemoSummary:
     """Run the simulated population and return the summary.
@@ -304,10 +223,12 @@ async def run_demo(
         metrics: Metrics sink (tests pass a private registry).
         progress: Where to draw the progress bar (None: nowhere).
         concurrency: Users in flight at once.
-        telegram_share: Share of the ``telegram`` kind (see :func:`make_population`).
+        shape: The population's shape (see :mod:`otp_router.population`).
+        policy: Routing policy in provider seconds (default: the built-in
+            policy); its deadlines are scaled by ``time_scale``.
         arrival_window: Real seconds over which the users' starts are spread.
     """
-    population = make_population(users, seed, telegram_share=telegram_share)
+    population = make_population(users, seed, shape)
     script = population.script(time_scale)
     prices = SmsPrices.load()
     began = time.monotonic()
@@ -318,7 +239,16 @@ async def run_demo(
         )
         try:
             summary = await _simulate(
-                pair, population, folder, time_scale, metrics, progress, concurrency, prices, arrival_window
+                pair,
+                population,
+                folder,
+                scaled_policy(policy or Policy(), time_scale),
+                time_scale,
+                metrics,
+                progress,
+                concurrency,
+                prices,
+                arrival_window,
             )
         finally:
             await pair.aclose()
@@ -326,10 +256,29 @@ async def run_demo(
     return summary
 
 
+def scaled_policy(policy: Policy, time_scale: float) -> Policy:
+    """``policy`` with its step deadlines in wall-clock seconds of a run at ``time_scale``.
+
+    The emulators scale the ttl they receive themselves, so a Telegram step
+    keeps its ttl in provider seconds (30 s stays 30 s: refunded after 30
+    provider seconds); only the router's own deadlines are scaled.
+    """
+
+    def scale(step: Step) -> Step:
+        return dataclasses.replace(step, deliver_within=step.deliver_within * time_scale)
+
+    countries = {
+        region: dataclasses.replace(rule, steps={c: scale(s) for c, s in rule.steps.items()})
+        for region, rule in policy.countries.items()
+    }
+    return dataclasses.replace(policy, steps=tuple(scale(s) for s in policy.steps), countries=countries)
+
+
 async def _simulate(
     pair: EmulatorPair,
     population: Population,
     folder: Path,
+    policy: Policy,
     time_scale: float,
     metrics: Metrics | NullMetrics | None,
     progress: TextIO | None,
@@ -337,14 +286,6 @@ async def _simulate(
     prices: SmsPrices,
     arrival_window: float = 5.0,
 ) -> DemoSummary:
-    # Provider time is scaled, so the router's deadlines are too: 30 s for Telegram
-    # (= its ttl, so an undelivered code is refunded), 120 s for SMS.
-    policy = Policy(
-        steps=(
-            Step(ChannelName.TELEGRAM, 30 * time_scale, probe=True),
-            Step(ChannelName.SMS, 120 * time_scale),
-        )
-    )
     settings = emulated_settings(
         pair,
         store_url=f"sqlite:///{folder / 'otp-router-demo.db'}",
@@ -424,28 +365,30 @@ async def _tally(router: OtpRouter, ids: list[str], summary: DemoSummary, prices
         summary.cost_sms_only += prices.sms(state.region)
         for f in state.fallbacks:
             summary.fallbacks[f.reason.value] += 1
-        delivered = [a for a in state.attempts if a.delivered_at is not None]
-        for attempt in delivered:
-            summary.delivered[attempt.channel.value] += 1
-        if delivered and delivered[0].delivered_at is not None:
-            summary.time_to_code.append(delivered[0].delivered_at - state.created_at)
-        charged = [a for a in state.attempts if a.cost > 0]
-        if len({a.channel for a in charged}) > 1:
+        for attempt in state.attempts:
+            if attempt.delivered_at is not None:
+                summary.delivered[attempt.channel.value] += 1
+        seconds = time_to_code(state)
+        if seconds is not None:
+            summary.time_to_code.append(seconds)
+        twice = paid_twice(state)
+        if twice is not None:
             summary.paid_twice += 1
+            summary.paid_twice_extra += twice.extra
     for entry in await router.store.ledger():
         summary.cost_router += entry.amount
         if entry.amount < 0 and entry.channel == "telegram":
             summary.cost_refunded += entry.amount
 
 
-def main(users: int, seed: int, time_scale: float, json_out: Path | None) -> int:
+def main(users: int, seed: int, time_scale: float, json_out: Path | None, shape: str = "mixed") -> int:
     """Entry point of ``otp-router demo``."""
     print(
-        f"otp-router demo: {users} simulated users (seed {seed}), emulated providers, "
-        f"SQLite store in a temporary folder; provider time x{1 / time_scale:.0f}",
+        f"otp-router demo: {users} simulated users (seed {seed}, population {shape!r}), emulated "
+        f"providers, SQLite store in a temporary folder; provider time x{1 / time_scale:.0f}",
         file=sys.stderr,
     )
-    summary = asyncio.run(run_demo(users=users, seed=seed, time_scale=time_scale))
+    summary = asyncio.run(run_demo(users=users, seed=seed, time_scale=time_scale, shape=shape))
     print(summary.render(time_scale))
     if json_out is not None:
         json_out.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from otp_router.demo import make_population, run_demo
+from otp_router.demo import run_demo
 from otp_router.metrics import Metrics
+from otp_router.policy import Policy, Step
+from otp_router.providers.base import ChannelName
 
 
 def total(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -22,19 +24,14 @@ def total(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return out
 
 
-def test_population_is_reproducible() -> None:
-    """The same seed draws the same users; numbers are distinct."""
-    a, b = make_population(120, 5), make_population(120, 5)
-    assert a == b
-    phones = [u.phone for u in a.users if u.kind != "bad_number"]
-    assert len(phones) == len(set(phones))
-    assert {u.kind for u in a.users} >= {"telegram", "absent", "bad_number"}
-
-
 async def test_summary_matches_metrics_and_ledger(tmp_path: Path) -> None:
-    """Counts, fallbacks and costs printed by the demo equal the metrics and the ledger of that run."""
+    """Counts, fallbacks, costs and paid-twice users printed by the demo equal the metrics and the ledger."""
     registry = CollectorRegistry()
-    summary = await run_demo(users=60, seed=3, workdir=tmp_path, metrics=Metrics(registry), progress=None)
+    # A 5 s deadline under the 30 s ttl: users whose Telegram message lands in between pay twice.
+    policy = Policy(steps=(Step(ChannelName.TELEGRAM, 5.0, probe=True), Step(ChannelName.SMS, 120.0)))
+    summary = await run_demo(
+        users=60, seed=3, workdir=tmp_path, metrics=Metrics(registry), progress=None, policy=policy
+    )
     assert summary.started + summary.refused_input == summary.users == 60
     assert summary.verified > summary.started * 0.8
     assert total(registry, "otp_router_verifications_started_total") == summary.started
@@ -52,4 +49,8 @@ async def test_summary_matches_metrics_and_ledger(tmp_path: Path) -> None:
     )
     assert summary.cost_router < summary.cost_sms_only
     assert summary.cost_router > Decimal(0)
-    assert summary.paid_twice == 0, "ttl == deadline: no user keeps a Telegram charge and pays for SMS"
+    assert summary.paid_twice > 0
+    assert total(registry, "otp_router_paid_twice_total") == summary.paid_twice
+    # The metric adds estimates when a user starts paying twice; the summary reads final prices.
+    assert total(registry, "otp_router_paid_twice_usd_total") >= float(summary.paid_twice_extra) - 1e-9
+    assert summary.paid_twice_extra > 0
