@@ -70,24 +70,36 @@ def test_channel_throughput_quick(tmp_path: Path) -> None:
 
 
 def test_cost_quick(tmp_path: Path) -> None:
-    """The cost benchmark prices both scenarios three ways, and no router beats the oracle."""
+    """The cost benchmark runs each policy on both shapes, never beats the oracle, and draws the frontier."""
     data, markdown = run_quick("cost", tmp_path)
     assert_common(data, "cost")
-    assert set(data["scenarios"]) == {"default", "low_telegram"}
-    assert len(data["runs"]) == 2
-    for row in data["runs"]:
+    assert set(data["shapes"]) == {"mixed", "emerging"}
+    policies = data["config"]["policies"]
+    assert {"5 s", "30 s"} <= set(policies)
+    runs = [r for r in data["runs"] if r["policy"] != "oracle"]
+    assert len(runs) == 2 * len(policies)
+    for row in runs:
         assert row["started"] == row["oracle_started"] > 0
         assert row["verified"] > 0
-        assert row["router_per_verified"] > 0 and row["sms_only_per_user"] > 0
         # The oracle pays the least anyone could: the router can match it, never undercut it.
-        assert row["router_over_oracle"] >= 1 - 1e-9
+        assert row["cost_over_oracle"] >= 1 - 1e-9
         assert 0 <= row["paid_twice_share"] <= 1
         assert row["time_to_code_p95_s"] >= row["time_to_code_p50_s"] > 0
-    for name, info in data["scenarios"].items():
-        (run,) = (r for r in data["runs"] if r["scenario"] == name)
+        if row["policy"] == "30 s":
+            # Deadline == ttl: a message not delivered by the deadline is refunded, so nobody pays twice.
+            assert row["paid_twice"] == 0
+    oracles = [r for r in data["runs"] if r["policy"] == "oracle"]
+    assert len(oracles) == 2 and all(r["cost_over_oracle"] == 1.0 for r in oracles)
+    for name, info in data["shapes"].items():
+        (run,) = (r for r in runs if r["shape"] == name and r["policy"] == "5 s")
         # One seed: the median across seeds is that seed's figure.
-        assert info["median"]["router_over_sms_only"] == pytest.approx(run["router_over_sms_only"])
-    assert "| scenario | users |" in markdown
+        assert info["policies"]["5 s"]["cost_over_oracle"] == pytest.approx(run["cost_over_oracle"])
+        # The arithmetic: nobody pays twice when the deadline is the ttl, and a shorter one cannot do better.
+        by_deadline = {m["deadline_s"]: m for m in info["arithmetic"]}
+        assert by_deadline[30.0]["paid_twice_share"] == 0
+        assert by_deadline[5.0]["paid_twice_share"] >= by_deadline[15.0]["paid_twice_share"]
+    assert "| policy | cost ÷ oracle |" in markdown
+    assert (tmp_path / "cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def redis_up() -> bool:
