@@ -71,7 +71,7 @@ ALERTS = ROOT / "otp_router" / "assets" / "alerts.yml"
 #: The scenario: enough users that every kind the demo draws (slow, absent,
 #: 5xx, flood-waited, undelivered SMS, typos) occurs at least once.
 USERS = 80
-SEED = 11
+SEED = 12  # one of the seeds whose 80 users include every kind (checked in the test)
 
 #: Grafana's built-in variables for a "Last 1 hour" dashboard. ``$__range`` is
 #: the range in seconds; ``$__rate_interval`` is at least four scrape intervals
