@@ -16,7 +16,9 @@ later and the core decides what is safe:
 * an interrupted probe is repeated (a probe sends nothing);
 * an interrupted Telegram send that had a probe ``request_id`` is re-issued
   with the same ``request_id``: Telegram allows one message per request id
-  (``MESSAGE_ALREADY_SENT``), so this cannot produce a second message;
+  (``MESSAGE_ALREADY_SENT``), so this cannot produce a second message, and
+  that answer means the first send went through (:class:`SendOk`, keep
+  waiting for delivery on Telegram);
 * an interrupted send without such an id (SMS) may or may not have left, so
   it is *not* repeated: the attempt is treated as sent with an unknown
   reference and the user can ask for a resend.
@@ -160,6 +162,12 @@ class Attempt(_Model):
     refunded: bool = False
     #: Ledger entries written so far: makes each entry key unique and deterministic.
     entries: int = 0
+    #: Request ids of probes for this step whose answer came after the step had
+    #: moved on (a re-probe raced them). Telegram charged each in advance and
+    #: never refunds a request without a message, so their fees stay booked.
+    abandoned_probes: tuple[str, ...] = ()
+    #: The part of ``cost`` that is such abandoned probe fees (never refunded).
+    abandoned_cost: Decimal = Decimal(0)
 
 
 class FallbackRecord(_Model):

@@ -27,6 +27,7 @@ own types and no vendor exception reaches a caller::
     │   │   └── ProviderResponseError  a body we could not understand
     │   └── ProviderPermanentError  will fail the same way again
     │       ├── ProviderRejected    account/configuration problem (bad token, no balance…)
+    │       │   └── MessageAlreadySent  this request id already carried a message (the router: "sent")
     │       └── InvalidRecipient    the number cannot receive on this channel
     └── AllProvidersFailed          every step of the workflow failed; has .causes
 
@@ -49,6 +50,7 @@ __all__ = [
     "InvalidPhoneNumber",
     "InvalidRecipient",
     "InvalidSignature",
+    "MessageAlreadySent",
     "OtpRouterError",
     "ProviderError",
     "ProviderPermanentError",
@@ -231,6 +233,14 @@ class ProviderPermanentError(ProviderError):
 
 class ProviderRejected(ProviderPermanentError):
     """The provider refused the request for an account or configuration reason."""
+
+
+class MessageAlreadySent(ProviderRejected):
+    """A message was already sent under this request's id (Telegram ``MESSAGE_ALREADY_SENT``).
+
+    Not a failure when the id is ours: a send repeated with the same id (after
+    a timeout or a crash) learns this way that the earlier one went through.
+    """
 
 
 class InvalidRecipient(ProviderPermanentError):

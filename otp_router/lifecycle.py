@@ -272,6 +272,7 @@ def _dispatch(state: VerificationState, event: Event, now: float) -> Transition:
 def _probe_done(b: _Builder, event: ProbeDone, now: float) -> None:
     cur = b.state.current
     if not (cur and cur.step == event.step and cur.phase is AttemptPhase.PROBING):
+        _late_probe(b, event, now)
         return
     if event.cost:
         # Telegram charges a reachable probe in advance; the send that follows is free.
@@ -287,12 +288,39 @@ def _probe_done(b: _Builder, event: ProbeDone, now: float) -> None:
         b.fall_back(cur, FallbackReason.ABILITY_REFUSED, now, event.reason)
 
 
+def _late_probe(b: _Builder, event: ProbeDone, now: float) -> None:
+    """Book a charged probe answer that arrived after its step moved on.
+
+    It happens when a probe outlived its I/O lease and the recovery probed
+    again: the step went on with one ``request_id`` and this one is abandoned.
+    Telegram charged it in advance and refunds nothing for a request without
+    a message, so the ledger must carry it too.
+    """
+    attempt = next((a for a in b.state.attempts if a.step == event.step), None)
+    if (
+        attempt is None
+        or not event.cost
+        or event.ref is None
+        or event.ref in (attempt.probe_ref, *attempt.abandoned_probes)
+    ):
+        return
+    attempt = b.book(attempt, attempt.cost + event.cost, estimate=False, now=now)
+    b.put_attempt(
+        attempt.model_copy(
+            update={
+                "abandoned_probes": (*attempt.abandoned_probes, event.ref),
+                "abandoned_cost": attempt.abandoned_cost + event.cost,
+            }
+        )
+    )
+
+
 def _send_ok(b: _Builder, event: SendOk, now: float) -> None:
     cur = b.state.current
     if not (cur and cur.step == event.step and cur.phase is AttemptPhase.SENDING):
         return
-    if event.cost is not None and event.cost > cur.cost:
-        cur = b.book(cur, event.cost, estimate=event.estimate, now=now)
+    if event.cost is not None and cur.abandoned_cost + event.cost > cur.cost:
+        cur = b.book(cur, cur.abandoned_cost + event.cost, estimate=event.estimate, now=now)
     # The provider may have sent even if the verification ended meanwhile: keep the
     # reference so late reports still book refunds and prices.
     ref = event.ref or cur.probe_ref
@@ -305,7 +333,8 @@ def _delivery(b: _Builder, event: Delivery, now: float) -> None:
     if attempt is None:
         return
     if event.cost is not None or event.refunded:
-        target = Decimal(0) if event.refunded else (event.cost or Decimal(0))
+        # Abandoned probe fees stay: a refund gives back only the message's own fee.
+        target = attempt.abandoned_cost + (Decimal(0) if event.refunded else (event.cost or Decimal(0)))
         if not (attempt.cost_final and not event.refunded):
             attempt = b.book(attempt, target, estimate=False, now=now)
         attempt = attempt.model_copy(

@@ -57,12 +57,14 @@ from otp_router.core import (
     Transition,
     VerificationState,
 )
+from otp_router.crashpoints import crash_point
 from otp_router.errors import (
     ConcurrentUpdate,
     ConfigError,
     IdempotencyConflict,
     InputError,
     InvalidRecipient,
+    MessageAlreadySent,
     OtpRouterError,
     ProviderError,
     ProviderPermanentError,
@@ -612,6 +614,7 @@ class OtpRouter:
         if not circuit.allow():
             event = ProbeFailed(effect.step, FallbackReason.CIRCUIT_OPEN)
         else:
+            crash_point("probe")
             try:
                 result = await channel.probe(state.phone)
             except ProviderPermanentError as exc:
@@ -621,6 +624,7 @@ class OtpRouter:
                 circuit.failure()
                 event = ProbeFailed(effect.step, FallbackReason.RETRIES_EXHAUSTED, exc.code or exc.reason)
             else:
+                crash_point("probe.answered")
                 circuit.success()
                 if result.remaining_balance is not None:
                     self.metrics.telegram_balance(result.remaining_balance)
@@ -647,12 +651,18 @@ class OtpRouter:
         if not circuit.allow():
             event = SendFailed(effect.step, FallbackReason.CIRCUIT_OPEN)
         else:
+            crash_point(f"send.{effect.channel.value}")
             try:
                 result = await channel.send(request)
+                crash_point(f"send.{effect.channel.value}.accepted")
             except ProviderTransientError as exc:
                 circuit.failure()
                 event = await self._unconfirmed_send(effect, exc, channel, request)
                 outcome = "accepted" if isinstance(event, SendOk) else "failed"
+            except MessageAlreadySent as exc:
+                circuit.success()
+                event = self._already_sent(effect, request, exc)
+                outcome = "accepted" if isinstance(event, SendOk) else "rejected"
             except ProviderPermanentError as exc:
                 circuit.success()
                 outcome = "unreachable" if isinstance(exc, InvalidRecipient) else "rejected"
@@ -685,12 +695,27 @@ class OtpRouter:
         if request.probe_ref is not None:
             try:
                 result = await channel.send(request)
+            except MessageAlreadySent as again:
+                return self._already_sent(effect, request, again)
             except ProviderError as again:
-                if again.code == "MESSAGE_ALREADY_SENT":
-                    return SendOk(effect.step, request.probe_ref, None)
                 return SendFailed(effect.step, FallbackReason.RETRIES_EXHAUSTED, again.code or again.reason)
             return SendOk(effect.step, result.ref, result.cost, estimate=result.cost_is_estimate)
         return SendOk(effect.step, None, None)
+
+    @staticmethod
+    def _already_sent(effect: Send, request: SendRequest, exc: MessageAlreadySent) -> Event:
+        """The provider already sent a message under this request's id.
+
+        The id is ours (from our probe), and only this step of this verification
+        sends with it, so the message that went out is this step's own: an earlier
+        send that the process did not live to record, or one whose answer was
+        lost. The step is sent; wait for its delivery like any other (a fallback
+        now would make the user pay twice). Its fee was booked with the probe.
+        """
+        if request.probe_ref is None:
+            # Without an id of ours the answer cannot be about our message.
+            return SendFailed(effect.step, FallbackReason.PERMANENT_ERROR, exc.code or exc.reason)
+        return SendOk(effect.step, request.probe_ref, None)
 
     async def _revoke(self, effect: Revoke) -> None:
         with contextlib.suppress(ProviderError):

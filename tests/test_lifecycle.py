@@ -211,6 +211,58 @@ def test_interrupted_telegram_send_resumes_with_same_request_id() -> None:
     assert sends == [Send(0, ChannelName.TELEGRAM, 30, "r1", 1, resume=True)]
 
 
+def test_resumed_send_that_already_went_out_awaits_telegram_delivery() -> None:
+    """Recovery after a crash once Telegram accepted: the resumed send is answered "already sent"
+    (SendOk with the probe's id), the step waits for Telegram, nothing falls back, nothing is booked twice."""
+    ts = run(
+        fresh(),
+        (Start(), 0),
+        (ProbeDone(0, True, "r1", TG_COST), 1),
+        (DeadlineReached(), 61),
+        (SendOk(0, "r1", None), 62),
+    )
+    final = ts[-1].state
+    cur = final.current
+    assert cur is not None and cur.channel is ChannelName.TELEGRAM
+    assert cur.phase is AttemptPhase.AWAITING and cur.ref == "r1"
+    assert final.fallbacks == () and not any(isinstance(e, Send) for e in ts[-1].effects)
+    assert [e.amount for t in ts for e in t.ledger] == [TG_COST]
+    delivered = apply(final, Delivery("r1", DeliveryState.DELIVERED, TG_COST, cost_final=True), 63)
+    assert delivered.state.current is not None and delivered.state.current.phase is AttemptPhase.DELIVERED
+    assert delivered.ledger == ()
+
+
+def test_probe_answer_after_a_re_probe_is_booked_and_not_used() -> None:
+    """A probe that outlived its lease was re-probed; both answers arrive. Telegram charged both in
+    advance: the first answer drives the step, the second is booked as an abandoned fee, once."""
+    s = run(fresh(), (Start(), 0), (DeadlineReached(), 61))[-1].state
+    first = apply(s, ProbeDone(0, True, "r1", TG_COST), 62)
+    assert [e for e in first.effects if isinstance(e, Send)] == [Send(0, ChannelName.TELEGRAM, 30, "r1", 1)]
+    second = apply(first.state, ProbeDone(0, True, "r2", TG_COST), 63)
+    assert [(e.kind, e.amount) for e in second.ledger] == [(LedgerKind.CHARGE, TG_COST)]
+    assert not any(isinstance(e, Send) for e in second.effects)
+    cur = second.state.current
+    assert cur is not None and cur.probe_ref == "r1" and cur.abandoned_probes == ("r2",)
+    assert cur.cost == 2 * TG_COST
+    assert not apply(second.state, ProbeDone(0, True, "r2", TG_COST), 64).changed
+    # The message is refunded (not delivered within ttl); the abandoned probe's fee is not.
+    sent = apply(second.state, SendOk(0, "r1", TG_COST), 64).state
+    assert sent.current is not None and sent.current.cost == 2 * TG_COST
+    refunded = apply(sent, Delivery("r1", DeliveryState.EXPIRED, TG_COST, refunded=True), 100)
+    assert [e.amount for e in refunded.ledger] == [-TG_COST]
+    assert refunded.state.attempts[0].cost == TG_COST
+
+
+def test_probe_answer_after_the_step_was_left_is_still_booked() -> None:
+    """A charged probe answer arriving after the verification moved to SMS is booked on its step."""
+    s = run(fresh(), (Start(), 0), (DeadlineReached(), 61))[-1].state
+    s = apply(s, ProbeFailed(0, FallbackReason.RETRIES_EXHAUSTED), 62).state
+    late = apply(s, ProbeDone(0, True, "r9", TG_COST), 63)
+    assert [e.amount for e in late.ledger] == [TG_COST]
+    assert late.state.attempts[0].abandoned_probes == ("r9",)
+    assert late.state.current is not None and late.state.current.channel is ChannelName.SMS
+
+
 def test_interrupted_sms_send_is_not_repeated() -> None:
     """An SMS send interrupted by a crash is assumed sent, never repeated blindly."""
     ts = run(fresh((Step(ChannelName.SMS, 60),)), (Start(), 0), (DeadlineReached(), 60))

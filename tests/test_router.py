@@ -18,6 +18,7 @@ from otp_router.errors import (
     InvalidCode,
     InvalidPhoneNumber,
     InvalidRecipient,
+    MessageAlreadySent,
     ProviderTimeout,
     ProviderUnavailable,
     RateLimited,
@@ -282,7 +283,7 @@ async def test_ambiguous_telegram_send_is_resolved_by_request_id(build: Any) -> 
             sends += 1
             if sends == 1:
                 raise ProviderTimeout("timed out", provider="telegram")
-            raise InvalidRecipient("dup", provider="telegram", code="MESSAGE_ALREADY_SENT")
+            raise MessageAlreadySent("dup", provider="telegram", code="MESSAGE_ALREADY_SENT")
         return await telegram_handler()(method, arg)
 
     router, tg, sms = await build(tg=handle)
@@ -310,6 +311,61 @@ async def test_crash_mid_telegram_send_resumes_with_same_request_id(build: Any, 
     sends = [c[1] for c in tg.calls if c[0] == "send"]
     assert [s.probe_ref for s in sends] == ["req-1"]
     assert sms.calls == []
+
+
+async def test_crash_after_telegram_accepted_keeps_waiting_on_telegram(build: Any, clock: Clock) -> None:
+    """The process dies after Telegram accepted the send but before the state write. Recovery re-sends
+    with the same request_id, Telegram answers MESSAGE_ALREADY_SENT: the step is sent, no SMS, no
+    permanent_error fallback, one fee booked."""
+    store = MemoryStore()
+
+    async def accepted_then_crash(method: str, arg: Any) -> Any:
+        result = await telegram_handler()(method, arg)
+        if method == "send":
+            raise Crash  # the message went out; the process died before recording it
+        return result
+
+    async def already_sent(method: str, arg: Any) -> Any:
+        if method == "send":
+            raise MessageAlreadySent("already", provider="telegram", code="MESSAGE_ALREADY_SENT")
+        return await telegram_handler()(method, arg)
+
+    first, _, _ = await build(tg=accepted_then_crash, store=store)
+    with pytest.raises(Crash):
+        await first.start(US)
+    second, tg, sms = await build(tg=already_sent, store=store)
+    clock.now += 61
+    assert await second.fire_due() == 1
+    (vid,) = {e.verification_id for e in await store.ledger()}
+    state = await state_of(second, vid)
+    assert state.status is Status.PENDING and state.fallbacks == ()
+    cur = state.current
+    assert cur is not None and cur.channel is ChannelName.TELEGRAM and cur.ref == "req-1"
+    assert [c[1].probe_ref for c in tg.calls if c[0] == "send"] == ["req-1"]
+    assert sms.calls == []
+    assert await second.ledger_total(vid) == TG
+    # Delivery on Telegram then verifies as usual.
+    assert await second.apply_report(
+        vid, StatusResult("req-1", DeliveryState.DELIVERED, TG, cost_is_final=True)
+    )
+    assert (await second.check(vid, code_of(second, state))).valid
+
+
+async def test_already_sent_without_our_request_id_is_a_refusal(build: Any) -> None:
+    """MESSAGE_ALREADY_SENT to a send that carried no id of ours cannot be about our message: fall back."""
+
+    async def handle(method: str, arg: Any) -> Any:
+        if method == "probe":
+            return ProbeResult(True)  # reachable but no request_id
+        if method == "send":
+            raise MessageAlreadySent("already", provider="telegram", code="MESSAGE_ALREADY_SENT")
+        return await telegram_handler()(method, arg)
+
+    router, _, sms = await build(tg=handle)
+    v = await router.start(US)
+    assert v.channel == "sms"
+    assert [f.reason for f in v.fallbacks] == ["permanent_error"]
+    assert [c[0] for c in sms.calls] == ["send"]
 
 
 async def test_crash_mid_sms_send_is_not_repeated(build: Any, clock: Clock) -> None:

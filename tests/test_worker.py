@@ -81,6 +81,18 @@ def telegram_sends(pair: EmulatorPair) -> Counter[str | None]:
     return Counter(e.phone_number for e in pair.telegram.log if e.method == SEND and e.outcome == "ok")
 
 
+def sms_sends(pair: EmulatorPair, phones: list[str]) -> Counter[str]:
+    """SMS messages created per phone number, from the Twilio emulator's own records."""
+    return Counter(
+        {phone: len(pair.twilio.messages_to(phone)) for phone in phones if pair.twilio.messages_to(phone)}
+    )
+
+
+def telegram_charges(pair: EmulatorPair) -> Decimal:
+    """Everything the Telegram emulator charged, from its own request log."""
+    return sum((Decimal(e.charged) for e in pair.telegram.log if e.charged), Decimal(0))
+
+
 async def enqueue_all(settings: Settings, phones: list[str], *, prefix: str = "k") -> None:
     queue = open_queue(queue_url_for(settings))
     try:
@@ -215,7 +227,14 @@ async def test_a_killed_worker_loses_nothing_and_sends_nothing_twice(
     async with recovery:
         for _ in range(3):
             await recovery.fire_due()
+        ledger = await recovery.store.ledger()
     assert telegram_sends(pair) == Counter(phones)
+    # No SMS either: a resumed send answered MESSAGE_ALREADY_SENT is a sent Telegram message, not a
+    # reason to fall back (which would make the user pay twice).
+    assert sms_sends(pair, phones) == Counter()
+    # Every fee Telegram charged is booked once (probes in advance, nothing refunded yet).
+    assert sum((e.amount for e in ledger), Decimal(0)) == telegram_charges(pair)
+    assert len({e.verification_id for e in ledger}) == len(phones)
     # The witness that sends really were cut off mid-flight and re-issued without a second message:
     assert any(e.method == SEND and e.outcome == "MESSAGE_ALREADY_SENT" for e in pair.telegram.log)
 

@@ -42,6 +42,7 @@ from otp_router.errors import (
     InvalidCode,
     InvalidRecipient,
     InvalidSignature,
+    MessageAlreadySent,
     ProviderError,
     ProviderRateLimited,
     ProviderRejected,
@@ -110,7 +111,6 @@ _REJECTED_ERRORS = frozenset(
         "TTL_INVALID",
         "PAYLOAD_INVALID",
         "UNKNOWN_METHOD",
-        "MESSAGE_ALREADY_SENT",
         "PHONE_NUMBER_MISMATCH",
     }
 )
@@ -227,6 +227,9 @@ def error_from_string(error: str, *, method: str, http_status: int = 200) -> Pro
         return ProviderRateLimited(message, provider=PROVIDER, code=error, retry_after=retry_after)
     if error in _RECIPIENT_ERRORS:
         return InvalidRecipient(message, provider=PROVIDER, code=error)
+    if error == "MESSAGE_ALREADY_SENT":
+        # Our own request id already carried a message: the router reads this as "sent".
+        return MessageAlreadySent(message, provider=PROVIDER, code=error)
     if error in _REJECTED_ERRORS or error.startswith(_REJECTED_PREFIXES):
         return ProviderRejected(message, provider=PROVIDER, code=error)
     if http_status >= 500:

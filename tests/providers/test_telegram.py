@@ -24,6 +24,7 @@ from otp_router.errors import (
     InvalidCode,
     InvalidRecipient,
     InvalidSignature,
+    MessageAlreadySent,
     ProviderRateLimited,
     ProviderRejected,
     ProviderResponseError,
@@ -323,9 +324,10 @@ async def test_second_send_with_same_request_id_is_rejected(
     channel = make_channel()
     probe = await channel.probe(PHONE)
     await channel.send(SendRequest(phone=PHONE, code="1234", ttl=60, probe_ref=probe.ref))
-    with pytest.raises(ProviderRejected) as info:
+    with pytest.raises(MessageAlreadySent) as info:
         await channel.send(SendRequest(phone=PHONE, code="1234", ttl=60, probe_ref=probe.ref))
     assert info.value.code == "MESSAGE_ALREADY_SENT"
+    assert isinstance(info.value, ProviderRejected)
     assert sends(gateway.emulator, PHONE) == ["ok", "MESSAGE_ALREADY_SENT"]
 
 
@@ -552,6 +554,7 @@ def test_money_is_exact_decimal() -> None:
         ("FLOOD_WAIT_abc", 400, ProviderRateLimited),
         ("SENDER_NOT_VERIFIED", 400, ProviderRejected),
         ("REQUEST_ID_INVALID", 400, ProviderRejected),
+        ("MESSAGE_ALREADY_SENT", 400, MessageAlreadySent),
         ("SOMETHING_NEW", 400, ProviderRejected),
         ("SOMETHING_NEW", 500, ProviderUnavailable),
     ],
