@@ -17,7 +17,6 @@ from otp_router.errors import (
     InputError,
     InvalidCode,
     InvalidPhoneNumber,
-    InvalidRecipient,
     MessageAlreadySent,
     ProviderTimeout,
     ProviderUnavailable,
