@@ -13,7 +13,10 @@ attempt is persisted in phase ``probing``/``sending`` with a short I/O lease
 as its deadline. If the process dies during the call, the deadline fires
 later and the core decides what is safe:
 
-* an interrupted probe is repeated (a probe sends nothing);
+* an interrupted probe is repeated (a probe sends nothing). Its answer was
+  lost with its ``request_id``, but Telegram charged it in advance if the
+  number is reachable: when the repeat says reachable, the lost one is booked
+  too, as an estimate at the same fee (the lost id cannot be asked about);
 * an interrupted Telegram send that had a probe ``request_id`` is re-issued
   with the same ``request_id``: Telegram allows one message per request id
   (``MESSAGE_ALREADY_SENT``), so this cannot produce a second message, and
@@ -168,6 +171,12 @@ class Attempt(_Model):
     abandoned_probes: tuple[str, ...] = ()
     #: The part of ``cost`` that is such abandoned probe fees (never refunded).
     abandoned_cost: Decimal = Decimal(0)
+    #: Probes of this step cut off without an answer (the process died during
+    #: the call) and not yet booked. Their ``request_id`` is lost; a reachable
+    #: number was charged for each in advance, which the next answer tells.
+    lost_probes: int = 0
+    #: Lost probes booked (as estimates) at the fee the next answer reported.
+    lost_booked: int = 0
 
 
 class FallbackRecord(_Model):

@@ -276,7 +276,19 @@ def _probe_done(b: _Builder, event: ProbeDone, now: float) -> None:
         return
     if event.cost:
         # Telegram charges a reachable probe in advance; the send that follows is free.
-        cur = b.book(cur, event.cost, estimate=False, now=now)
+        cur = b.book(cur, cur.cost + event.cost, estimate=False, now=now)
+        if event.reachable and cur.lost_probes:
+            # Probes cut off by a crash reached a number that is reachable: each was
+            # charged the same fee in advance, and no refund comes without a message.
+            lost = event.cost * cur.lost_probes
+            cur = b.book(cur, cur.cost + lost, estimate=True, now=now)
+            cur = cur.model_copy(
+                update={
+                    "abandoned_cost": cur.abandoned_cost + lost,
+                    "lost_booked": cur.lost_booked + cur.lost_probes,
+                    "lost_probes": 0,
+                }
+            )
     if b.state.status is not Status.PENDING:
         b.put_attempt(cur.model_copy(update={"phase": AttemptPhase.FAILED, "probe_ref": event.ref}))
         return
@@ -304,13 +316,17 @@ def _late_probe(b: _Builder, event: ProbeDone, now: float) -> None:
         or event.ref in (attempt.probe_ref, *attempt.abandoned_probes)
     ):
         return
+    refs = (*attempt.abandoned_probes, event.ref)
+    if attempt.lost_booked:
+        # One of the probes believed lost answered after all: it is booked already.
+        b.put_attempt(
+            attempt.model_copy(update={"abandoned_probes": refs, "lost_booked": attempt.lost_booked - 1})
+        )
+        return
     attempt = b.book(attempt, attempt.cost + event.cost, estimate=False, now=now)
     b.put_attempt(
         attempt.model_copy(
-            update={
-                "abandoned_probes": (*attempt.abandoned_probes, event.ref),
-                "abandoned_cost": attempt.abandoned_cost + event.cost,
-            }
+            update={"abandoned_probes": refs, "abandoned_cost": attempt.abandoned_cost + event.cost}
         )
     )
 
@@ -405,8 +421,9 @@ def _deadline_reached(b: _Builder, now: float) -> None:
         return
     match cur.phase:
         case AttemptPhase.PROBING:
-            # The process died during the probe: probing again sends nothing.
-            b.put_attempt(cur.model_copy(update={"io_since": now}))
+            # The process died during the probe: probing again sends nothing. The lost
+            # probe is booked once the new answer says whether it was charged.
+            b.put_attempt(cur.model_copy(update={"io_since": now, "lost_probes": cur.lost_probes + 1}))
             b.effects.append(Probe(cur.step, cur.channel))
         case AttemptPhase.SENDING if cur.channel is ChannelName.TELEGRAM and cur.probe_ref:
             # Same request_id: Telegram sends at most one message per id, so this is safe.

@@ -232,14 +232,31 @@ def test_resumed_send_that_already_went_out_awaits_telegram_delivery() -> None:
     assert delivered.ledger == ()
 
 
+def test_probe_lost_in_a_crash_is_booked_when_the_repeat_says_reachable() -> None:
+    """The process died during the probe: its answer and request_id are lost. The repeated probe says
+    reachable, so the lost one was charged in advance too: booked as an estimate at the same fee."""
+    s = run(fresh(), (Start(), 0), (DeadlineReached(), 61))[-1].state
+    assert [e for e in apply(s, Start(), 61).effects] == []
+    t = apply(s, ProbeDone(0, True, "r2", TG_COST), 62)
+    assert [(e.kind, e.amount) for e in t.ledger] == [
+        (LedgerKind.CHARGE, TG_COST),
+        (LedgerKind.ESTIMATE, TG_COST),
+    ]
+    assert t.state.current is not None and t.state.current.probe_ref == "r2"
+    # An unreachable number is never charged, for the lost probe either.
+    refused = apply(s, ProbeDone(0, False, reason="PHONE_NUMBER_NOT_FOUND"), 62)
+    assert refused.ledger == ()
+
+
 def test_probe_answer_after_a_re_probe_is_booked_and_not_used() -> None:
     """A probe that outlived its lease was re-probed; both answers arrive. Telegram charged both in
-    advance: the first answer drives the step, the second is booked as an abandoned fee, once."""
+    advance: the first answer drives the step and books both fees; the second is not booked again."""
     s = run(fresh(), (Start(), 0), (DeadlineReached(), 61))[-1].state
     first = apply(s, ProbeDone(0, True, "r1", TG_COST), 62)
     assert [e for e in first.effects if isinstance(e, Send)] == [Send(0, ChannelName.TELEGRAM, 30, "r1", 1)]
+    assert sum(e.amount for e in first.ledger) == 2 * TG_COST
     second = apply(first.state, ProbeDone(0, True, "r2", TG_COST), 63)
-    assert [(e.kind, e.amount) for e in second.ledger] == [(LedgerKind.CHARGE, TG_COST)]
+    assert second.ledger == ()
     assert not any(isinstance(e, Send) for e in second.effects)
     cur = second.state.current
     assert cur is not None and cur.probe_ref == "r1" and cur.abandoned_probes == ("r2",)
