@@ -280,6 +280,13 @@ class Settings(BaseSettings):
     queue_visibility_timeout: float = Field(default=30.0, gt=0)
     #: Worker: deliveries of one queue message before it is dead-lettered (``too_many_deliveries``).
     queue_max_deliveries: int = Field(default=10, ge=1)
+    #: Longest one provider call made by deadline or webhook follow-up work (status and settle
+    #: polls, fallback sends) may take before the router stops waiting for it: a hanging provider
+    #: then delays that one verification this long, never the others. At most 25 s, so a send and
+    #: its same-id repeat both end inside the 60 s I/O lease.
+    deadline_call_timeout: float = Field(default=15.0, gt=0, le=25)
+    #: Most deadlines (fallbacks, expiries, settle polls) handled at once by one process.
+    deadline_concurrency: int = Field(default=100, ge=1)
     log_level: str = "INFO"
 
     _checked = field_validator("*")(_checked)

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import httpx
 
@@ -68,6 +69,7 @@ from otp_router.errors import (
     OtpRouterError,
     ProviderError,
     ProviderPermanentError,
+    ProviderTimeout,
     ProviderTransientError,
     RateLimited,
     StoreError,
@@ -91,6 +93,11 @@ log = logging.getLogger("otp_router")
 
 #: Longest verification id accepted from a caller; ours have 24 or 34 characters.
 _MAX_ID_LENGTH = 128
+
+_T = TypeVar("_T")
+
+#: True inside deadline handlers and deferred follow-up work: provider calls there are bounded.
+_BACKGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar("otp_router_background", default=False)
 
 #: Compare-and-set retries before a write is reported as failed (heavy contention on one id).
 _CAS_TRIES = 20
@@ -178,6 +185,9 @@ class OtpRouter:
             # Export "closed" from the start, so a healthy channel is visible on dashboards.
             self.metrics.circuit_state(name.value, int(CircuitState.CLOSED))
         self._background: set[asyncio.Task[None]] = set()
+        #: Deadline handlers in flight (each also in ``_background``).
+        self._deadline_tasks: set[asyncio.Task[None]] = set()
+        self._deadline_slots = asyncio.Semaphore(self.settings.deadline_concurrency)
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._wakeup = asyncio.Event()
@@ -429,27 +439,69 @@ class OtpRouter:
     # --- deadlines ------------------------------------------------------------
 
     async def fire_due(self, *, limit: int = 200) -> int:
-        """Claim and handle every due deadline once. Returns how many fired."""
+        """Claim every due deadline (up to ``limit``), handle them concurrently and wait for all.
+
+        Returns:
+            How many were claimed.
+        """
+        tasks = await self._claim_due(limit)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return len(tasks)
+
+    async def _claim_due(self, limit: int) -> list[asyncio.Task[None]]:
+        """Claim up to ``limit`` due deadlines and start one task per deadline.
+
+        Each handler runs on its own, at most ``deadline_concurrency`` at once,
+        and each provider call inside it is bounded by ``deadline_call_timeout``:
+        one hanging provider call delays its own verification only. The claim
+        lease outlasts a handler's first write (one bounded call away), so no
+        other process takes a deadline that is still being handled.
+        """
         now = self.clock()
-        due = await self.store.claim_due(now, limit=limit, lease=30.0)
-        if due:
-            await asyncio.gather(*(self._on_deadline(vid, now) for vid in due))
-        return len(due)
+        lease = max(30.0, 2 * self.settings.deadline_call_timeout)
+        due = await self.store.claim_due(now, limit=limit, lease=lease)
+        tasks = []
+        for vid in due:
+            task = asyncio.create_task(self._handle_deadline(vid, now))
+            self._background.add(task)
+            self._deadline_tasks.add(task)
+            task.add_done_callback(self._deadline_done)
+            tasks.append(task)
+        return tasks
+
+    def _deadline_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        self._deadline_tasks.discard(task)
+        # A slot is free: the loop may claim more.
+        self._wakeup.set()
+
+    async def _handle_deadline(self, vid: str, claimed_at: float) -> None:
+        _BACKGROUND.set(True)  # this task's own context: bounds its provider calls
+        async with self._deadline_slots:
+            await self._on_deadline(vid, claimed_at)
 
     async def run_deadlines(self, *, poll_interval: float = 1.0) -> None:
         """Fire deadlines until :meth:`aclose`. Every process may run this loop:
-        the store hands each deadline to exactly one of them."""
+        the store hands each deadline to exactly one of them.
+
+        The loop never waits for a handler: it claims as many due deadlines as
+        there are free slots (``deadline_concurrency``), starts them, and goes
+        back to claiming, so a slow one never holds back the rest.
+        """
         while not self._stopping.is_set():
+            self._wakeup.clear()
+            free = self.settings.deadline_concurrency - len(self._deadline_tasks)
+            nxt: float | None = None
             try:
-                fired = await self.fire_due()
-                if fired:
-                    continue
+                if free > 0:
+                    batch = min(free, 200)
+                    if len(await self._claim_due(batch)) == batch:
+                        continue  # perhaps more are due
                 nxt = await self.store.next_deadline()
             except (StoreError, OSError) as exc:
                 log.warning("deadline loop: store error %s", type(exc).__name__)
-                nxt = None
             wait = poll_interval if nxt is None else min(poll_interval, max(0.0, nxt - self.clock()))
-            self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=max(wait, 0.005))
 
@@ -485,7 +537,7 @@ class OtpRouter:
         if channel is None:
             return snap
         try:
-            report = await channel.status(ref)
+            report = await self._bounded(channel.status(ref), channel.provider)
         except ProviderError as exc:
             log.info("status poll failed: %s", type(exc).__name__)
             return snap
@@ -616,7 +668,7 @@ class OtpRouter:
         else:
             crash_point("probe")
             try:
-                result = await channel.probe(state.phone)
+                result = await self._bounded(channel.probe(state.phone), channel.provider)
             except ProviderPermanentError as exc:
                 circuit.success()
                 event = ProbeFailed(effect.step, FallbackReason.PERMANENT_ERROR, exc.code or exc.reason)
@@ -653,7 +705,7 @@ class OtpRouter:
         else:
             crash_point(f"send.{effect.channel.value}")
             try:
-                result = await channel.send(request)
+                result = await self._bounded(channel.send(request), channel.provider)
                 crash_point(f"send.{effect.channel.value}.accepted")
             except ProviderTransientError as exc:
                 circuit.failure()
@@ -694,7 +746,7 @@ class OtpRouter:
             return SendFailed(effect.step, FallbackReason.RETRIES_EXHAUSTED, exc.code or exc.reason)
         if request.probe_ref is not None:
             try:
-                result = await channel.send(request)
+                result = await self._bounded(channel.send(request), channel.provider)
             except MessageAlreadySent as again:
                 return self._already_sent(effect, request, again)
             except ProviderError as again:
@@ -716,6 +768,26 @@ class OtpRouter:
             # Without an id of ours the answer cannot be about our message.
             return SendFailed(effect.step, FallbackReason.PERMANENT_ERROR, exc.code or exc.reason)
         return SendOk(effect.step, request.probe_ref, None)
+
+    async def _bounded(self, call: Awaitable[_T], provider: str) -> _T:
+        """In deadline and follow-up work, await one provider call for at most ``deadline_call_timeout``.
+
+        Giving up is a :class:`ProviderTimeout` that may have been performed,
+        exactly like a read timeout of the HTTP client: a send cut off here is
+        resolved as an ambiguous send (the same request id for Telegram, never
+        a blind second SMS), a poll cut off here just did not answer. Calls made
+        for a caller of :meth:`start` keep the adapters' own limits.
+        """
+        if not _BACKGROUND.get():
+            return await call
+        try:
+            return await asyncio.wait_for(call, self.settings.deadline_call_timeout)
+        except TimeoutError:
+            raise ProviderTimeout(
+                f"{provider}: no answer within {self.settings.deadline_call_timeout:g} s",
+                provider=provider,
+                not_performed=False,
+            ) from None
 
     async def _revoke(self, effect: Revoke) -> None:
         with contextlib.suppress(ProviderError):
