@@ -461,9 +461,10 @@ class Lifecycle(RuleBasedStateMachine):
         before = self.state.current
         self.feed(SendOk(self.state.step, ref, cost, estimate), dt)
         if before is not None and before.phase is AttemptPhase.SENDING and cost:
-            # Every charged send is booked: the attempt carries at least that cost, in the ledger too.
+            # Every charged send is booked: the attempt carries at least that cost (plus the fees of
+            # probes it abandoned), in the ledger too.
             after = next(a for a in self.state.attempts if a.step == before.step)
-            assert after.cost == max(before.cost, cost)
+            assert after.cost == max(before.cost, before.abandoned_cost + cost)
             assert self.booked_amount[before.step] == after.cost
 
     @rule(dt=st.floats(0, 40), reason=st.sampled_from(list(FallbackReason)))
