@@ -134,8 +134,10 @@ async def start_all(router: OtpRouter) -> dict[str, str]:
 
 
 async def on_sms(router: OtpRouter, ids: dict[str, str], phones: list[str]) -> bool:
+    """Every one of ``phones`` has fallen back and its SMS was accepted (and recorded)."""
     for phone in phones:
-        if (await state_of(router, ids[phone])).channel is not ChannelName.SMS:
+        cur = (await state_of(router, ids[phone])).current
+        if cur is None or cur.channel is not ChannelName.SMS or cur.sent_at is None:
             return False
     return True
 
