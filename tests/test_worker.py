@@ -215,6 +215,9 @@ async def test_a_killed_worker_loses_nothing_and_sends_nothing_twice(
     assert counted(rescuer, "otp_router_queue_messages_total", outcome="reclaimed") >= 1
     assert await queue_counts(settings) == (0, 0)
     assert all(count == 1 for count in telegram_sends(pair).values())
+    # Let every accepted message reach its phone first (the emulator delivers after 0.1 s): the sweep
+    # below runs past their deadlines and must find them delivered, not fall back for lack of time.
+    await wait_until(lambda: all(pair.telegram.inbox(phone) for phone in telegram_sends(pair) if phone))
 
     # Verifications cut off mid-probe or mid-send are recovered by their write-ahead
     # deadline (IO_LEASE). Run that deadline sweep now with a clock set past the lease.
