@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import math
 import statistics
@@ -48,8 +49,9 @@ from typing import Any
 from _results import DEFAULT_OUT, machine, median, publish, ratio, today
 
 from otp_router.demo import DemoSummary, run_demo
+from otp_router.latency import LearnedDeadlines, observation
 from otp_router.metrics import NullMetrics
-from otp_router.policy import Policy, Step
+from otp_router.policy import CountryRule, Policy, Step
 from otp_router.population import SHAPES, Population, Shape, User, make_population
 from otp_router.prices import SmsPrices
 from otp_router.providers.base import ChannelName
@@ -67,34 +69,105 @@ TARGET_PAID_TWICE = 0.02
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """A routing policy under test."""
+    """A routing policy under test.
+
+    Attributes:
+        name: Label in the report.
+        policy: The policy, in provider seconds.
+        deadline: The fixed Telegram deadline; None for ``auto``.
+    """
 
     name: str
     policy: Policy
-    deadline: float | None  # None for auto
+    deadline: float | None
 
 
 def fixed(deadline: float) -> Candidate:
     """Telegram with a fixed deadline (ttl 30 s), then SMS with 120 s."""
-    steps = (Step(ChannelName.TELEGRAM, deadline, probe=True), Step(ChannelName.SMS, 120.0))
+    steps = (Step(ChannelName.TELEGRAM, deadline, probe=True, ttl=int(TTL)), Step(ChannelName.SMS, 120.0))
     return Candidate(f"{deadline:g} s", Policy(steps=steps), deadline)
 
 
+def auto_policy(wait_cost_per_second: float | None = None) -> Policy:
+    """The learned-deadline policy: the built-in default when it is ``auto``, else its ``auto`` twin.
+
+    Either way every ``auto`` parameter (bounds, ``wait_cost_per_second``,
+    ``auto_min_samples``, ``sms_latency``) is the router's own default unless
+    ``wait_cost_per_second`` is given (the arithmetic's sweep).
+    """
+    default = Policy()
+    if any(step.auto is not None for step in default.steps if step.channel is ChannelName.TELEGRAM):
+        policy = default
+    else:
+        policy = Policy.from_dict(
+            {
+                "steps": [
+                    {"channel": "telegram", "deliver_within": "auto", "ttl": int(TTL)},
+                    {"channel": "sms", "deliver_within": 120},
+                ]
+            }
+        )
+    if wait_cost_per_second is not None:
+        policy = dataclasses.replace(policy, wait_cost_per_second=wait_cost_per_second)
+    return policy
+
+
 def candidates() -> list[Candidate]:
-    """The fixed deadlines, and ``auto`` when this version of the router has it."""
-    out = [fixed(d) for d in FIXED]
-    auto = auto_candidate()
-    if auto is not None:
-        out.append(auto)
+    """The fixed deadlines and ``auto``."""
+    return [*(fixed(d) for d in FIXED), Candidate("auto", auto_policy(), None)]
+
+
+#: Size and seed offset of the population whose deliveries ``auto`` learns from.
+TRAIN_USERS = 5000
+TRAIN_SEED_OFFSET = 1000
+
+
+def learned_deadlines(policy: Policy, shape: Shape, seed: int) -> dict[str, float]:
+    """What the router's :class:`~otp_router.latency.LearnedDeadlines` resolves per country
+    after it has seen the deliveries of a large population of the same shape (another seed).
+
+    The observations are the ones the router records in production: for each
+    Telegram message sent (every reachable number; a 502 on the ability check
+    sends none), its latency when delivered within the ttl, else "never"
+    (refunded); for each SMS, its latency, or "never" when undelivered. All
+    at one instant (no decay): the steady state after the warm-up, not the
+    cold start.
+    """
+    population = make_population(TRAIN_USERS, seed + TRAIN_SEED_OFFSET, shape)
+    now = time.time()
+    cells: dict[str, float] = {}
+
+    def add(channel: ChannelName, region: str, latency: float | None) -> None:
+        cell, weight = observation(channel.value, region, latency, now)
+        cells[cell] = cells.get(cell, 0.0) + weight
+
+    for user in population.users:
+        if not user.valid:
+            continue
+        if user.kind not in ("absent", "unavailable", "telegram_5xx"):
+            within = user.telegram_latency if user.telegram_within(TTL) else None
+            add(ChannelName.TELEGRAM, user.region, within)
+        add(ChannelName.SMS, user.region, user.sms_latency if user.sms_delivered else None)
+    learned = LearnedDeadlines()
+    learned.update(cells, now)
+    prices = SmsPrices.load()
+    out: dict[str, float] = {}
+    for region in sorted(shape.countries):
+        steps = learned.resolve(policy.steps_for(region), region, policy, prices)
+        out[region] = next(s.deliver_within for s in steps if s.channel is ChannelName.TELEGRAM)
     return out
 
 
-def auto_candidate() -> Candidate | None:
-    """The built-in default policy when its Telegram step learns its deadline; else None."""
-    default = Policy()
-    if any(getattr(step, "auto", False) for step in default.steps):
-        return Candidate("auto", default, None)
-    return None
+def with_deadlines(policy: Policy, deadlines: Mapping[str, float]) -> Policy:
+    """``policy`` with its Telegram step fixed per country at ``deadlines`` (what ``resolve`` returns)."""
+    (telegram,) = (s for s in policy.steps if s.channel is ChannelName.TELEGRAM)
+    concrete = dataclasses.replace(telegram, auto=None)
+    countries = {
+        region: CountryRule(steps={ChannelName.TELEGRAM: dataclasses.replace(concrete, deliver_within=d)})
+        for region, d in deadlines.items()
+    }
+    steps = tuple(concrete if s is telegram else s for s in policy.steps)
+    return dataclasses.replace(policy, steps=steps, countries=countries)
 
 
 # --- the oracle and the arithmetic ------------------------------------------------
@@ -192,6 +265,8 @@ def arithmetic(
     }
 
 
+#: Prices of a second of waiting (USD) the arithmetic runs ``auto``'s rule with, besides the default.
+AUTO_SWEEP = (0.0003, 0.001, 0.003, 0.01, 0.03)
 #: Deadlines the arithmetic tries (seconds).
 GRID = (2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0)
 
@@ -309,6 +384,11 @@ async def run_one(
     """Replay one seeded population through the router under one policy."""
     prices = SmsPrices.load()
     population = make_population(users, seed, shape)
+    policy, deadlines = who.policy, None
+    if who.deadline is None:
+        # auto: the deadlines the router's own rule learns from this shape's deliveries.
+        deadlines = learned_deadlines(who.policy, shape, seed)
+        policy = with_deadlines(who.policy, deadlines)
     summary = await run_demo(
         users=users,
         seed=seed,
@@ -316,10 +396,11 @@ async def run_one(
         metrics=NullMetrics(),
         progress=None,
         shape=shape,
-        policy=who.policy,
+        policy=policy,
         arrival_window=arrival_window,
     )
     row = measure(shape, seed, who, summary, oracle_cost(population, prices), time_scale)
+    row["learned_deadlines_s"] = deadlines
     if row["started"] != row["oracle_started"]:
         print(
             f"  warning: {shape.name} seed {seed} {who.name}: router started {row['started']}, "
@@ -446,6 +527,21 @@ def shape_arithmetic(shape: Shape, seeds: Sequence[int], users: int, prices: Sms
     for deadline in GRID:
         per_seed = [arithmetic(p, prices, deadline) for p in populations]
         rows.append({"deadline_s": deadline, **{k: median([r[k] for r in per_seed]) for k in keys}})
+    sweep = []
+    default_w = auto_policy().wait_cost_per_second
+    for w in sorted({*AUTO_SWEEP, default_w}):
+        policy = auto_policy(w)
+        per_seed = [
+            arithmetic(p, prices, learned_deadlines(policy, shape, seed))
+            for p, seed in zip(populations, seeds, strict=True)
+        ]
+        sweep.append(
+            {
+                "wait_cost_per_second": w,
+                "default": w == default_w,
+                **{k: median([r[k] for r in per_seed]) for k in keys},
+            }
+        )
     best = [best_per_country(p, prices) for p in populations]
     oracles = [sorted(oracle_cost(p, prices).time_to_code) for p in populations]
     return {
@@ -455,6 +551,7 @@ def shape_arithmetic(shape: Shape, seeds: Sequence[int], users: int, prices: Sms
         "oracle_slower_than_target_share": median(
             [sum(x > TARGET_P95 for x in t) / len(t) if t else None for t in oracles]
         ),
+        "auto_sweep": sweep,
         "best_per_country": {
             **{k: median([b[k] for b in best]) for k in keys},
             "deadlines_by_seed": [b["deadlines"] for b in best],
@@ -571,6 +668,17 @@ def render(data: dict[str, Any]) -> str:
         ]
         for policy, med in info["policies"].items():
             lines.append(f"| {policy} | {_cells(med)} | {'yes' if med['meets_targets'] else 'no'} |")
+        learned = [
+            r["learned_deadlines_s"]
+            for r in data["runs"]
+            if r["shape"] == name and r["policy"] == "auto" and r.get("learned_deadlines_s")
+        ]
+        if learned:
+            lines += [
+                "",
+                f"`auto` learned these Telegram deadlines (seed {info['seeds'][0]}; from {TRAIN_USERS} users "
+                "of another seed): " + ", ".join(f"{r} {d:.1f} s" for r, d in learned[0].items()) + ".",
+            ]
         lines += [
             "",
             f"Arithmetic from {info['arithmetic_users']} drawn users per seed alone (no router, no "
@@ -596,8 +704,19 @@ def render(data: dict[str, Any]) -> str:
             f"| oracle | 0.0% | 1.000 | {_num(info['oracle_p95_s'], '.1f')} "
             f"| {_num(info['oracle_slower_than_target_share'], '.1%')} |"
         )
+        for m in info["auto_sweep"]:
+            label = "default" if m["default"] else ""
+            lines.append(
+                f"| auto, w = {m['wait_cost_per_second']:g} {label} | {_num(m['paid_twice_share'], '.1%')} "
+                f"| {_num(m['cost_over_oracle'], '.3f')} | {_num(m['time_to_code_p95_s'], '.1f')} "
+                f"| {_num(m['slower_than_target_share'], '.1%')} |"
+            )
         first = best["deadlines_by_seed"][0]
         lines += [
+            "",
+            "`auto, w = …` rows: the router's own rule (`otp_router.latency`, via "
+            "`LearnedDeadlines.resolve`) with that `wait_cost_per_second`, after learning from "
+            f"{TRAIN_USERS} users of the same shape (another seed), applied to these users.",
             "",
             "Best per-country deadlines (first seed; see `best_per_country` in `bench/cost.py`): "
             + ", ".join(f"{r} {d:g} s" for r, d in first.items())
@@ -625,45 +744,80 @@ def render(data: dict[str, Any]) -> str:
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    """Draw cost ÷ oracle against p95 time to code, one panel per shape, as a PNG."""
+    """Draw cost ÷ oracle against p95 time to code, one panel per shape, as a PNG.
+
+    Solid: what the router measured (medians over seeds; grey dots are single
+    runs). Dashed: the arithmetic on large draws, for every fixed deadline and
+    for ``auto``'s rule at several prices of waiting.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shapes = list(data["shapes"])
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 5), squeeze=False)
     for ax, name in zip(axes[0], shapes, strict=True):
         info = data["shapes"][name]
-        runs = [r for r in data["runs"] if r["shape"] == name]
-        fixed_names = [p for p in info["policies"] if p.endswith(" s")]
-        xs = [info["policies"][p]["time_to_code_p95_s"] for p in fixed_names]
-        ys = [info["policies"][p]["cost_over_oracle"] for p in fixed_names]
-        ax.axvspan(0, TARGET_P95, ymin=0, ymax=1, color="0.93", zorder=0)
+        pol = info["policies"]
+        ax.axvspan(0, TARGET_P95, color="0.94", zorder=0)
         ax.axhline(TARGET_COST, color="0.6", linestyle=":", linewidth=1)
         ax.axvline(TARGET_P95, color="0.6", linestyle=":", linewidth=1)
-        for r in runs:
-            if r["policy"] != "oracle" and r["time_to_code_p95_s"] is not None:
-                ax.plot(r["time_to_code_p95_s"], r["cost_over_oracle"], ".", color="0.7", zorder=1)
-        ax.plot(xs, ys, "o-", color="tab:blue", label="fixed deadline (median)", zorder=2)
+        for r in data["runs"]:
+            if r["shape"] == name and r["policy"] != "oracle" and r["time_to_code_p95_s"] is not None:
+                ax.plot(r["time_to_code_p95_s"], r["cost_over_oracle"], ".", color="0.75", zorder=1)
+        math_fixed = [m for m in info["arithmetic"] if m["time_to_code_p95_s"] is not None]
+        ax.plot(
+            [m["time_to_code_p95_s"] for m in math_fixed],
+            [m["cost_over_oracle"] for m in math_fixed],
+            "--",
+            color="tab:blue",
+            alpha=0.5,
+            label="fixed deadline 2-30 s (arithmetic)",
+        )
+        sweep = [m for m in info["auto_sweep"] if m["time_to_code_p95_s"] is not None]
+        ax.plot(
+            [m["time_to_code_p95_s"] for m in sweep],
+            [m["cost_over_oracle"] for m in sweep],
+            "--x",
+            color="tab:red",
+            alpha=0.5,
+            label="auto's rule, several wait prices (arithmetic)",
+        )
+        fixed_names = [p for p in pol if p.endswith(" s") and pol[p]["time_to_code_p95_s"] is not None]
+        xs = [pol[p]["time_to_code_p95_s"] for p in fixed_names]
+        ys = [pol[p]["cost_over_oracle"] for p in fixed_names]
+        ax.plot(xs, ys, "o-", color="tab:blue", label="fixed deadline (router, median)", zorder=2)
         for p, x, y in zip(fixed_names, xs, ys, strict=True):
             ax.annotate(p, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-        oracle = info["policies"]["oracle"]
-        ax.plot(oracle["time_to_code_p95_s"], 1.0, "k*", markersize=10, label="oracle", zorder=3)
-        if "auto" in info["policies"]:
-            auto = info["policies"]["auto"]
+        if "auto" in pol and pol["auto"]["time_to_code_p95_s"] is not None:
             ax.plot(
-                auto["time_to_code_p95_s"],
-                auto["cost_over_oracle"],
+                pol["auto"]["time_to_code_p95_s"],
+                pol["auto"]["cost_over_oracle"],
                 "D",
                 color="tab:red",
-                label="auto",
+                markersize=8,
+                label="auto (router, median)",
                 zorder=3,
             )
-        ax.set_title(f"{name}: target area shaded left of {TARGET_P95:g} s, below {TARGET_COST}")
+        best = info["best_per_country"]
+        if best["time_to_code_p95_s"] is not None:
+            ax.plot(
+                best["time_to_code_p95_s"],
+                best["cost_over_oracle"],
+                "s",
+                color="tab:green",
+                label="best per-country deadlines within cost/paid-twice targets",
+                zorder=3,
+            )
+        oracle = pol["oracle"]
+        ax.plot(oracle["time_to_code_p95_s"], 1.0, "k*", markersize=11, label="oracle", zorder=3)
+        ax.set_title(
+            f"{name} (shaded: p95 ≤ {TARGET_P95:g} s; dotted: cost {TARGET_COST} × oracle)", fontsize=10
+        )
         ax.set_xlabel("p95 time to code (provider seconds)")
         ax.set_ylabel("cost ÷ oracle")
-        ax.legend(loc="upper right", fontsize=8)
+        ax.legend(loc="upper right", fontsize=7)
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

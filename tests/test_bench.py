@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from otp_router.population import SHAPES
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 COMMITTED = BENCH / "results"
 
@@ -75,7 +77,7 @@ def test_cost_quick(tmp_path: Path) -> None:
     assert_common(data, "cost")
     assert set(data["shapes"]) == {"mixed", "emerging"}
     policies = data["config"]["policies"]
-    assert {"5 s", "30 s"} <= set(policies)
+    assert {"5 s", "30 s", "auto"} <= set(policies)
     runs = [r for r in data["runs"] if r["policy"] != "oracle"]
     assert len(runs) == 2 * len(policies)
     for row in runs:
@@ -88,6 +90,11 @@ def test_cost_quick(tmp_path: Path) -> None:
         if row["policy"] == "30 s":
             # Deadline == ttl: a message not delivered by the deadline is refunded, so nobody pays twice.
             assert row["paid_twice"] == 0
+    for row in (r for r in runs if r["policy"] == "auto"):
+        # The router's rule picked a deadline per country of the shape, within the default bounds.
+        learned = row["learned_deadlines_s"]
+        assert set(learned) == set(SHAPES[row["shape"]].countries)
+        assert all(3 <= d <= 30 for d in learned.values())
     oracles = [r for r in data["runs"] if r["policy"] == "oracle"]
     assert len(oracles) == 2 and all(r["cost_over_oracle"] == 1.0 for r in oracles)
     for name, info in data["shapes"].items():
@@ -97,7 +104,14 @@ def test_cost_quick(tmp_path: Path) -> None:
         # The arithmetic: nobody pays twice when the deadline is the ttl, and a shorter one cannot do better.
         by_deadline = {m["deadline_s"]: m for m in info["arithmetic"]}
         assert by_deadline[30.0]["paid_twice_share"] == 0
+        assert by_deadline[30.0]["cost_over_oracle"] == pytest.approx(1.0)
         assert by_deadline[5.0]["paid_twice_share"] >= by_deadline[15.0]["paid_twice_share"]
+        # The search keeps the cost and paid-twice budgets it is given.
+        best = info["best_per_country"]
+        assert best["cost_over_oracle"] <= 1.02 + 1e-9 and best["paid_twice_share"] <= 0.02
+        # A higher price of waiting never makes auto's rule wait longer: p95 falls (or stays).
+        sweep = [m["time_to_code_p95_s"] for m in info["auto_sweep"]]
+        assert sweep == sorted(sweep, reverse=True)
     assert "| policy | cost ÷ oracle |" in markdown
     assert (tmp_path / "cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
