@@ -401,11 +401,19 @@ async def test_every_panel_query_returns_data_and_cost_totals_match_the_ledger(
         stop = asyncio.Event()
         worker = asyncio.create_task(simulate_worker(metrics, stop))
         try:
-            summary = await run_demo(users=USERS, seed=SEED, workdir=workdir, metrics=metrics, progress=None)
+            # A Telegram deadline below its 30 s ttl, so that users whose message lands in
+            # between pay twice and the paid-twice panels have something to show.
+            policy = Policy(
+                steps=(Step(ChannelName.TELEGRAM, 5.0, probe=True, ttl=30), Step(ChannelName.SMS, 120.0))
+            )
+            summary = await run_demo(
+                users=USERS, seed=SEED, workdir=workdir, metrics=metrics, progress=None, policy=policy
+            )
         finally:
             stop.set()
             await worker
         assert summary.fallbacks and summary.cost_refunded < 0 and summary.refused_input > 0, summary
+        assert summary.paid_twice > 0, summary
         # Two scrapes after the run: the last one certainly started after the final increments.
         await api.wait_for_scrapes(2)
         # Checked before provoke_failures(), whose start adds to the SMS-only total.
