@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from typing import Any
 
 from otp_router import __version__
 from otp_router.config import Settings
-from otp_router.errors import ConfigError
+from otp_router.errors import ConfigError, InputError
+from otp_router.inputs import check_text
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -78,8 +80,15 @@ def _emulate_arguments(parser: argparse.ArgumentParser) -> None:
 def _emulate(args: argparse.Namespace, settings: Settings) -> int:
     from otp_router.emulators import EmulatorPair, Script, run_emulators
 
-    if args.time_scale <= 0:
-        raise ConfigError("--time-scale must be greater than 0")
+    if not (math.isfinite(args.time_scale) and args.time_scale > 0):
+        raise ConfigError("--time-scale must be a finite number greater than 0")
+    for option, port in (("--telegram-port", args.telegram_port), ("--twilio-port", args.twilio_port)):
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{option} must be 0..65535")
+    try:
+        check_text(args.host, name="--host", max_length=255)
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         script = (
             Script.from_file(args.script, time_scale=args.time_scale)
@@ -142,7 +151,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from otp_router.demo import main as demo_main
     from otp_router.population import SHAPES
 
-    if args.users < 1 or not 0 < args.time_scale <= 1:
+    if args.users < 1 or not 0 < args.time_scale <= 1:  # NaN fails this comparison too
         raise ConfigError("--users must be at least 1 and --time-scale in (0, 1]")
     if args.shape not in SHAPES:
         raise ConfigError(f"--shape must be one of {', '.join(SHAPES)}")

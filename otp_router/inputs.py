@@ -72,12 +72,18 @@ def _refuse_constant(name: str) -> NoReturn:
     raise JsonInputError(f"JSON must not contain {name}", reason="not_finite")
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        # 1e999 is valid JSON syntax, but no number we accept is that large.
-        _refuse_constant("a number out of range")
-    return value
+def _finite(parse: Callable[[str], Any] | None) -> Callable[[str], Any]:
+    """A ``parse_float`` that first refuses numbers beyond the float range (``1e999``)."""
+
+    def parse_finite(text: str) -> Any:
+        value = float(text)
+        if math.isinf(value):
+            # 1e999 is valid JSON syntax, but no number we accept is that large
+            # (and Decimal would keep it, to overflow later in a metric or a sum).
+            _refuse_constant("a number out of range")
+        return value if parse is None else parse(text)
+
+    return parse_finite
 
 
 def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -129,7 +135,8 @@ def decode_json(
         data: Raw bytes (must be UTF-8) or text (must not hold lone surrogates).
         max_bytes: Largest accepted document, in UTF-8 bytes.
         max_depth: Deepest accepted nesting of arrays and objects.
-        parse_float: Passed to :func:`json.loads` (e.g. :class:`~decimal.Decimal`).
+        parse_float: Passed to :func:`json.loads` (e.g. :class:`~decimal.Decimal`),
+            after numbers beyond the float range are refused.
 
     Returns:
         The decoded value (any JSON type: callers check for the shape they need).
@@ -159,7 +166,7 @@ def decode_json(
             text,
             object_pairs_hook=_no_repeats,
             parse_constant=_refuse_constant,
-            parse_float=parse_float or _finite_float,
+            parse_float=_finite(parse_float),
         )
     except RecursionError:
         raise JsonInputError(f"JSON is nested deeper than {max_depth} levels", reason="too_deep") from None

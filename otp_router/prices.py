@@ -82,6 +82,10 @@ def _decimal(value: Any, where: str) -> Decimal:
     return price
 
 
+def _where(path: Path | None) -> str:
+    return f"OTP_ROUTER_PRICES_FILE={path}" if path is not None else _PACKAGED
+
+
 def _read(path: Path | None) -> dict[str, Any]:
     try:
         if path is None:
@@ -89,16 +93,16 @@ def _read(path: Path | None) -> dict[str, Any]:
         else:
             text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"price table {path}: cannot be read ({exc.strerror})") from None
+        raise ConfigError(f"price table {_where(path)}: cannot be read ({exc.strerror})") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"price table {path}: not UTF-8") from None
+        raise ConfigError(f"price table {_where(path)}: not UTF-8") from None
     try:
         # parse_float=Decimal keeps 0.0083 exact instead of a binary float.
         return tomllib.loads(text, parse_float=Decimal)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"price table {path or _PACKAGED}: {exc}") from None
+        raise ConfigError(f"price table {_where(path)}: {exc}") from None
     except RecursionError:
-        raise ConfigError(f"price table {path or _PACKAGED}: nested too deeply") from None
+        raise ConfigError(f"price table {_where(path)}: nested too deeply") from None
 
 
 @dataclass(frozen=True, slots=True)

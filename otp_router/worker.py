@@ -65,6 +65,7 @@ from otp_router.errors import (
     UnsupportedCountry,
     UnsupportedNumberType,
 )
+from otp_router.inputs import check_text
 from otp_router.queue import Delivery, Queue, open_queue, queue_url_for
 from otp_router.queue.base import DeadLetterReason, PoisonMessage, parse_delivery
 from otp_router.router import OtpRouter
@@ -610,6 +611,12 @@ def worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_worker_command(args: argparse.Namespace, settings: Settings) -> int:
     """Run ``otp-router worker`` with parsed arguments; returns the exit status."""
+    if args.name is not None:
+        # The name becomes a queue consumer and a heartbeat key: it must be storable text.
+        try:
+            check_text(args.name, name="--name", max_length=200)
+        except InputError as exc:
+            raise ConfigError(str(exc)) from None
     if args.check:
         return asyncio.run(check_health(settings, name=args.name))
     # A burst run ends as soon as the queue is drained: serving webhooks for that long is pointless.

@@ -11,15 +11,19 @@ names of :class:`Behaviour`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
+
+from otp_router.inputs import decode_json
 
 __all__ = ["Behaviour", "Script"]
 
 TelegramMode = Literal["ok", "absent", "unavailable", "invalid"]
 SmsFinal = Literal["delivered", "undelivered", "failed"]
+
+#: Largest script file read (a script of a million numbers is still well under it).
+_SCRIPT_MAX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,5 +132,7 @@ class Script:
     def from_file(cls, path: Path, **kwargs: Any) -> Script:
         """Load a JSON script file."""
         script = cls(**kwargs)
-        script.update_from_json(json.loads(path.read_text(encoding="utf-8")))
+        # The strict decoder: a repeated number is an error (not "last one wins"), and
+        # absurd nesting or bytes that are not UTF-8 are a ValueError, not a traceback.
+        script.update_from_json(decode_json(path.read_bytes(), max_bytes=_SCRIPT_MAX_BYTES))
         return script
