@@ -282,7 +282,7 @@ def _clean_environ() -> dict[str, str]:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The ``OTP_ROUTER_*`` variables that give an ``otp-router`` child the same settings.
 
-    Covers what the benchmarks set: providers, store, secret, policy, limits,
+    Covers what the benchmarks set: providers, store, secret, policy, limits, fraud guard,
     concurrency, settle delay, HTTP port and log level.
     """
     secret = settings.code_secret.get_secret_value() if settings.code_secret else ""
@@ -300,6 +300,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "OTP_ROUTER_LIMITS__PER_PHONE": str(settings.limits.per_phone),
         "OTP_ROUTER_LIMITS__PER_PREFIX": str(settings.limits.per_prefix),
         "OTP_ROUTER_LIMITS__PER_COUNTRY": str(settings.limits.per_country),
+        "OTP_ROUTER_FRAUD__MIN_CONVERSION": str(settings.fraud.min_conversion),
+        "OTP_ROUTER_FRAUD__PREFIX_MIN_STARTED": str(settings.fraud.prefix_min_started),
+        "OTP_ROUTER_FRAUD__COUNTRY_MIN_STARTED": str(settings.fraud.country_min_started),
         "OTP_ROUTER_HTTP_PORT": str(settings.http_port),
         "OTP_ROUTER_LOG_LEVEL": settings.log_level,
     }

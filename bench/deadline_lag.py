@@ -65,7 +65,7 @@ from _worker_harness import (
 )
 from pydantic import SecretStr
 
-from otp_router.config import LimitSettings, Settings
+from otp_router.config import FraudSettings, LimitSettings, Settings
 from otp_router.core import AttemptPhase, VerificationState
 from otp_router.harness import sample_numbers
 from otp_router.metrics import NullMetrics
@@ -244,6 +244,7 @@ async def run_store(
         policy_file=write_policy(workdir / "policy.toml", args.deliver_within),
         # Rate limits off: 10,000 starts from one process in seconds would (rightly) be refused.
         limits=LimitSettings(per_phone=0, per_prefix=0, per_country=0),
+        fraud=FraudSettings(min_conversion=0),
         # Settling costs later than any deadline here, so the Telegram step deadline is the one that fires.
         settle_delay=max(3600.0, 10 * args.deliver_within),
         http_port=0,

@@ -79,7 +79,7 @@ from _worker_harness import (
 )
 from pydantic import SecretStr
 
-from otp_router.config import HttpSettings, LimitSettings, Settings
+from otp_router.config import FraudSettings, HttpSettings, LimitSettings, Settings
 from otp_router.harness import sample_numbers
 from otp_router.http import create_http_client
 from otp_router.queue import QueueMessage, RedisStreamQueue
@@ -101,6 +101,8 @@ DESCRIPTIONS = {
 }
 #: Rate limits high enough never to refuse, low enough that the limiter's code path runs as in production.
 LIMITS = LimitSettings(per_phone=1000, per_prefix=10_000_000, per_country=10_000_000)
+#: The same for the conversion guard: nobody enters a code here, so a real threshold would block.
+FRAUD = FraudSettings(prefix_min_started=10_000_000, country_min_started=10_000_000)
 
 Post = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -503,6 +505,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 code_secret=SecretStr(secrets.token_hex(16)),
                 concurrency=args.concurrency,
                 limits=LIMITS,
+                fraud=FRAUD,
                 http_port=0,
             )
             pool = settings.http.max_connections

@@ -180,7 +180,14 @@ def _default_allowed_types() -> dict[str, tuple[str, ...]]:
 
 
 class FraudSettings(_Section):
-    """Toll-fraud defences on ``start()`` (see the README)."""
+    """Toll-fraud and SMS-pumping defences on ``start()`` (see the README).
+
+    The conversion guard counts, per number prefix and per country, the
+    verifications started and verified over ``conversion_window`` seconds.
+    Once at least ``prefix_min_started`` (``country_min_started``) were started
+    and fewer than ``min_conversion`` of them were verified, new starts for that
+    prefix (country) are refused for ``block_cooldown`` seconds. A 0 disables.
+    """
 
     #: Number types (``phonenumbers`` names, any case) each channel may send to, e.g.
     #: ``{"sms": ["mobile", "fixed_line_or_mobile"]}``. A channel left out gets mobile and
@@ -188,6 +195,12 @@ class FraudSettings(_Section):
     allowed_number_types: dict[str, tuple[str, ...]] = Field(default_factory=_default_allowed_types)
     #: Digits of the national number, after the calling code, that make a prefix.
     prefix_digits: int = Field(default=5, ge=1, le=6)
+    conversion_window: float = Field(default=3600.0, gt=0)
+    prefix_min_started: int = Field(default=30, ge=0)
+    country_min_started: int = Field(default=300, ge=0)
+    #: Verified ÷ started below this blocks the prefix or country (0 turns the guard off).
+    min_conversion: float = Field(default=0.2, ge=0, le=1)
+    block_cooldown: float = Field(default=3600.0, gt=0)
 
     @field_validator("allowed_number_types")
     @classmethod

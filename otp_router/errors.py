@@ -121,7 +121,8 @@ class RateLimited(OtpRouterError):
     Args:
         message: What limit was hit (never the phone number).
         retry_after: Seconds until a new start would be accepted.
-        scope: ``"phone"``, ``"prefix"`` or ``"country"``.
+        scope: ``"phone"``, ``"prefix"`` or ``"country"`` (velocity), or
+            ``"prefix_conversion"`` / ``"country_conversion"`` (conversion guard).
     """
 
     def __init__(self, message: str, *, retry_after: float, scope: str) -> None:

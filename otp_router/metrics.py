@@ -82,7 +82,7 @@ CODE_CHECK_RESULTS = frozenset({"valid", "invalid", "expired", "too_many_attempt
 PROVIDER_OUTCOMES = frozenset({"ok", "transient_error", "permanent_error", "error"})
 WEBHOOK_OUTCOMES = frozenset({"accepted", "duplicate", "invalid_signature", "stale", "bad_request"})
 QUEUE_OUTCOMES = frozenset({"processed", "duplicate", "dead_letter", "reclaimed"})
-FRAUD_SCOPES = frozenset({"number_type"})
+FRAUD_SCOPES = frozenset({"number_type", "prefix_conversion", "country_conversion"})
 CIRCUIT_STATES = (0, 1, 2)
 
 # Histogram buckets, in seconds.
@@ -190,7 +190,7 @@ METRICS: tuple[MetricSpec, ...] = (
         _C,
         "fraud_blocks",
         "scope",
-        "start() calls refused by a toll-fraud defence, by scope (number_type).",
+        "start() calls refused by a toll-fraud defence: number_type, prefix_ or country_conversion.",
     ),
     _spec(_C, "webhooks", "provider outcome", "Provider callbacks received, by outcome."),
     _spec(_C, "queue_messages", "outcome", "Queue messages handled by the worker, by outcome."),
@@ -617,7 +617,7 @@ class Metrics:
         """Count a start() refused by a toll-fraud defence (``otp_router_fraud_blocks_total``).
 
         Args:
-            scope: number_type.
+            scope: number_type, prefix_conversion or country_conversion.
         """
         self._inc("otp_router_fraud_blocks", scope=_closed(scope, FRAUD_SCOPES))
 

@@ -85,7 +85,7 @@ from otp_router.phone import PhoneNumber, number_prefix, parse_phone
 from otp_router.policy import Policy, Step
 from otp_router.prices import SmsPrices
 from otp_router.providers.base import Channel, ChannelName, SendRequest, StatusResult
-from otp_router.store.base import Record, Store
+from otp_router.store.base import ConversionRule, Record, Store
 
 __all__ = ["OtpRouter", "ResendNotAllowed"]
 
@@ -317,7 +317,8 @@ class OtpRouter:
             UnsupportedCountry: The policy allows no channel for the number's country.
             UnsupportedNumberType: No channel may send to this type of number
                 (premium rate, toll free, VoIP…; see ``Settings.fraud``).
-            RateLimited: Too many starts for this number, prefix or country (``scope`` says which).
+            RateLimited: Too many starts for this number, prefix or country, or
+                the conversion guard blocks its prefix or country (``scope`` says which).
             IdempotencyConflict: The key was used for another number.
         """
         if default_region is not None:
@@ -335,6 +336,7 @@ class OtpRouter:
             if existing is not None:
                 return self._same_phone(existing, number.e164)
         await self._check_limits(number, now)
+        await self._check_conversion(number, now)
         nonce = new_nonce()
         code = derive_code(self.secret, vid, nonce, self.settings.code_length)
         state = new_state(
@@ -393,6 +395,8 @@ class OtpRouter:
             verification_id, CodeEntered(matches), snap=(record, state), entered_code=entered
         )
         checked = next(e for e in transition.effects if isinstance(e, Checked))
+        if any(isinstance(e, Finished) and e.status is Status.VERIFIED for e in transition.effects):
+            await self._count_verified(latest)
         return CheckResult(
             verification_id, checked.outcome, checked.attempts_left, Verification.from_state(latest)
         )
@@ -868,6 +872,68 @@ class OtpRouter:
             if wait is not None:
                 self.metrics.rate_limited("country")
                 raise RateLimited(f"too many codes for region {region}", retry_after=wait, scope="country")
+
+    def _conversion_rules(self, number: PhoneNumber) -> list[ConversionRule]:
+        """The conversion guard's rules for a number: its prefix, then its country."""
+        fraud = self.settings.fraud
+        if not fraud.min_conversion:
+            return []
+        rules = []
+        if fraud.prefix_min_started:
+            key = self._hashed("conv-prefix", number_prefix(number, fraud.prefix_digits))
+            rules.append(ConversionRule(key, fraud.prefix_min_started, fraud.min_conversion))
+        if fraud.country_min_started:
+            key = f"conv-country:{number.region}"
+            rules.append(ConversionRule(key, fraud.country_min_started, fraud.min_conversion))
+        return rules
+
+    async def _check_conversion(self, number: PhoneNumber, now: float) -> None:
+        """Count a start for the conversion guard, or refuse it while its prefix or country is blocked.
+
+        One store round trip that both judges and counts, so many workers share
+        one view and a refused start is not counted. Retry and crash safety: a
+        start that crashes after this call and is retried with its idempotency
+        key is counted twice, which only makes the guard stricter by one start
+        for its prefix and country; a replay of a stored verification returns
+        before this call and counts nothing.
+
+        Raises:
+            RateLimited: ``scope`` is ``prefix_conversion`` or ``country_conversion``.
+        """
+        rules = self._conversion_rules(number)
+        if not rules:
+            return
+        fraud = self.settings.fraud
+        blocked = await self.store.conversion_start(
+            rules, window=fraud.conversion_window, cooldown=fraud.block_cooldown, now=now
+        )
+        if blocked is None:
+            return
+        key, wait = blocked
+        by_prefix = key.startswith("conv-prefix:")
+        scope = "prefix_conversion" if by_prefix else "country_conversion"
+        self.metrics.fraud_block(scope)
+        what = "this number's prefix" if by_prefix else "this country"
+        log.warning("conversion guard: refused scope=%s region=%s for %.0f s", scope, number.region, wait)
+        raise RateLimited(
+            f"too few verifications complete for {what} (region {number.region}): suspected SMS pumping",
+            retry_after=wait,
+            scope=scope,
+        )
+
+    async def _count_verified(self, state: VerificationState) -> None:
+        """Count a verified code for the conversion guard of its prefix and country.
+
+        Best effort: the verification is already stored as verified, and a lost
+        count only makes the guard slightly stricter for that prefix.
+        """
+        try:
+            rules = self._conversion_rules(parse_phone(state.phone))
+            if rules:
+                window = self.settings.fraud.conversion_window
+                await self.store.conversion_verified([r.key for r in rules], window=window, now=self.clock())
+        except (StoreError, OSError, InputError) as exc:
+            log.warning("conversion guard: could not count a verification: %s", type(exc).__name__)
 
     @property
     def circuits(self) -> Mapping[ChannelName, CircuitState]:

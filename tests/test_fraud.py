@@ -1,7 +1,8 @@
-"""Toll-fraud defences on start(): number-type policy and prefix velocity.
+"""Toll-fraud defences on start(): number-type policy, prefix velocity and the conversion guard.
 
 Everything runs through the real router with fake channels, an in-memory store
-and a hand-driven clock.
+and a hand-driven clock; the scripted pumping attack counts the SMS sends and
+the ledger cost the attacker obtained before being cut off.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from otp_router.config import FraudSettings, LimitSettings, Settings
+from otp_router.core import CheckOutcome, Status
 from otp_router.errors import ConfigError, RateLimited, UnsupportedNumberType
 from otp_router.harness import sample_numbers
 from otp_router.metrics import Metrics
@@ -212,7 +214,9 @@ def test_prefix_is_never_a_whole_number() -> None:
 
 async def test_prefix_velocity_limit(make: Any) -> None:
     """Past per_prefix starts in one prefix, its new numbers are refused; other prefixes are not."""
-    env = await make(limits=LimitSettings(per_prefix=3, per_prefix_window=600))
+    env = await make(
+        limits=LimitSettings(per_prefix=3, per_prefix_window=600), fraud=FraudSettings(min_conversion=0)
+    )
     attacked = sample_numbers("ID", 5)
     for phone in attacked[:3]:
         await env.router.start(phone)
@@ -222,3 +226,101 @@ async def test_prefix_velocity_limit(make: Any) -> None:
     assert attacked[3][1:] not in str(info.value)
     await env.router.start(mobiles("+62813", 1)[0])
     assert env.sms_sends() == 4
+
+
+# -- conversion guard ---------------------------------------------------------------
+
+
+async def test_pumping_attack_is_cut_off_within_budget(make: Any, clock: Clock) -> None:
+    """Many numbers of one expensive prefix, none verified: at most prefix_min_started SMS are paid for.
+
+    Meanwhile users of another prefix of the same country and of another
+    country keep getting codes and verifying.
+    """
+    budget = 20
+    env = await make(
+        limits=LimitSettings(per_prefix=0),
+        fraud=FraudSettings(prefix_min_started=budget, country_min_started=60, min_conversion=0.2),
+    )
+    attack = sample_numbers("ID", 300)
+    legit = mobiles("+62813", 40) + sample_numbers("GB", 40)
+    refused: list[str] = []
+    verified = 0
+    for i, phone in enumerate(attack):
+        clock.now += 1
+        try:
+            await env.router.start(phone)
+        except RateLimited as exc:
+            assert exc.scope == "prefix_conversion"
+            refused.append(phone)
+        if i % 3 == 0 and legit:
+            user = legit.pop()
+            v = await env.router.start(user)
+            clock.now += 20
+            result = await env.router.check(v.id, env.code_for(user))
+            verified += result.status is CheckOutcome.VALID
+    attacked = set(attack)
+    assert env.sms_sends(attacked) == budget, "cut off exactly at the configured volume"
+    assert len(refused) == len(attack) - budget
+    ledger = await env.router.store.ledger()
+    attack_cost = sum((e.amount for e in ledger if e.region == "ID"), Decimal(0))
+    assert attack_cost == Decimal("0.4023") * (budget + 40), "the attack's 20 SMS and the 40 real users'"
+    assert legit == [] and verified == 80
+    assert env.blocks("prefix_conversion") == len(refused)
+    assert env.blocks("country_conversion") == 0
+
+
+async def test_blocked_prefix_reopens_after_the_cooldown(make: Any, clock: Clock) -> None:
+    """The block lasts block_cooldown; once the unverified starts left the window the prefix is open again."""
+    fraud = FraudSettings(prefix_min_started=5, min_conversion=0.5, conversion_window=600, block_cooldown=900)
+    env = await make(limits=LimitSettings(per_prefix=0), fraud=fraud)
+    numbers = sample_numbers("ID", 12)
+    for phone in numbers[:5]:
+        await env.router.start(phone)
+    with pytest.raises(RateLimited) as info:
+        await env.router.start(numbers[5])
+    assert info.value.retry_after == pytest.approx(900)
+    clock.now += 899
+    with pytest.raises(RateLimited):
+        await env.router.start(numbers[6])
+    clock.now += 2
+    v = await env.router.start(numbers[7])
+    assert v.status is Status.PENDING and env.sms_sends() == 6
+
+
+async def test_country_conversion_guard(make: Any, clock: Clock) -> None:
+    """With the prefix guard off, a country whose conversion collapses is blocked; others are not."""
+    fraud = FraudSettings(prefix_min_started=0, country_min_started=10, min_conversion=0.3)
+    env = await make(limits=LimitSettings(per_prefix=0), fraud=fraud)
+    attack = sample_numbers("ID", 15)
+    for phone in attack[:10]:
+        clock.now += 1
+        await env.router.start(phone)
+    with pytest.raises(RateLimited) as info:
+        await env.router.start(attack[10])
+    assert info.value.scope == "country_conversion"
+    assert env.blocks("country_conversion") == 1
+    gb = sample_numbers("GB", 1)[0]
+    v = await env.router.start(gb)
+    assert (await env.router.check(v.id, env.code_for(gb))).status is CheckOutcome.VALID
+
+
+async def test_verified_traffic_is_never_blocked(make: Any, clock: Clock) -> None:
+    """A prefix whose users verify keeps working far past the minimum volume."""
+    fraud = FraudSettings(prefix_min_started=5, country_min_started=5, min_conversion=0.5)
+    env = await make(limits=LimitSettings(per_prefix=0), fraud=fraud)
+    for phone in sample_numbers("ID", 60):
+        clock.now += 5
+        v = await env.router.start(phone)
+        assert (await env.router.check(v.id, env.code_for(phone))).status is CheckOutcome.VALID
+    assert env.blocks("prefix_conversion") == env.blocks("country_conversion") == 0
+
+
+async def test_guard_off_with_zero(make: Any) -> None:
+    """min_conversion = 0 turns the conversion guard off: unverified traffic is only rate limited."""
+    env = await make(
+        limits=LimitSettings(per_prefix=0), fraud=FraudSettings(min_conversion=0, prefix_min_started=2)
+    )
+    for phone in sample_numbers("ID", 10):
+        await env.router.start(phone)
+    assert env.sms_sends() == 10

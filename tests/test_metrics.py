@@ -182,9 +182,9 @@ CASES: list[tuple[Callable[[Metrics], object], str, dict[str, str], float]] = [
     (lambda m: m.circuit_state("sms", 2), "otp_router_circuit_state", {"channel": "sms"}, 2),
     (lambda m: m.rate_limited("phone"), "otp_router_rate_limited_total", {"scope": "phone"}, 1),
     (
-        lambda m: m.fraud_block("number_type"),
+        lambda m: m.fraud_block("prefix_conversion"),
         "otp_router_fraud_blocks_total",
-        {"scope": "number_type"},
+        {"scope": "prefix_conversion"},
         1,
     ),
     (lambda m: m.fraud_block("+447911123456"), "otp_router_fraud_blocks_total", {"scope": "other"}, 1),

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from otp_router.errors import ConfigError
 from otp_router.sqlite_common import parse_sqlite_url
-from otp_router.store.base import LedgerEntry, LedgerKind, Record, Store
+from otp_router.store.base import ConversionRule, LedgerEntry, LedgerKind, Record, Store
 from otp_router.store.memory import MemoryStore
 
 # This module imports the ``redis`` package only when a RedisStore is built,
@@ -32,6 +32,7 @@ from otp_router.store.redis import RedisStore
 from otp_router.store.sqlite import SqliteStore
 
 __all__ = [
+    "ConversionRule",
     "LedgerEntry",
     "LedgerKind",
     "MemoryStore",

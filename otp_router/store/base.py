@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol, runtime_checkable
 
-__all__ = ["LedgerEntry", "LedgerKind", "Record", "Store"]
+__all__ = ["ConversionRule", "LedgerEntry", "LedgerKind", "Record", "Store"]
 
 
 class LedgerKind(enum.StrEnum):
@@ -74,6 +74,21 @@ class Record:
     id: str
     version: int
     data: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionRule:
+    """A conversion guard on one key (a number prefix or a country).
+
+    Attributes:
+        key: What is counted, e.g. ``"conv-country:GB"``.
+        min_started: Starts in the window before the ratio is judged (at least 1).
+        min_ratio: Verified ÷ started below which the key is blocked.
+    """
+
+    key: str
+    min_started: int
+    min_ratio: float
 
 
 @runtime_checkable
@@ -144,6 +159,28 @@ class Store(Protocol):
             None when under the limit (the event is counted), else the seconds
             until the oldest event leaves the window (the event is not counted).
         """
+        ...
+
+    async def conversion_start(
+        self, rules: Sequence[ConversionRule], *, window: float, cooldown: float, now: float
+    ) -> tuple[str, float] | None:
+        """Count one start on every rule's key, unless one of the keys is blocked.
+
+        In one atomic step, for each rule in order: a key blocked until after
+        ``now`` refuses; a key with at least ``min_started`` starts in the
+        window and fewer than ``min_ratio * started`` verifications is blocked
+        until ``now + cooldown`` and refuses. A refusal counts nothing. Counts
+        are kept in time buckets of ``window / 12``, so the window slides in
+        steps of that size.
+
+        Returns:
+            None when the start was counted, else the refusing key and the
+            seconds until its block ends.
+        """
+        ...
+
+    async def conversion_verified(self, keys: Sequence[str], *, window: float, now: float) -> None:
+        """Count one verification on each key (see :meth:`conversion_start`)."""
         ...
 
     async def get_or_set_secret(self, name: str, value: str) -> str:

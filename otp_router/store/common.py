@@ -9,16 +9,21 @@ which round-trips every double exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 
-from otp_router.store.base import LedgerEntry, LedgerKind
+from otp_router.store.base import ConversionRule, LedgerEntry, LedgerKind
 
 __all__ = [
+    "CONVERSION_BUCKETS",
     "LEDGER_FIELDS",
     "check_claim_args",
+    "check_conversion_args",
     "check_hit_args",
     "check_latency_weight",
+    "conversion_blocks",
+    "conversion_buckets",
     "dedup_entries",
     "entry_from_fields",
     "entry_to_fields",
@@ -156,6 +161,46 @@ def check_latency_weight(weight: float) -> None:
     """
     if not 0 <= weight < float("inf"):
         raise ValueError("latency weight must be a finite, non-negative number")
+
+
+#: Time buckets per conversion window: the window slides in steps of ``window / 12``.
+CONVERSION_BUCKETS = 12
+
+
+def conversion_buckets(window: float, now: float) -> tuple[int, int]:
+    """The bucket ``now`` falls in, and the oldest bucket still inside the window.
+
+    Args:
+        window: Window length in seconds.
+        now: Current time.
+
+    Returns:
+        ``(current, oldest)``; buckets ``oldest..current`` make up the window.
+    """
+    current = math.floor(now * CONVERSION_BUCKETS / window)
+    return current, current - CONVERSION_BUCKETS + 1
+
+
+def conversion_blocks(rule: ConversionRule, started: int, verified: int) -> bool:
+    """Whether a key with these counts must be blocked (see :meth:`Store.conversion_start`)."""
+    return started >= rule.min_started and verified < rule.min_ratio * started
+
+
+def check_conversion_args(rules: Sequence[ConversionRule], window: float, cooldown: float) -> None:
+    """Validate :meth:`Store.conversion_start` arguments.
+
+    Raises:
+        ValueError: A rule with ``min_started`` below 1 or a ratio outside 0..1,
+            or a window or cooldown that is not positive and finite.
+    """
+    for rule in rules:
+        if rule.min_started < 1:
+            raise ValueError("min_started must be at least 1")
+        if not 0 <= rule.min_ratio <= 1:
+            raise ValueError("min_ratio must be between 0 and 1")
+    for name, value in (("window", window), ("cooldown", cooldown)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be positive")
 
 
 def retry_after(times: Sequence[float], *, limit: int, window: float, now: float) -> float:

@@ -14,6 +14,8 @@ Layout (``P`` is the prefix)::
     P:ledger-by:<id>         zset   <key> -> at             entries of one verification
     P:ledger-seq             string counter                 insertion order for ties
     P:rate:<key>             zset   <event> -> time         sliding-window events
+    P:conv:<key>             hash   s<bucket>/v<bucket> -> n  conversion guard: started, verified
+    P:conv-block:<key>       string blocked-until time      conversion guard block (expires)
     P:secret:<name>          string value
     P:latency                hash   <cell> -> weight        learned delivery latency
 
@@ -75,6 +77,14 @@ class RedisKeys:
     def rate(self, key: str) -> str:
         """Sorted set of one rate limit's events, scored by time."""
         return f"{self.prefix}:rate:{key}"
+
+    def conversion(self, key: str) -> str:
+        """Hash of one conversion guard key's started/verified counts per time bucket."""
+        return f"{self.prefix}:conv:{key}"
+
+    def conversion_block(self, key: str) -> str:
+        """String holding the time a blocked conversion guard key is blocked until."""
+        return f"{self.prefix}:conv-block:{key}"
 
     def secret(self, name: str) -> str:
         """String holding a named secret."""

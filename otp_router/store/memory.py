@@ -13,11 +13,14 @@ import asyncio
 from collections.abc import Sequence
 
 from otp_router.errors import ConcurrentUpdate, StoreError, VerificationNotFound
-from otp_router.store.base import LedgerEntry, Record
+from otp_router.store.base import ConversionRule, LedgerEntry, Record
 from otp_router.store.common import (
     check_claim_args,
+    check_conversion_args,
     check_hit_args,
     check_latency_weight,
+    conversion_blocks,
+    conversion_buckets,
     dedup_entries,
     entry_to_fields,
     retry_after,
@@ -47,6 +50,9 @@ class MemoryStore:
         # key -> (window of its last hit, event times)
         self._hits: dict[str, tuple[float, list[float]]] = {}
         self._hit_count = 0
+        # key -> bucket -> [started, verified]; key -> blocked until
+        self._conversion: dict[str, dict[int, list[int]]] = {}
+        self._conversion_blocks: dict[str, float] = {}
         self._secrets: dict[str, str] = {}
         self._latency: dict[str, float] = {}
         self._closed = False
@@ -182,6 +188,55 @@ class MemoryStore:
         # drop the history of a long per-phone window.
         for name in [k for k, (w, ts) in self._hits.items() if not ts or max(ts) <= now - w]:
             del self._hits[name]
+
+    async def conversion_start(
+        self, rules: Sequence[ConversionRule], *, window: float, cooldown: float, now: float
+    ) -> tuple[str, float] | None:
+        """Count a start unless a key is blocked (see :meth:`Store.conversion_start`)."""
+        check_conversion_args(rules, window, cooldown)
+        current, oldest = conversion_buckets(window, now)
+        async with self._lock:
+            self._check_open()
+            self._hit_count += 1
+            if self._hit_count % _SWEEP_EVERY == 0:
+                self._sweep_conversion(oldest, now)
+            for rule in rules:
+                until = self._conversion_blocks.get(rule.key)
+                if until is not None and until > now:
+                    return rule.key, until - now
+                buckets = self._buckets(rule.key, oldest)
+                started = sum(b[0] for b in buckets.values())
+                verified = sum(b[1] for b in buckets.values())
+                if conversion_blocks(rule, started, verified):
+                    self._conversion_blocks[rule.key] = now + cooldown
+                    return rule.key, cooldown
+            for rule in rules:
+                self._conversion.setdefault(rule.key, {}).setdefault(current, [0, 0])[0] += 1
+            return None
+
+    async def conversion_verified(self, keys: Sequence[str], *, window: float, now: float) -> None:
+        """Count a verification on each key (see :meth:`Store.conversion_verified`)."""
+        current, oldest = conversion_buckets(window, now)
+        async with self._lock:
+            self._check_open()
+            for key in keys:
+                self._buckets(key, oldest)
+                self._conversion.setdefault(key, {}).setdefault(current, [0, 0])[1] += 1
+
+    def _sweep_conversion(self, oldest: int, now: float) -> None:
+        # Forget prefixes that went quiet, so one list per prefix ever seen is not kept forever.
+        for key in list(self._conversion):
+            if not self._buckets(key, oldest):
+                del self._conversion[key]
+        for key in [k for k, until in self._conversion_blocks.items() if until <= now]:
+            del self._conversion_blocks[key]
+
+    def _buckets(self, key: str, oldest: int) -> dict[int, list[int]]:
+        """A key's buckets, with those that left the window dropped."""
+        buckets = self._conversion.get(key, {})
+        for stale in [b for b in buckets if b < oldest]:
+            del buckets[stale]
+        return buckets
 
     async def get_or_set_secret(self, name: str, value: str) -> str:
         """Return the stored secret, storing ``value`` first if absent."""

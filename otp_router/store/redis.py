@@ -29,12 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 from otp_router.errors import ConcurrentUpdate, ConfigError, StoreError, VerificationNotFound
 from otp_router.redis_common import RedisConnection, require_redis, split_redis_url
-from otp_router.store.base import LedgerEntry, Record
+from otp_router.store.base import ConversionRule, LedgerEntry, Record
 from otp_router.store.common import (
+    CONVERSION_BUCKETS,
     LEDGER_FIELDS,
     check_claim_args,
+    check_conversion_args,
     check_hit_args,
     check_latency_weight,
+    conversion_buckets,
     dedup_entries,
     entry_from_fields,
     entry_to_fields,
@@ -179,6 +182,51 @@ return false
 """
 
 
+# Conversion guard. KEYS: per rule, its count hash then its block key.
+# ARGV: now, oldest bucket in the window, current bucket, block-until time,
+# block ms, count hash ttl ms, then per rule its min_started and min_ratio.
+# Hash fields are "s<bucket>" (started) and "v<bucket>" (verified).
+# Returns false when counted, else {rule number (1-based), blocked-until time}.
+_CONVERSION_START = """
+local now = tonumber(ARGV[1])
+local oldest = tonumber(ARGV[2])
+local n = #KEYS / 2
+for i = 1, n do
+  local counts, block = KEYS[2 * i - 1], KEYS[2 * i]
+  local blocked = redis.call('GET', block)
+  if blocked and tonumber(blocked) > now then
+    return {i, blocked}
+  end
+  local fields = redis.call('HGETALL', counts)
+  local started, verified, stale = 0, 0, {}
+  for j = 1, #fields, 2 do
+    local name = fields[j]
+    if tonumber(string.sub(name, 2)) < oldest then
+      stale[#stale + 1] = name
+    elseif string.sub(name, 1, 1) == 's' then
+      started = started + tonumber(fields[j + 1])
+    else
+      verified = verified + tonumber(fields[j + 1])
+    end
+  end
+  if #stale > 0 then
+    redis.call('HDEL', counts, unpack(stale))
+  end
+  local min_started = tonumber(ARGV[5 + 2 * i])
+  local min_ratio = tonumber(ARGV[6 + 2 * i])
+  if started >= min_started and verified < min_ratio * started then
+    redis.call('SET', block, ARGV[4], 'PX', ARGV[5])
+    return {i, ARGV[4]}
+  end
+end
+for i = 1, n do
+  redis.call('HINCRBY', KEYS[2 * i - 1], 's' .. ARGV[3], 1)
+  redis.call('PEXPIRE', KEYS[2 * i - 1], ARGV[6])
+end
+return false
+"""
+
+
 def _ms(seconds: float | None) -> str:
     """Milliseconds for PX/PEXPIRE as text; ``"0"`` means "never expires"."""
     if seconds is None or seconds <= 0:
@@ -242,6 +290,7 @@ class RedisStore(RedisConnection):
         self._cas: AsyncScript = self._client.register_script(_CAS)
         self._claim: AsyncScript = self._client.register_script(_CLAIM)
         self._hit: AsyncScript = self._client.register_script(_HIT)
+        self._conversion: AsyncScript = self._client.register_script(_CONVERSION_START)
 
     def _ledger_args(self, entries: Sequence[LedgerEntry]) -> tuple[list[str], list[str]]:
         keys: list[str] = []
@@ -387,6 +436,42 @@ class RedisStore(RedisConnection):
         # Only the blocking event's time crosses the wire; the subtraction is
         # done here, in the same arithmetic as the other stores.
         return retry_after([float(blocking)], limit=1, window=window, now=now)
+
+    async def conversion_start(
+        self, rules: Sequence[ConversionRule], *, window: float, cooldown: float, now: float
+    ) -> tuple[str, float] | None:
+        """Count a start unless a key is blocked (see :meth:`Store.conversion_start`).
+
+        Count hashes expire one window after their last start; a block key
+        expires after ``cooldown`` seconds (of Redis's clock).
+        """
+        check_conversion_args(rules, window, cooldown)
+        if not rules:
+            return None
+        current, oldest = conversion_buckets(window, now)
+        keys: list[str] = []
+        limits: list[str] = []
+        for rule in rules:
+            keys += [self.keys.conversion(rule.key), self.keys.conversion_block(rule.key)]
+            limits += [str(rule.min_started), float_text(rule.min_ratio)]
+        args = [float_text(now), str(oldest), str(current), float_text(now + cooldown), _ms(cooldown)]
+        args += [_ms(window * (1 + 2 / CONVERSION_BUCKETS)), *limits]
+        with self._mapped():
+            blocked: list[Any] | None = await self._conversion(keys=keys, args=args)
+        if not blocked:
+            return None
+        number, until = blocked
+        return rules[int(number) - 1].key, float(until) - now
+
+    async def conversion_verified(self, keys: Sequence[str], *, window: float, now: float) -> None:
+        """Count a verification on each key (see :meth:`Store.conversion_verified`)."""
+        current, _ = conversion_buckets(window, now)
+        with self._mapped():
+            async with self._client.pipeline(transaction=True) as pipe:
+                for key in keys:
+                    pipe.hincrby(self.keys.conversion(key), f"v{current}", 1)
+                    pipe.pexpire(self.keys.conversion(key), int(_ms(window * (1 + 2 / CONVERSION_BUCKETS))))
+                await pipe.execute()
 
     async def get_or_set_secret(self, name: str, value: str) -> str:
         """Return the stored secret, storing ``value`` first if absent."""

@@ -21,11 +21,15 @@ from collections.abc import Sequence
 
 from otp_router.errors import ConcurrentUpdate, StoreError, VerificationNotFound
 from otp_router.sqlite_common import SqliteFile, write_transaction
-from otp_router.store.base import LedgerEntry, Record
+from otp_router.store.base import ConversionRule, LedgerEntry, Record
 from otp_router.store.common import (
+    CONVERSION_BUCKETS,
     check_claim_args,
+    check_conversion_args,
     check_hit_args,
     check_latency_weight,
+    conversion_blocks,
+    conversion_buckets,
     dedup_entries,
     entry_from_fields,
     entry_to_fields,
@@ -77,6 +81,22 @@ MIGRATIONS: tuple[str, ...] = (
         cell TEXT PRIMARY KEY,
         weight REAL NOT NULL
     );
+    """,
+    # Conversion guard: started/verified counts per key and time bucket, and blocks.
+    """
+    CREATE TABLE conversion (
+        key TEXT NOT NULL,
+        bucket INTEGER NOT NULL,
+        started INTEGER NOT NULL DEFAULT 0,
+        verified INTEGER NOT NULL DEFAULT 0,
+        expires REAL NOT NULL,
+        PRIMARY KEY (key, bucket)
+    ) WITHOUT ROWID;
+    CREATE INDEX conversion_expires ON conversion (expires);
+    CREATE TABLE conversion_blocks (
+        key TEXT PRIMARY KEY,
+        until REAL NOT NULL
+    ) WITHOUT ROWID;
     """,
 )
 
@@ -277,6 +297,51 @@ class SqliteStore(SqliteFile):
 
         return await self._run(op)
 
+    async def conversion_start(
+        self, rules: Sequence[ConversionRule], *, window: float, cooldown: float, now: float
+    ) -> tuple[str, float] | None:
+        """Count a start unless a key is blocked (see :meth:`Store.conversion_start`)."""
+        check_conversion_args(rules, window, cooldown)
+        current, oldest = conversion_buckets(window, now)
+
+        def op(conn: sqlite3.Connection) -> tuple[str, float] | None:
+            with write_transaction(conn):
+                # Rows carry the time they leave every window: one indexed DELETE keeps the table small.
+                conn.execute("DELETE FROM conversion WHERE expires <= ?", (now,))
+                for rule in rules:
+                    row = conn.execute(
+                        "SELECT until FROM conversion_blocks WHERE key = ?", (rule.key,)
+                    ).fetchone()
+                    if row is not None and row[0] > now:
+                        return rule.key, float(row[0]) - now
+                    started, verified = conn.execute(
+                        "SELECT COALESCE(SUM(started), 0), COALESCE(SUM(verified), 0) FROM conversion "
+                        "WHERE key = ? AND bucket >= ?",
+                        (rule.key, oldest),
+                    ).fetchone()
+                    if conversion_blocks(rule, started, verified):
+                        conn.execute(
+                            "INSERT OR REPLACE INTO conversion_blocks (key, until) VALUES (?, ?)",
+                            (rule.key, now + cooldown),
+                        )
+                        return rule.key, cooldown
+                rows = _bucket_rows([r.key for r in rules], current, window)
+                conn.executemany(_COUNT_CONVERSION.format(column="started"), rows)
+                return None
+
+        return await self._run(op)
+
+    async def conversion_verified(self, keys: Sequence[str], *, window: float, now: float) -> None:
+        """Count a verification on each key (see :meth:`Store.conversion_verified`)."""
+        current, _ = conversion_buckets(window, now)
+        rows = _bucket_rows(keys, current, window)
+
+        def op(conn: sqlite3.Connection) -> None:
+            with write_transaction(conn):
+                conn.executemany(_COUNT_CONVERSION.format(column="verified"), rows)
+
+        await self._run(op)
+
     async def get_or_set_secret(self, name: str, value: str) -> str:
         """Return the stored secret, storing ``value`` first if absent."""
 
@@ -329,6 +394,19 @@ class SqliteStore(SqliteFile):
             return mode
 
         return await self._run(op)
+
+
+#: Adds one to ``started`` or ``verified`` of a (key, bucket) row, creating it if needed.
+_COUNT_CONVERSION = (
+    "INSERT INTO conversion (key, bucket, {column}, expires) VALUES (?, ?, 1, ?) "
+    "ON CONFLICT (key, bucket) DO UPDATE SET {column} = {column} + 1"
+)
+
+
+def _bucket_rows(keys: Sequence[str], bucket: int, window: float) -> list[tuple[str, int, float]]:
+    # Bucket b is inside the window until bucket b + CONVERSION_BUCKETS begins; one more as margin.
+    expires = (bucket + CONVERSION_BUCKETS + 1) * window / CONVERSION_BUCKETS
+    return [(key, bucket, expires) for key in keys]
 
 
 def _deadline(deadline: float | None) -> float | None:

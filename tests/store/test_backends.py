@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from otp_router.errors import StoreError
-from otp_router.store import LedgerEntry, LedgerKind, Record, RedisStore, SqliteStore
+from otp_router.store import ConversionRule, LedgerEntry, LedgerKind, Record, RedisStore, SqliteStore
 from otp_router.store.sqlite import MIGRATIONS
 
 
@@ -107,7 +107,7 @@ async def test_sqlite_store_refuses_the_queue_file(tmp_path: Path) -> None:
 
 
 async def test_sqlite_store_migrates_an_older_file(tmp_path: Path) -> None:
-    """A store file of the first schema gains the latency table and keeps its records."""
+    """A store file of the first schema gains the latency and conversion tables and keeps its records."""
     path = tmp_path / "otp.db"
     raw = sqlite3.connect(path)
     for statement in MIGRATIONS[0].split(";"):
@@ -121,6 +121,12 @@ async def test_sqlite_store_migrates_an_older_file(tmp_path: Path) -> None:
         assert (await store.get("v1")) is not None
         await store.add_latency("telegram|GB|7|3", 1.0)
         assert await store.latency_cells() == {"telegram|GB|7|3": 1.0}
+        rule = ConversionRule("conv-country:GB", 1, 0.5)
+        assert await store.conversion_start([rule], window=60.0, cooldown=60.0, now=1.0) is None
+        assert await store.conversion_start([rule], window=60.0, cooldown=60.0, now=2.0) == (
+            "conv-country:GB",
+            60.0,
+        )
     finally:
         await store.aclose()
 

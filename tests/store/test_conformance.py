@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from otp_router.errors import ConcurrentUpdate, StoreError, VerificationNotFound
-from otp_router.store import LedgerEntry, LedgerKind, MemoryStore, Record, Store, open_store
+from otp_router.store import ConversionRule, LedgerEntry, LedgerKind, MemoryStore, Record, Store, open_store
 
 MakeStore = Callable[[], Awaitable[Store]]
 
@@ -347,6 +347,91 @@ async def test_hit_concurrent_never_exceeds_limit(make_store: MakeStore) -> None
     a, b = await make_store(), await make_store()
     results = await asyncio.gather(*(s.hit("k", limit=5, window=60, now=100.0) for s in [a, b] * 10))
     assert sum(r is None for r in results) == 5
+
+
+# -- conversion guard ------------------------------------------------------
+
+#: Window 1200 s: buckets of 100 s.
+CONV = {"window": 1200.0, "cooldown": 600.0}
+
+
+def rule(key: str = "p", *, min_started: int = 4, min_ratio: float = 0.5) -> ConversionRule:
+    return ConversionRule(key, min_started, min_ratio)
+
+
+async def test_conversion_blocks_once_the_ratio_collapses(store: Store) -> None:
+    """min_started unverified starts are counted; the next one blocks the key for the cooldown."""
+    for i in range(4):
+        assert await store.conversion_start([rule()], now=1000.0 + i, **CONV) is None
+    assert await store.conversion_start([rule()], now=1010.0, **CONV) == ("p", pytest.approx(600.0))
+    # Blocked: the remaining cooldown, whatever the counts say now.
+    await store.conversion_verified(["p"], window=1200.0, now=1020.0)
+    await store.conversion_verified(["p"], window=1200.0, now=1020.0)
+    assert await store.conversion_start([rule()], now=1510.0, **CONV) == ("p", pytest.approx(100.0))
+    # After the cooldown: 2 verified of 4 started is not below 0.5, so it counts again.
+    assert await store.conversion_start([rule()], now=1611.0, **CONV) is None
+
+
+async def test_conversion_verified_starts_keep_the_key_open(store: Store) -> None:
+    """A key whose starts are verified at or above the ratio is never blocked."""
+    for i in range(20):
+        assert await store.conversion_start([rule()], now=1000.0 + i, **CONV) is None
+        if i % 2 == 0:
+            await store.conversion_verified(["p"], window=1200.0, now=1000.5 + i)
+
+
+async def test_conversion_refusal_counts_nothing_on_any_key(store: Store) -> None:
+    """A start refused by one key is counted on none; keys are judged in order and independently."""
+    for i in range(4):
+        assert (
+            await store.conversion_start([rule("a"), rule("c", min_started=100)], now=1000.0 + i, **CONV)
+            is None
+        )
+    blocked = await store.conversion_start(
+        [rule("b"), rule("a"), rule("c", min_started=5)], now=1010.0, **CONV
+    )
+    assert blocked == ("a", pytest.approx(600.0))
+    # "b" was not counted by the refused start: three more fit before it reaches 4.
+    for i in range(4):
+        assert await store.conversion_start([rule("b")], now=1020.0 + i, **CONV) is None
+    # "c" has 4 starts (not 5): still open, and now it reaches 5 and blocks.
+    assert await store.conversion_start([rule("c", min_started=5)], now=1030.0, **CONV) is None
+    assert await store.conversion_start([rule("c", min_started=5)], now=1031.0, **CONV) is not None
+
+
+async def test_conversion_window_slides_by_bucket(store: Store) -> None:
+    """Starts older than the window (12 buckets of window / 12) stop counting."""
+    for key in ("p", "q"):
+        for i in range(3):
+            assert await store.conversion_start([rule(key)], now=1000.0 + i, **CONV) is None
+    # 1000 is in bucket 10. At 2150 (bucket 21) the window is buckets 10..21: 3 + 1 reach 4.
+    assert await store.conversion_start([rule("p")], now=2150.0, **CONV) is None
+    assert await store.conversion_start([rule("p")], now=2150.0, **CONV) is not None
+    # At 2200 (bucket 22) the window is buckets 11..22: the three old starts are gone.
+    for _ in range(4):
+        assert await store.conversion_start([rule("q")], now=2200.0, **CONV) is None
+    assert await store.conversion_start([rule("q")], now=2200.0, **CONV) is not None
+
+
+async def test_conversion_concurrent_starts_admit_exactly_min_started(make_store: MakeStore) -> None:
+    """Racing starts from two clients: exactly min_started are counted before the block."""
+    a, b = await make_store(), await make_store()
+    results = await asyncio.gather(
+        *(s.conversion_start([rule(min_started=6)], now=500.0, **CONV) for s in [a, b] * 10)
+    )
+    assert sum(r is None for r in results) == 6
+
+
+async def test_conversion_arguments_are_checked(store: Store) -> None:
+    """A rule that could never judge, or a window or cooldown that is not positive, is a caller bug."""
+    for bad_rule in (rule(min_started=0), rule(min_ratio=1.5), rule(min_ratio=-0.1)):
+        with pytest.raises(ValueError):
+            await store.conversion_start([bad_rule], now=1.0, **CONV)
+    with pytest.raises(ValueError):
+        await store.conversion_start([rule()], window=0, cooldown=1, now=1.0)
+    with pytest.raises(ValueError):
+        await store.conversion_start([rule()], window=10, cooldown=float("inf"), now=1.0)
+    assert await store.conversion_start([], now=1.0, **CONV) is None
 
 
 async def test_invalid_limits_are_refused(store: Store) -> None:

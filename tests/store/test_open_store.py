@@ -103,6 +103,7 @@ def test_exported_names() -> None:
     names = otp_router.store.__all__
     assert names == sorted(names)
     assert set(names) == {
+        "ConversionRule",
         "LedgerEntry",
         "LedgerKind",
         "MemoryStore",
