@@ -7,6 +7,7 @@ the ledger cost the attacker obtained before being cut off.
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Any
 
@@ -324,3 +325,27 @@ async def test_guard_off_with_zero(make: Any) -> None:
     for phone in sample_numbers("ID", 10):
         await env.router.start(phone)
     assert env.sms_sends() == 10
+
+
+async def test_guard_keeps_no_number_or_prefix_in_keys_or_logs(
+    make: Any, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Limit and guard keys are keyed hashes (country aside), and a block logs the region only."""
+    caplog.set_level("DEBUG")
+    fraud = FraudSettings(prefix_min_started=3, min_conversion=0.5, prefix_digits=4)
+    env = await make(limits=LimitSettings(per_prefix=50), fraud=fraud)
+    numbers = sample_numbers("ID", 4)
+    for phone in numbers[:3]:
+        clock.now += 1
+        await env.router.start(phone)
+    with pytest.raises(RateLimited):
+        await env.router.start(numbers[3])
+    store = env.router.store
+    assert isinstance(store, MemoryStore)
+    keys = [*store._hits, *store._conversion, *store._conversion_blocks]
+    assert any(k.startswith("conv-prefix:") for k in keys) and "conv-country:ID" in keys
+    for key in keys:
+        value = key.partition(":")[2]
+        assert value == "ID" or re.fullmatch("[0-9a-f]{32}", value), key
+    for phone in numbers:
+        assert phone[3:] not in caplog.text

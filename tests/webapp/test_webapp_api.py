@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from webapp_helpers import API_TOKEN, AUTH, US, Factory
 
-from otp_router.config import LimitSettings
+from otp_router.config import FraudSettings, LimitSettings
+from otp_router.harness import sample_numbers
 
 
 async def test_start_then_check_valid(make_env: Factory) -> None:
@@ -221,6 +222,23 @@ async def test_rate_limit_is_429_with_retry_after(make_env: Factory) -> None:
     resp = await env.client.post("/v1/verifications", json={"phone": US}, headers=AUTH)
     assert resp.status_code == 429 and resp.json()["error"]["code"] == "rate_limited"
     assert int(resp.headers["retry-after"]) == 590
+
+
+async def test_conversion_guard_block_is_429_with_retry_after(make_env: Factory) -> None:
+    """Unverified starts in one prefix: past the minimum volume, a 429 naming the guard, no number."""
+    fraud = FraudSettings(prefix_min_started=5, min_conversion=0.5, block_cooldown=900)
+    env = await make_env(limits=LimitSettings(per_prefix=0), fraud=fraud)
+    numbers = sample_numbers("ID", 6)
+    for phone in numbers[:5]:
+        resp = await env.client.post("/v1/verifications", json={"phone": phone}, headers=AUTH)
+        assert resp.status_code == 201, resp.text
+    calls = len(env.tg.calls) + len(env.sms.calls)
+    resp = await env.client.post("/v1/verifications", json={"phone": numbers[5]}, headers=AUTH)
+    assert resp.status_code == 429 and resp.json()["error"]["code"] == "rate_limited"
+    assert "pumping" in resp.json()["error"]["message"]
+    assert int(resp.headers["retry-after"]) == 900
+    assert len(env.tg.calls) + len(env.sms.calls) == calls, "refused before any provider call"
+    assert numbers[5][3:] not in resp.text
 
 
 async def test_unknown_id_is_404(make_env: Factory) -> None:
