@@ -278,7 +278,7 @@ def _parse_envelope(method: str, response: httpx.Response) -> Any:
     try:
         # parse_float=Decimal keeps money exact from the first byte.
         body = json.loads(response.content, parse_float=Decimal)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         body = None
     if not isinstance(body, dict) or not isinstance(body.get("ok"), bool):
         if status >= 500:

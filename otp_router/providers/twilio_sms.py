@@ -245,7 +245,7 @@ class HttpxTwilioClient(AsyncHttpClient):  # type: ignore[misc]  # twilio is unt
 def _error_code(text: str) -> int | None:
     try:
         body = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         return None
     code = body.get("code") if isinstance(body, dict) else None
     return code if isinstance(code, int) else None
@@ -276,9 +276,9 @@ async def _call(make: Callable[[], Awaitable[_T]]) -> _T:
         raise ProviderResponseError(
             f"twilio SDK error: {type(exc).__name__}", provider=PROVIDER, not_performed=False
         ) from exc
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as exc:
         # The SDK parses the body with json.loads and reads it with payload.get():
-        # garbage or a non-object JSON body surfaces as one of these.
+        # garbage, a non-object JSON body or absurd nesting surfaces as one of these.
         raise ProviderResponseError(
             "twilio answered with a body that is not a message resource",
             provider=PROVIDER,

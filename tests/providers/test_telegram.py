@@ -478,6 +478,34 @@ async def test_malformed_envelope_is_a_response_error(
     assert PHONE not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (200, b"[" * 100_000 + b"]" * 100_000, ProviderResponseError),
+        (
+            200,
+            b'{"ok": true, "result": {"request_id": "r\xff", "request_cost": 0.01}}',
+            ProviderResponseError,
+        ),
+        (200, b'{"ok": true, "result": {"request_id": "r1", "request_cost": 1e999}}', ProviderResponseError),
+        (500, b'{"ok": false, "error": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", ProviderUnavailable),
+    ],
+    ids=["recursion", "invalid-utf8", "cost-1e999", "5xx-recursion"],
+)
+async def test_hostile_response_bytes_are_provider_errors(
+    make_channel: Callable[..., TelegramChannel],
+    stub: Callable[[web.Response], Awaitable[str]],
+    status: int,
+    body: bytes,
+    expected: type[Exception],
+) -> None:
+    """Nesting that would exhaust the recursion limit, bytes that are not UTF-8 and out-of-range
+    numbers in a Gateway answer are errors of our tree (never a RecursionError reaching the caller)."""
+    url = await stub(web.Response(status=status, body=body, content_type="application/json"))
+    with pytest.raises(expected):
+        await make_channel(base_url=url, retry=RetrySettings(backoff=False, attempts=1)).status("r1")
+
+
 async def test_non_http_answer_is_a_response_error(make_channel: Callable[..., TelegramChannel]) -> None:
     """A server that answers with bytes that are not HTTP gives an otp-router error, not an aiohttp one."""
 

@@ -370,8 +370,9 @@ def message_json(status: str = "queued", price: str | None = None) -> web.Respon
         web.Response(status=201, text="[1, 2]", content_type="application/json"),
         web.Response(status=201, text="null", content_type="application/json"),
         web.Response(status=201, text='{"status": "queued"}', content_type="application/json"),
+        web.Response(status=201, text="[" * 100_000 + "]" * 100_000, content_type="application/json"),
     ],
-    ids=["html", "list", "null", "no-sid"],
+    ids=["html", "list", "null", "no-sid", "recursion"],
 )
 async def test_garbage_create_body_is_a_response_error(
     make_channel: MakeChannel, fake_twilio: FakeTwilio, response: web.Response
