@@ -277,6 +277,9 @@ class Settings(BaseSettings):
     #: Seconds after a verification ends (or leaves a channel) before asking the provider for the
     #: final cost (refund, SMS price); doubled on each of up to 5 tries.
     settle_delay: float = Field(default=15.0, gt=0)
+    #: Seconds between reloads of the shared delivery-latency estimate behind
+    #: ``deliver_within = "auto"`` (one store read per process per interval).
+    latency_refresh: float = Field(default=60.0, gt=0)
     #: TOML routing policy; unset means the built-in default (telegram 30 s, then sms).
     policy_file: Path | None = None
     #: Per-country SMS price table (TOML), laid over the packaged ``otp_router/data/sms-prices.toml``.

@@ -54,6 +54,7 @@ __all__ = [
     "FallbackReason",
     "FellBack",
     "Finished",
+    "LatencyObserved",
     "Probe",
     "ProbeDone",
     "ProbeFailed",
@@ -301,13 +302,17 @@ class SendFailed:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """A delivery report (callback or poll) for the attempt with this reference."""
+    """A delivery report (callback or poll) for the attempt with this reference.
+
+    ``at`` is the provider's own time of the state, if it gave one.
+    """
 
     ref: str
     state: DeliveryState
     cost: Decimal | None = None
     refunded: bool = False
     cost_final: bool = False
+    at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,6 +433,20 @@ class CodeDelivered:
 
 
 @dataclass(frozen=True, slots=True)
+class LatencyObserved:
+    """Record one delivery outcome in the learned latency estimate (:mod:`otp_router.latency`).
+
+    ``seconds`` runs from the send accepted to the delivery; None for a
+    message that will never arrive (expired, undelivered, failed). ``at`` is
+    when the outcome happened.
+    """
+
+    channel: ChannelName
+    seconds: float | None
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class ResendRefused:
     """The resend request was refused by policy; ``retry_after`` None means never."""
 
@@ -445,6 +464,7 @@ Effect = (
     | Finished
     | Checked
     | CodeDelivered
+    | LatencyObserved
     | ResendRefused
 )
 

@@ -31,6 +31,7 @@ from otp_router.core import (
     FallbackRecord,
     FellBack,
     Finished,
+    LatencyObserved,
     Probe,
     ProbeDone,
     ProbeFailed,
@@ -59,6 +60,22 @@ _FAILURE_REASON = {
     DeliveryState.UNDELIVERED: FallbackReason.UNDELIVERED,
     DeliveryState.FAILED: FallbackReason.UNDELIVERED,
 }
+#: Provider times come in whole seconds: one within this of ``now`` is no better than ``now``.
+_PROVIDER_TIME_RESOLUTION = 1.0
+
+
+def _delivered_at(event: Delivery, sent_at: float | None, now: float) -> float:
+    """When a message was delivered: ``now``, unless the provider's own time says clearly earlier.
+
+    A report that arrives at once (a webhook) is dated by our clock, finer
+    than the provider's whole seconds; one read long after the fact (a poll
+    at a deadline or while settling costs) by the provider's time, taken at
+    the middle of its second and never before the send.
+    """
+    if event.at is None or event.at + _PROVIDER_TIME_RESOLUTION >= now:
+        return now
+    at = event.at + _PROVIDER_TIME_RESOLUTION / 2
+    return at if sent_at is None else max(at, sent_at)
 
 
 def new_state(
@@ -370,10 +387,17 @@ def _delivery(b: _Builder, event: Delivery, now: float) -> None:
         return
     attempt = attempt.model_copy(update={"delivery": event.state})
     if event.state.is_delivered and attempt.delivered_at is None:
-        attempt = attempt.model_copy(update={"delivered_at": now})
-        b.effects.append(CodeDelivered(attempt.channel, now - b.state.created_at))
+        delivered_at = _delivered_at(event, attempt.sent_at, now)
+        attempt = attempt.model_copy(update={"delivered_at": delivered_at})
+        b.effects.append(CodeDelivered(attempt.channel, delivered_at - b.state.created_at))
+        if attempt.sent_at is not None:
+            b.effects.append(LatencyObserved(attempt.channel, delivered_at - attempt.sent_at, delivered_at))
         if attempt.phase in (AttemptPhase.AWAITING, AttemptPhase.TIMED_OUT, AttemptPhase.SENDING):
             attempt = attempt.model_copy(update={"phase": AttemptPhase.DELIVERED})
+    elif event.state.is_failed and event.state is not DeliveryState.REVOKED and attempt.sent_at is not None:
+        # Never arriving is part of the latency distribution (the mass past every
+        # deadline). A revoked message says nothing about delivery: we withdrew it.
+        b.effects.append(LatencyObserved(attempt.channel, None, now))
     b.put_attempt(attempt)
     is_current = b.state.current is not None and b.state.current.step == attempt.step
     if (

@@ -183,6 +183,12 @@ METRICS: tuple[MetricSpec, ...] = (
         "country",
         "USD those verifications paid for other channels on top of the delivered Telegram message.",
     ),
+    _spec(
+        _G,
+        "learned_deadline_seconds",
+        "channel country",
+        'Step deadline (seconds after the send) last chosen for deliver_within = "auto", by country.',
+    ),
     _spec(_G, "telegram_balance_credits", "", "Telegram Gateway balance last reported, in credits."),
     _spec(_G, "circuit_state", "channel", "Circuit breaker state: 0 closed, 1 open, 2 half-open."),
     _spec(_C, "rate_limited", "scope", "start() calls refused by an abuse limit, by limit scope."),
@@ -453,6 +459,24 @@ class Metrics:
         """
         self._observe(
             "otp_router_time_to_code_seconds",
+            seconds,
+            channel=_closed(channel, CHANNELS),
+            country=sanitize_country(country),
+        )
+
+    def learned_deadline(self, channel: str, country: str, seconds: float) -> None:
+        """Set the deadline an ``auto`` step got for a country (``otp_router_learned_deadline_seconds``).
+
+        Set each time a verification starts with a learned deadline, so the
+        series shows what new verifications of that country use now.
+
+        Args:
+            channel: The step's channel (telegram).
+            country: ISO region of the number.
+            seconds: The deadline, seconds after the send is accepted.
+        """
+        self._set(
+            "otp_router_learned_deadline_seconds",
             seconds,
             channel=_closed(channel, CHANNELS),
             country=sanitize_country(country),

@@ -191,8 +191,9 @@ class CountryRule:
 
 
 def _default_steps() -> tuple[Step, ...]:
+    # Telegram with a learned deadline between 3 s and its 30 s ttl (30 s until learned), then SMS.
     return (
-        Step(ChannelName.TELEGRAM, 30.0, probe=True),
+        Step(ChannelName.TELEGRAM, AUTO_MAX, probe=True, auto=AutoDeadline()),
         Step(ChannelName.SMS, 120.0),
     )
 

@@ -42,6 +42,7 @@ from otp_router.core import (
     FallbackReason,
     FellBack,
     Finished,
+    LatencyObserved,
     Probe,
     ProbeDone,
     ProbeFailed,
@@ -78,6 +79,7 @@ from otp_router.errors import (
 )
 from otp_router.inputs import check_text
 from otp_router.instrument import InstrumentedChannel
+from otp_router.latency import LearnedDeadlines, observation, stale_cells
 from otp_router.lifecycle import apply, new_state
 from otp_router.metrics import Metrics, NullMetrics, get_metrics
 from otp_router.models import CheckResult, Verification
@@ -118,7 +120,9 @@ def _check_id(verification_id: object) -> str:
 
 def _delivery(report: StatusResult) -> Delivery:
     """The core event for a provider's status report (webhook or poll)."""
-    return Delivery(report.ref, report.state, report.cost, report.refunded, report.cost_is_final)
+    return Delivery(
+        report.ref, report.state, report.cost, report.refunded, report.cost_is_final, at=report.updated_at
+    )
 
 
 class ResendNotAllowed(OtpRouterError):
@@ -188,6 +192,9 @@ class OtpRouter:
         #: Deadline handlers in flight (each also in ``_background``).
         self._deadline_tasks: set[asyncio.Task[None]] = set()
         self._deadline_slots = asyncio.Semaphore(self.settings.deadline_concurrency)
+        self._learned = LearnedDeadlines()
+        #: Clock time of the last latency refresh (None: never); see _resolve_auto().
+        self._learned_at: float | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._wakeup = asyncio.Event()
@@ -268,6 +275,8 @@ class OtpRouter:
                 "Set it in production so that store contents alone cannot reveal codes."
             )
             self._secret = stored.encode()
+        if self._uses_auto():
+            await self.refresh_latency()
 
     async def aclose(self) -> None:
         """Stop the deadline loop, wait for background reports, close owned resources."""
@@ -284,6 +293,26 @@ class OtpRouter:
         await self.store.aclose()
         if self._http is not None:
             await self._http.aclose()
+
+    async def refresh_latency(self) -> None:
+        """Reload the shared latency estimate from the store (and drop cells too old to matter).
+
+        :meth:`open` does it once, and :meth:`start` again in the background
+        when the copy is older than ``latency_refresh`` seconds; a store error
+        keeps the previous copy.
+        """
+        now = self.clock()
+        self._learned_at = now
+        try:
+            cells = await self.store.latency_cells()
+            stale = stale_cells(cells, now)
+            if stale:
+                # Any process may drop them: dropping is idempotent, and they weigh under 2**-32.
+                await self.store.drop_latency(stale)
+        except (StoreError, OSError) as exc:
+            log.warning("latency estimate: store error %s, keeping the previous one", type(exc).__name__)
+            return
+        self._learned.update(cells, now)
 
     async def wait_idle(self) -> None:
         """Wait for fire-and-forget work (code reports, revokes) to finish."""
@@ -329,6 +358,7 @@ class OtpRouter:
         if not steps:
             raise InputError(f"no configured channel can reach region {number.region}")
         steps = self._steps_for_type(number, steps)
+        steps = self._resolve_auto(steps, number.region)
         now = self.clock()
         vid = self._new_id(idempotency_key)
         if idempotency_key is not None:
@@ -652,6 +682,8 @@ class OtpRouter:
                     snap = await self._poll(snap, effect.channel, effect.ref)
                 case Revoke():
                     self._spawn(self._revoke(effect))
+                case LatencyObserved():
+                    self._spawn(self._record_latency(snap[1].region, effect))
                 case ReportCode() if entered_code is not None:
                     self._spawn(self._report_code(effect, entered_code))
                 case _:
@@ -792,6 +824,45 @@ class OtpRouter:
                 provider=provider,
                 not_performed=False,
             ) from None
+
+    async def _record_latency(self, region: str, effect: LatencyObserved) -> None:
+        """Add one delivery outcome to the shared estimate: one increment, no read.
+
+        Carried out after the write that recorded the delivery, so a crash in
+        between loses this one observation (a blur, not an error), and a
+        replayed report cannot count it twice (the stored state already has it).
+        """
+        cell, weight = observation(effect.channel.value, region, effect.seconds, effect.at)
+        try:
+            await self.store.add_latency(cell, weight)
+        except (StoreError, OSError) as exc:
+            log.info("latency observation not recorded: store error %s", type(exc).__name__)
+
+    def _uses_auto(self) -> bool:
+        """Whether any workflow step (default or a country's) has a learned deadline."""
+        steps = list(self.policy.steps)
+        for rule in self.policy.countries.values():
+            steps += rule.steps.values()
+        return any(step.auto is not None for step in steps)
+
+    def _resolve_auto(self, steps: tuple[Step, ...], region: str) -> tuple[Step, ...]:
+        """``steps`` with learned deadlines in place of ``auto``, from the in-process copy (no I/O).
+
+        Starts a background refresh of that copy when it is older than
+        ``latency_refresh``, so the hot path never waits for the store.
+        """
+        if all(step.auto is None for step in steps):
+            return steps
+        now = self.clock()
+        if self._learned_at is None or now - self._learned_at >= self.settings.latency_refresh:
+            # Marked now, so concurrent starts spawn one refresh, not one each.
+            self._learned_at = now
+            self._spawn(self.refresh_latency())
+        resolved = self._learned.resolve(steps, region, self.policy, self.prices)
+        for step, chosen in zip(steps, resolved, strict=True):
+            if step.auto is not None:
+                self.metrics.learned_deadline(chosen.channel.value, region, chosen.deliver_within)
+        return resolved
 
     async def _revoke(self, effect: Revoke) -> None:
         with contextlib.suppress(ProviderError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from decimal import Decimal
 
+import pytest
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -14,6 +15,7 @@ from otp_router.core import (
     Cancel,
     Checked,
     CheckOutcome,
+    CodeDelivered,
     CodeEntered,
     DeadlineReached,
     Delivery,
@@ -22,6 +24,7 @@ from otp_router.core import (
     FallbackReason,
     FellBack,
     Finished,
+    LatencyObserved,
     Probe,
     ProbeDone,
     ProbeFailed,
@@ -547,3 +550,46 @@ def test_state_repr_hides_phone_and_code_material() -> None:
     s = fresh().model_copy(update={"code_nonce": "nonce-value"})
     text = repr(s) + str(s)
     assert "+15555550100" not in text and "digest" not in text and "nonce-value" not in text
+
+
+@pytest.mark.parametrize(
+    ("provider_time", "now", "delivered_at"),
+    [
+        (None, 9.0, 9.0),  # no provider time: ours
+        (8.0, 8.6, 8.6),  # a prompt report: our finer clock beats whole seconds
+        (5.0, 40.0, 5.5),  # a late poll: the middle of the provider's second
+        (1.0, 40.0, 2.0),  # never before the send was accepted
+    ],
+)
+def test_delivery_time_and_latency(provider_time: float | None, now: float, delivered_at: float) -> None:
+    """A delivery is dated by the provider's time only when reported clearly later; its latency is kept."""
+    ts = run(
+        fresh(),
+        (Start(), 0),
+        (ProbeDone(0, True, "r1", TG_COST), 1),
+        (SendOk(0, "r1", TG_COST), 2),
+        (Delivery("r1", DeliveryState.DELIVERED, at=provider_time), now),
+    )
+    last = ts[-1]
+    assert last.state.attempts[0].delivered_at == delivered_at
+    assert CodeDelivered(ChannelName.TELEGRAM, delivered_at) in last.effects
+    assert LatencyObserved(ChannelName.TELEGRAM, delivered_at - 2, delivered_at) in last.effects
+
+
+def test_only_the_first_outcome_of_a_message_is_observed() -> None:
+    """Expired is observed as never delivered, once; a revoked message or a repeated report adds nothing."""
+    ts = run(
+        fresh(),
+        (Start(), 0),
+        (ProbeDone(0, True, "r1", TG_COST), 1),
+        (SendOk(0, "r1", TG_COST), 2),
+        (Delivery("r1", DeliveryState.EXPIRED), 33),
+        (Delivery("r1", DeliveryState.EXPIRED), 34),
+    )
+    assert [e for e in ts[3].effects if isinstance(e, LatencyObserved)] == [
+        LatencyObserved(ChannelName.TELEGRAM, None, 33)
+    ]
+    assert not any(isinstance(e, LatencyObserved) for e in ts[4].effects)
+    revoked = run(fresh(), (Start(), 0), (ProbeDone(0, True, "r1"), 1), (SendOk(0, "r1"), 2))[-1].state
+    t = apply(revoked, Delivery("r1", DeliveryState.REVOKED), 5)
+    assert not any(isinstance(e, LatencyObserved) for e in t.effects)

@@ -180,6 +180,12 @@ CASES: list[tuple[Callable[[Metrics], object], str, dict[str, str], float]] = [
     ),
     (lambda m: m.telegram_balance(Decimal("42.5")), "otp_router_telegram_balance_credits", {}, 42.5),
     (lambda m: m.circuit_state("sms", 2), "otp_router_circuit_state", {"channel": "sms"}, 2),
+    (
+        lambda m: m.learned_deadline("telegram", "BR", 17.5),
+        "otp_router_learned_deadline_seconds",
+        {"channel": "telegram", "country": "BR"},
+        17.5,
+    ),
     (lambda m: m.rate_limited("phone"), "otp_router_rate_limited_total", {"scope": "phone"}, 1),
     (
         lambda m: m.fraud_block("prefix_conversion"),
@@ -441,6 +447,7 @@ def exercise_everything(m: Metrics) -> set[str]:
         m.dead_letter(hostile)
         m.code_check(hostile)
         m.time_to_code(hostile, 1.0, hostile)
+        m.learned_deadline(hostile, hostile, 5.0)
         m.paid_twice(hostile, Decimal("0.01"))
         m.time_to_verify(hostile, 1.0)
         m.circuit_state(hostile, 0)
@@ -454,6 +461,7 @@ def exercise_everything(m: Metrics) -> set[str]:
         "delivery": lambda: m.delivery("telegram", "delivered"),
         "fallback": lambda: m.fallback("telegram", "sms", "deadline"),
         "time_to_code": lambda: m.time_to_code("telegram", 2.1, "IN"),
+        "learned_deadline": lambda: m.learned_deadline("telegram", "IN", 12.7),
         "paid_twice": lambda: m.paid_twice("IN", Decimal("0.0832")),
         "time_to_verify": lambda: m.time_to_verify("sms", 35.0),
         "code_check": lambda: m.code_check("valid"),

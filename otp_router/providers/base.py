@@ -144,6 +144,9 @@ class StatusResult:
         cost_is_final: True once the price can no longer change.
         error_code: Provider error code for failed/undelivered messages.
         raw_status: The provider's own status string, for logs.
+        updated_at: Unix time the provider says the state was reached (Telegram's
+            ``delivery_status.updated_at``, whole seconds), if it says; lets a
+            poll long after the delivery still date it right.
     """
 
     ref: str
@@ -154,6 +157,7 @@ class StatusResult:
     error_code: str | None = None
     raw_status: str | None = None
     currency: str = "USD"
+    updated_at: float | None = None
 
 
 @runtime_checkable

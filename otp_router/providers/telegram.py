@@ -478,6 +478,7 @@ def _status_result(status: RequestStatus) -> StatusResult:
         refunded=status.is_refunded,
         cost_is_final=status.is_refunded or state in _FINAL_STATES,
         raw_status=status.delivery_status.status if status.delivery_status else None,
+        updated_at=status.delivery_status.updated_at if status.delivery_status else None,
     )
 
 
