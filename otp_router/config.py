@@ -280,7 +280,8 @@ class Settings(BaseSettings):
     #: Seconds between reloads of the shared delivery-latency estimate behind
     #: ``deliver_within = "auto"`` (one store read per process per interval).
     latency_refresh: float = Field(default=60.0, gt=0)
-    #: TOML routing policy; unset means the built-in default (telegram 30 s, then sms).
+    #: TOML routing policy; unset means the built-in default (telegram with a deadline learned
+    #: between 3 and 30 s, then sms).
     policy_file: Path | None = None
     #: Per-country SMS price table (TOML), laid over the packaged ``otp_router/data/sms-prices.toml``.
     prices_file: Path | None = None

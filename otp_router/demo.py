@@ -42,7 +42,7 @@ from otp_router.emulators import EmulatorPair, serve_emulators
 from otp_router.errors import InputError
 from otp_router.harness import emulated_settings, read_code
 from otp_router.metrics import Metrics, NullMetrics
-from otp_router.policy import Policy, Step
+from otp_router.policy import AutoDeadline, Policy, Step
 from otp_router.population import Population, Shape, User, make_population
 from otp_router.prices import SmsPrices
 from otp_router.router import OtpRouter
@@ -261,17 +261,31 @@ def scaled_policy(policy: Policy, time_scale: float) -> Policy:
 
     The emulators scale the ttl they receive themselves, so a Telegram step
     keeps its ttl in provider seconds (30 s stays 30 s: refunded after 30
-    provider seconds); only the router's own deadlines are scaled.
+    provider seconds); only the router's own deadlines are scaled. For an
+    ``auto`` step so are its bounds, the SMS latency it assumes, and the price
+    of waiting (per wall-clock second, so ``1 / time_scale`` times dearer);
+    the router learns latencies in wall-clock seconds, so its choice is the
+    provider-time choice, scaled. Its ttl cap stays in provider seconds,
+    above every scaled bound.
     """
 
     def scale(step: Step) -> Step:
-        return dataclasses.replace(step, deliver_within=step.deliver_within * time_scale)
+        auto = step.auto
+        if auto is not None:
+            auto = AutoDeadline(auto.minimum * time_scale, auto.maximum * time_scale)
+        return dataclasses.replace(step, deliver_within=step.deliver_within * time_scale, auto=auto)
 
     countries = {
         region: dataclasses.replace(rule, steps={c: scale(s) for c, s in rule.steps.items()})
         for region, rule in policy.countries.items()
     }
-    return dataclasses.replace(policy, steps=tuple(scale(s) for s in policy.steps), countries=countries)
+    return dataclasses.replace(
+        policy,
+        steps=tuple(scale(s) for s in policy.steps),
+        countries=countries,
+        wait_cost_per_second=policy.wait_cost_per_second / time_scale,
+        sms_latency=policy.sms_latency * time_scale,
+    )
 
 
 async def _simulate(
@@ -291,6 +305,8 @@ async def _simulate(
         store_url=f"sqlite:///{folder / 'otp-router-demo.db'}",
         retry=RetrySettings(initial_backoff=0.05, max_backoff=0.5, max_retry_after=2.0),
         settle_delay=max(0.2, 15 * time_scale),
+        # The learned deadlines' refresh runs on provider time too (60 s by default).
+        latency_refresh=max(0.5, 60 * time_scale),
         code_secret=secrets.token_hex(32),
     )
     summary = DemoSummary(users=len(population.users))

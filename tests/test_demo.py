@@ -54,3 +54,17 @@ async def test_summary_matches_metrics_and_ledger(tmp_path: Path) -> None:
     # The metric adds estimates when a user starts paying twice; the summary reads final prices.
     assert total(registry, "otp_router_paid_twice_usd_total") >= float(summary.paid_twice_extra) - 1e-9
     assert summary.paid_twice_extra > 0
+
+
+def test_scaled_policy_scales_a_learned_deadline() -> None:
+    """At 20x, an auto step's bounds, assumed SMS latency and price of waiting move to wall-clock seconds."""
+    from otp_router.demo import scaled_policy
+
+    policy = Policy(wait_cost_per_second=0.002, sms_latency=6.0)
+    scaled = scaled_policy(policy, 0.05)
+    tg = scaled.steps[0]
+    assert tg.auto is not None
+    assert (tg.auto.minimum, tg.auto.maximum) == (pytest.approx(0.15), pytest.approx(1.5))
+    assert tg.deliver_within == pytest.approx(1.5) and tg.ttl == 30  # the emulator scales the ttl itself
+    assert scaled.wait_cost_per_second == pytest.approx(0.04)
+    assert scaled.sms_latency == pytest.approx(0.3)

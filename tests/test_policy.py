@@ -14,10 +14,11 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "policy.example.to
 
 
 def test_default_is_telegram_then_sms() -> None:
-    """The built-in workflow probes Telegram with a 30 s deadline, then SMS."""
+    """The built-in workflow probes Telegram with a deadline learned within 3..30 s (its ttl), then SMS."""
     steps = Policy().steps_for("GB")
     assert [s.channel for s in steps] == [ChannelName.TELEGRAM, ChannelName.SMS]
     assert steps[0].probe and steps[0].ttl == 30
+    assert steps[0].auto == AutoDeadline(3.0, 30.0) and steps[0].deliver_within == 30.0
 
 
 def test_example_file_overrides() -> None:
@@ -28,6 +29,8 @@ def test_example_file_overrides() -> None:
     assert [s.channel for s in policy.steps_for("DE")] == [ChannelName.TELEGRAM, ChannelName.SMS]
     with pytest.raises(UnsupportedCountry):
         policy.steps_for("KP")
+    assert policy.steps_for("DE")[0].auto == AutoDeadline(3.0, 30.0)
+    assert policy.steps_for("BR")[0].auto is None  # its own fixed times
 
 
 def test_telegram_ttl_is_clamped_to_its_range() -> None:
