@@ -14,6 +14,7 @@ The README's reliability section quotes the catalogue's size;
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import sqlite3
 import threading
@@ -331,6 +332,22 @@ LIBRARY: dict[str, Call] = {
 }
 
 
+#: ``otp_router.enqueue`` keyword arguments (phone defaults to a good number): each an InputError.
+ENQUEUE: dict[str, dict[str, Any]] = {
+    "phone-undecodable": {"phone": GB + "\udcff"},
+    "phone-bytes": {"phone": GB.encode()},
+    "key-nul": {"idempotency_key": "k\x00"},
+    "key-undecodable": {"idempotency_key": "k\udcff"},
+    "key-201-chars": {"idempotency_key": "k" * 201},
+    "region-three-letters": {"phone": "7400123456", "default_region": "GBR"},
+    "metadata-not-a-mapping": {"metadata": [1, 2]},
+    "metadata-unpaired-surrogate": {"metadata": {"note": "\ud800"}},
+    "metadata-too-deep": {"metadata": {"a": json.loads("[" * 40 + "]" * 40)}},
+    "metadata-not-json": {"metadata": {"when": object()}},
+    "too-large": {"metadata": {"blob": "x" * 70_000}},
+}
+
+
 @dataclass(frozen=True)
 class Row:
     """One row another program wrote into the SQLite queue, and the dead-letter reason it must get."""
@@ -466,6 +483,7 @@ CATALOGUE = {
     **{f"telegram-webhook/{k}": v for k, v in TELEGRAM.items()},
     **{f"twilio-webhook/{k}": v for k, v in TWILIO.items()},
     **{f"library/{k}": v for k, v in LIBRARY.items()},
+    **{f"library/enqueue-{k}": v for k, v in ENQUEUE.items()},
     **{f"sqlite-queue/{k}": v for k, v in SQLITE_ROWS.items()},
     **{f"redis-queue/{k}": v for k, v in REDIS_ENTRIES.items()},
     **{f"cli/{k}": v for k, v in CLI.items()},
@@ -659,6 +677,22 @@ async def test_library(case: Call) -> None:
         with pytest.raises(case.error):
             await getattr(router, case.method)(*args, **case.kwargs)
         assert len(telegram.calls) == calls and store_state(store) == state
+
+
+@pytest.mark.parametrize("case", ENQUEUE.values(), ids=ENQUEUE.keys())
+async def test_enqueue(tmp_path: Path, case: dict[str, Any]) -> None:
+    """The producer side refuses what the worker would dead-letter: an InputError, nothing queued."""
+    from otp_router.queue import enqueue
+
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    kwargs = {"phone": GB, "idempotency_key": "k", **case}
+    with pytest.raises(InputError):
+        await enqueue(url, kwargs.pop("phone"), **kwargs)
+    queue = open_queue(url)
+    try:
+        assert (await queue.depth(), await queue.pending()) == (0, 0)
+    finally:
+        await queue.aclose()
 
 
 # --- queue rows ----------------------------------------------------------------------------

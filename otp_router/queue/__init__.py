@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from otp_router.config import Settings
 from otp_router.errors import ConfigError, InputError
+from otp_router.inputs import check_text
 from otp_router.phone import parse_phone
 from otp_router.queue.base import (
     MAX_MESSAGE_BYTES,
@@ -147,6 +148,8 @@ async def enqueue(
         InputError: Another field does not follow the message schema.
         StoreError: The queue backend failed.
     """
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise InputError("invalid queue message field(s): metadata must be a mapping")
     try:
         message = QueueMessage(
             phone=phone,
@@ -158,15 +161,20 @@ async def enqueue(
     except ValidationError as exc:
         fields = sorted({".".join(str(p) for p in err["loc"]) for err in exc.errors()})
         raise InputError(f"invalid queue message field(s): {', '.join(fields)}") from None
-    # After the schema check, which has made sure every field is a string of text.
+    # After the schema check, which has made sure every field is a string.
+    check_text(idempotency_key, name="idempotency_key", max_length=200)
     parse_phone(phone, default_region=default_region)
     try:
         data = message.to_json()
     except ValueError:
         # PydanticSerializationError: metadata holds something JSON cannot carry.
         raise InputError("invalid queue message field(s): metadata is not JSON-serializable") from None
-    if len(data.encode()) > MAX_MESSAGE_BYTES:
-        raise InputError(f"queue message is over {MAX_MESSAGE_BYTES} bytes")
+    try:
+        # The worker's own check: what is enqueued here is never dead-lettered as
+        # unreadable (too large, too deeply nested metadata, ...).
+        parse_message(data)
+    except PoisonMessage as exc:
+        raise InputError(f"queue message would be dead-lettered: {exc}") from None
     url = queue_url_for(settings_or_url) if isinstance(settings_or_url, Settings) else settings_or_url
     queue = open_queue(url)
     try:
