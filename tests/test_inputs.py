@@ -383,3 +383,62 @@ def test_phone_with_an_extension_is_refused() -> None:
 
     with pytest.raises(InvalidPhoneNumber):
         parse_phone("+1 202-555-0143 ext. 12")
+
+
+def _settings_of(*kinds: Any) -> list[str]:
+    """The environment variable of every setting of one of these types, nested sections included."""
+    from pydantic import BaseModel
+
+    names: list[str] = []
+    for name, info in Settings.model_fields.items():
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            names += [
+                f"OTP_ROUTER_{name}__{sub}".upper()
+                for sub, sub_info in kind.model_fields.items()
+                if sub_info.annotation in kinds
+            ]
+        elif kind in kinds:
+            names.append(f"OTP_ROUTER_{name}".upper())
+    return names
+
+
+def _float_settings() -> list[str]:
+    return _settings_of(float)
+
+
+def _text_settings() -> list[str]:
+    return _settings_of(str, SecretStr, str | None, SecretStr | None)
+
+
+def test_every_float_setting_is_covered() -> None:
+    """The list below is not empty and includes nested sections (so the next test means something)."""
+    names = _float_settings()
+    assert "OTP_ROUTER_CODE_TTL" in names and "OTP_ROUTER_RETRY__TIMEOUT" in names
+    assert len(names) >= 20
+
+
+@pytest.mark.parametrize("name", _float_settings())
+def test_no_float_setting_accepts_a_non_finite_or_absurd_value(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """inf, nan and 1e308 are refused for every float setting, today's and any added later
+    (a new section that does not derive from the checked base fails here)."""
+    for value in ("inf", "-inf", "nan", "1e308"):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError, match=name):
+            Settings.load()
+
+
+@pytest.mark.parametrize("name", _text_settings())
+def test_no_text_setting_accepts_control_characters_or_undecodable_bytes(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """An escape sequence or a byte that is not UTF-8 (a lone surrogate in os.environ) is refused
+    for every text setting, secrets included, with the variable named and the value not shown."""
+    assert len(_text_settings()) >= 10
+    for value in ("https://x.example/{code}\x1b[2J", "https://x.example/{code}\udcff"):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError, match=name) as caught:
+            Settings.load()
+        assert value not in str(caught.value)
