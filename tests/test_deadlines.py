@@ -31,6 +31,7 @@ from otp_router.router import OtpRouter
 from otp_router.store.memory import MemoryStore
 
 TG = Decimal("0.01")
+SMS = Decimal("0.0083")
 NUMBERS = [f"+1202555{n:04d}" for n in range(100, 111)]  # eleven US numbers
 HANGING = NUMBERS[0]
 
@@ -43,14 +44,34 @@ class Clock:
         return self.now
 
 
-class Telegram:
-    """Accepts every send and never delivers; status polls of some refs wait for ``release``."""
+class Gate:
+    """Provider calls that wait for ``release``, by ``(method, ref or phone)``; counts the waiting ones."""
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
-        self.hanging: set[str] = set()
-        self.blocked = 0  # polls currently waiting
+        self.hanging: set[tuple[str, str]] = set()
+        self.blocked = 0  # calls currently waiting
         self.most_blocked = 0
+
+    async def through(self, method: str, key: str) -> bool:
+        """Wait for ``release`` if this call is one that hangs; True if it waited."""
+        if (method, key) not in self.hanging:
+            return False
+        self.blocked += 1
+        self.most_blocked = max(self.most_blocked, self.blocked)
+        try:
+            await self.release.wait()
+        finally:
+            self.blocked -= 1
+        return True
+
+
+class Telegram:
+    """Accepts every send and never delivers; status polls go through the gate, and one that had
+    to wait answers that the message expired and was refunded."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
 
     async def __call__(self, method: str, arg: Any) -> Any:
         if method == "probe":
@@ -58,35 +79,38 @@ class Telegram:
         if method == "send":
             return SendResult(ref=arg.probe_ref, state=DeliveryState.SENT, cost=TG)
         if method == "status":
-            if arg in self.hanging:
-                self.blocked += 1
-                self.most_blocked = max(self.most_blocked, self.blocked)
-                try:
-                    await self.release.wait()
-                finally:
-                    self.blocked -= 1
+            if await self.gate.through("status", arg):
+                return StatusResult(arg, DeliveryState.EXPIRED, cost=TG, refunded=True, cost_is_final=True)
             return StatusResult(arg, DeliveryState.SENT, cost=TG)
         return True
 
 
-async def sms(method: str, arg: Any) -> Any:
-    if method == "send":
-        return SendResult(ref=f"SM-{arg.phone}", state=DeliveryState.PENDING, cost=Decimal("0.0083"))
-    if method == "status":
-        return StatusResult(arg, DeliveryState.DELIVERED, cost=Decimal("0.0083"), cost_is_final=True)
-    return True
+class Twilio:
+    """Accepts every send (sends go through the gate, by phone) and delivers it."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    async def __call__(self, method: str, arg: Any) -> Any:
+        if method == "send":
+            await self.gate.through("send", arg.phone)
+            return SendResult(ref=f"SM-{arg.phone}", state=DeliveryState.PENDING, cost=SMS)
+        if method == "status":
+            return StatusResult(arg, DeliveryState.DELIVERED, cost=SMS, cost_is_final=True)
+        return True
 
 
-Make = Callable[..., Awaitable[tuple[OtpRouter, Telegram, FakeChannel]]]
+Make = Callable[..., Awaitable[tuple[OtpRouter, Gate, FakeChannel]]]
 
 
 @pytest.fixture
 async def make() -> AsyncIterator[Make]:
     opened: list[OtpRouter] = []
 
-    async def build(**settings: Any) -> tuple[OtpRouter, Telegram, FakeChannel]:
-        telegram = Telegram()
-        twilio = FakeChannel(ChannelName.SMS, sms, provider="twilio")
+    async def build(**settings: Any) -> tuple[OtpRouter, Gate, FakeChannel]:
+        gate = Gate()
+        telegram = Telegram(gate)
+        twilio = FakeChannel(ChannelName.SMS, Twilio(gate), provider="twilio")
         router = OtpRouter(
             store=MemoryStore(),
             channels={
@@ -100,7 +124,7 @@ async def make() -> AsyncIterator[Make]:
         )
         await router.open()
         opened.append(router)
-        return router, telegram, twilio
+        return router, gate, twilio
 
     yield build
     for router in opened:
@@ -142,13 +166,30 @@ async def on_sms(router: OtpRouter, ids: dict[str, str], phones: list[str]) -> b
     return True
 
 
-async def test_one_hanging_poll_does_not_hold_back_the_other_deadlines(make: Make) -> None:
-    """One deadline falls due and its status poll hangs; ten more fall due after it. The ten fall back
-    to SMS while that poll is still blocked, and the hanging one falls back once its poll returns."""
-    router, telegram, twilio = await make()
-    clock = router.clock
-    assert isinstance(clock, Clock)
-    telegram.hanging = {f"req-{HANGING}"}
+def sms_sends(twilio: FakeChannel) -> list[str]:
+    return sorted(arg.phone for method, arg in twilio.calls if method == "send")
+
+
+def clock_of(router: OtpRouter) -> Clock:
+    assert isinstance(router.clock, Clock)
+    return router.clock
+
+
+async def stop_loop(router: OtpRouter, gate: Gate, loop: asyncio.Task[None]) -> None:
+    gate.release.set()
+    router._stopping.set()
+    router._wakeup.set()
+    await loop
+
+
+@pytest.mark.parametrize("hangs", ["status poll", "fallback send"])
+async def test_one_hanging_call_does_not_hold_back_ten_due_deadlines(make: Make, hangs: str) -> None:
+    """One deadline falls due and the provider call it makes hangs (its status poll, or its SMS
+    fallback send); ten more fall due after it. The ten fall back to SMS while that call is still
+    blocked, and the hanging one goes on once its call returns: each number gets exactly one SMS."""
+    router, gate, twilio = await make()
+    clock = clock_of(router)
+    gate.hanging = {("status", f"req-{HANGING}")} if hangs == "status poll" else {("send", HANGING)}
     ids = {HANGING: (await router.start(HANGING)).id}
     clock.now += 5
     others = NUMBERS[1:]
@@ -156,64 +197,92 @@ async def test_one_hanging_poll_does_not_hold_back_the_other_deadlines(make: Mak
     clock.now += 26  # only the first is past deliver_within (30 s)
     loop = asyncio.create_task(router.run_deadlines(poll_interval=0.05))
     try:
-        await wait_until(lambda: telegram.blocked == 1)
+        await wait_until(lambda: gate.blocked == 1)
         clock.now += 5  # now the ten are due as well
         await wait_until(lambda: on_sms(router, ids, others))
-        # The ten are done while the hanging poll is still blocked, its verification untouched.
-        assert telegram.blocked == 1 and not telegram.release.is_set()
+        # The ten are done while the hanging call is still blocked, its verification untouched.
+        assert gate.blocked == 1 and not gate.release.is_set()
         hung = await state_of(router, ids[HANGING])
-        assert hung.channel is ChannelName.TELEGRAM and hung.status is Status.PENDING
-        assert sorted(arg.phone for m, arg in twilio.calls if m == "send") == sorted(others)
-        telegram.release.set()
+        assert hung.status is Status.PENDING and hung.current is not None
+        if hangs == "status poll":
+            assert hung.channel is ChannelName.TELEGRAM
+            assert sms_sends(twilio) == sorted(others)
+        else:
+            assert hung.channel is ChannelName.SMS and hung.current.sent_at is None  # still sending
+            assert sms_sends(twilio) == sorted(NUMBERS)  # its send began first, and is waiting
+        gate.release.set()
         await wait_until(lambda: on_sms(router, ids, [HANGING]))
     finally:
-        telegram.release.set()
-        router._stopping.set()
-        router._wakeup.set()
-        await loop
-    sends = [arg.phone for m, arg in twilio.calls if m == "send"]
-    assert sorted(sends) == sorted(NUMBERS), "each number got exactly one SMS"
+        await stop_loop(router, gate, loop)
+    assert sms_sends(twilio) == sorted(NUMBERS), "each number got exactly one SMS"
+
+
+async def test_a_hanging_settle_poll_does_not_hold_back_ten_due_fallbacks(make: Make) -> None:
+    """A settle poll (the final cost of a message left behind by a fallback) hangs; ten other
+    verifications fall due meanwhile and fall back to SMS while the poll is still blocked."""
+    router, gate, twilio = await make()
+    clock = clock_of(router)
+    ids = {HANGING: (await router.start(HANGING)).id}
+    clock.now += 31
+    assert await router.fire_due() == 1  # the first falls back; its Telegram message waits to settle
+    first = await state_of(router, ids[HANGING])
+    assert first.channel is ChannelName.SMS and first.settle_at is not None
+    gate.hanging = {("status", f"req-{HANGING}")}  # from now on: only the settle poll asks for it
+    others = NUMBERS[1:]
+    ids.update({phone: (await router.start(phone)).id for phone in others})
+    clock.now = first.settle_at + 1  # the settle is due, the ten are not yet (30 s)
+    loop = asyncio.create_task(router.run_deadlines(poll_interval=0.05))
+    try:
+        await wait_until(lambda: gate.blocked == 1)
+        # Now the ten are due as well (and the settle's 30 s claim lease still holds: the fake clock
+        # moves while the poll waits on an event, not on the loop's real timer).
+        clock.now += 15
+        await wait_until(lambda: on_sms(router, ids, others))
+        assert gate.blocked == 1 and not gate.release.is_set()
+        assert not (await state_of(router, ids[HANGING])).attempts[0].refunded
+        gate.release.set()
+        await wait_until(lambda: telegram_refunded(router, ids[HANGING]))
+    finally:
+        await stop_loop(router, gate, loop)
+    assert sms_sends(twilio) == sorted(NUMBERS), "each number got exactly one SMS"
+
+
+async def telegram_refunded(router: OtpRouter, vid: str) -> bool:
+    """The settle poll's answer (expired, refunded) is stored on the Telegram attempt."""
+    return (await state_of(router, vid)).attempts[0].refunded
 
 
 async def test_a_call_that_never_answers_is_given_up_after_the_call_timeout(make: Make) -> None:
     """A status poll that never returns is abandoned after deadline_call_timeout: its deadline goes on
     (falls back to SMS) without the answer, and fire_due itself returns."""
-    router, telegram, twilio = await make(deadline_call_timeout=0.2)
+    router, gate, twilio = await make(deadline_call_timeout=0.2)
     ids = await start_all(router)
-    telegram.hanging = {f"req-{HANGING}"}
-    clock = router.clock
-    assert isinstance(clock, Clock)
-    clock.now += 31
+    gate.hanging = {("status", f"req-{HANGING}")}
+    clock_of(router).now += 31
     assert await router.fire_due() == len(NUMBERS)
-    assert not telegram.release.is_set()
+    assert not gate.release.is_set()
     assert await on_sms(router, ids, NUMBERS)
-    assert telegram.blocked == 0, "the abandoned poll was cancelled, not left running"
-    assert sorted(arg.phone for m, arg in twilio.calls if m == "send") == sorted(NUMBERS)
+    assert gate.blocked == 0, "the abandoned poll was cancelled, not left running"
+    assert sms_sends(twilio) == sorted(NUMBERS)
 
 
 async def test_deadlines_in_flight_are_bounded(make: Make) -> None:
     """With deadline_concurrency=3 and every poll hanging, at most three polls are in flight at once;
     when they are released, every deadline still fires exactly once."""
-    router, telegram, twilio = await make(deadline_concurrency=3)
+    router, gate, twilio = await make(deadline_concurrency=3)
     ids = await start_all(router)
-    telegram.hanging = {f"req-{phone}" for phone in NUMBERS}
-    clock = router.clock
-    assert isinstance(clock, Clock)
-    clock.now += 31
+    gate.hanging = {("status", f"req-{phone}") for phone in NUMBERS}
+    clock_of(router).now += 31
     loop = asyncio.create_task(router.run_deadlines(poll_interval=0.05))
     try:
-        await wait_until(lambda: telegram.blocked == 3)
+        await wait_until(lambda: gate.blocked == 3)
         # Give the loop every chance to start more than three: it must not.
         for _ in range(20):
             await asyncio.sleep(0)
-        assert telegram.most_blocked == 3
-        telegram.release.set()
+        assert gate.most_blocked == 3
+        gate.release.set()
         await wait_until(lambda: on_sms(router, ids, NUMBERS))
     finally:
-        telegram.release.set()
-        router._stopping.set()
-        router._wakeup.set()
-        await loop
-    assert telegram.most_blocked == 3
-    sends = [arg.phone for m, arg in twilio.calls if m == "send"]
-    assert sorted(sends) == sorted(NUMBERS)
+        await stop_loop(router, gate, loop)
+    assert gate.most_blocked == 3
+    assert sms_sends(twilio) == sorted(NUMBERS)
