@@ -302,7 +302,8 @@ class Settings(BaseSettings):
     #: then delays that one verification this long, never the others. At most 25 s, so a send and
     #: its same-id repeat both end inside the 60 s I/O lease.
     deadline_call_timeout: float = Field(default=15.0, gt=0, le=25)
-    #: Most deadlines (fallbacks, expiries, settle polls) handled at once by one process.
+    #: Most deadlines (fallbacks, expiries, settle polls) and delivery-report follow-ups
+    #: handled at once by one process.
     deadline_concurrency: int = Field(default=100, ge=1)
     log_level: str = "INFO"
 

@@ -315,7 +315,8 @@ class OtpRouter:
         self._learned.update(cells, now)
 
     async def wait_idle(self) -> None:
-        """Wait for fire-and-forget work (code reports, revokes) to finish."""
+        """Wait for background work to finish: code reports, revokes, deadline handlers and
+        the follow-ups of delivery reports (see :meth:`apply_report`)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
 
@@ -460,10 +461,15 @@ class OtpRouter:
     async def apply_report(self, verification_id: str, report: StatusResult) -> bool:
         """Apply a provider delivery report (webhook). Returns False for a duplicate.
 
+        Returns as soon as the report is stored. What it sets off (a fallback
+        probe or send after a failed delivery, a revoke) runs afterwards in a
+        task of the router's own, so a slow provider never slows the webhook's
+        answer; :meth:`wait_idle` waits for it and :meth:`aclose` does too.
+
         Raises:
             VerificationNotFound: Unknown id.
         """
-        transition, _ = await self._feed(_check_id(verification_id), _delivery(report))
+        transition, _ = await self._feed(_check_id(verification_id), _delivery(report), defer=True)
         return transition.changed
 
     async def ledger_total(self, verification_id: str | None = None) -> Decimal:
@@ -594,6 +600,7 @@ class OtpRouter:
         snap: _Snap | None = None,
         entered_code: str | None = None,
         force_write: bool = False,
+        defer: bool = False,
     ) -> tuple[Transition, _Snap]:
         """Apply ``event`` with compare-and-set, then carry out the effects.
 
@@ -604,10 +611,13 @@ class OtpRouter:
                 them (saves a read and a parse; a stale one only costs a CAS retry).
             entered_code: The code being checked, for the report to Telegram.
             force_write: Write even when nothing changed (restores a claimed deadline).
+            defer: Carry out the effects in a background task (:meth:`_follow_up`)
+                and return right after the write.
 
         Returns:
             The transition of ``event`` itself, and the newest record and state
-            known after its effects (and their follow-up events) were carried out.
+            known after its effects (and their follow-up events) were carried out
+            (with ``defer``: the state just written).
         """
         for _ in range(_CAS_TRIES):
             if snap is None:
@@ -634,6 +644,9 @@ class OtpRouter:
                 snap = None
                 continue
             self._observe(before, transition, now)
+            if defer:
+                self._follow_up(transition, (written, transition.state))
+                return transition, (written, transition.state)
             return transition, await self._carry_out(transition, entered_code, (written, transition.state))
         raise StoreError(f"verification {vid!r} is changing too fast to update")
 
@@ -689,6 +702,37 @@ class OtpRouter:
                 case _:
                     pass
         return snap
+
+    def _follow_up(self, t: Transition, snap: _Snap) -> None:
+        """Carry out a stored transition's effects in a task of the router's own.
+
+        For delivery reports: a webhook is answered once its report is stored,
+        and the fallback probe or send the report sets off runs here, outside
+        the request (a slow Twilio inside it would make Telegram's webhook slow
+        and Telegram retry it). The task is tracked in ``_background`` and
+        awaited by :meth:`aclose`; like a deadline handler it takes a slot of
+        ``deadline_concurrency`` and every provider call in it is bounded.
+
+        Crash safety: the transition already written put the next step in its
+        write-ahead phase (probing or sending), whose deadline is the I/O
+        lease. If this process dies before or during the task, nothing is lost
+        and nothing is sent twice: when the lease runs out, the deadline loop
+        of any process picks the verification up and resumes the step exactly
+        as after a crash in the middle of :meth:`start` (same Telegram
+        ``request_id``; an SMS that may have left is not sent blindly again).
+        """
+        if not any(isinstance(e, Probe | Send | Settle | Revoke | ReportCode) for e in t.effects):
+            return
+        crash_point("webhook.applied")
+        self._spawn(self._run_follow_up(t, snap))
+
+    async def _run_follow_up(self, t: Transition, snap: _Snap) -> None:
+        _BACKGROUND.set(True)  # this task's own context: bounds its provider calls
+        async with self._deadline_slots:
+            try:
+                await self._carry_out(t, None, snap)
+            except Exception:  # a store or provider failure: the stored deadline takes over
+                log.exception("follow-up of a delivery report failed for one verification")
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)

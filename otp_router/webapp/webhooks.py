@@ -6,7 +6,11 @@ Both follow one order, so a refused callback never changes anything:
 2. check the signature (403 on failure, metric ``invalid_signature`` or ``stale``);
 3. parse (400 when a correctly signed body is malformed: retrying cannot fix it,
    but a 400 shows up in the provider's console);
-4. apply the report to the verification with compare-and-set.
+4. apply the report to the verification with compare-and-set, and answer.
+   What the report sets off (a fallback to SMS after a failed Telegram
+   delivery) runs after the answer, in a task of the router's own
+   (:meth:`~otp_router.router.OtpRouter.apply_report`): a slow provider never
+   makes the webhook slow, so the provider has no reason to retry it.
 
 Answers after a valid signature:
 
@@ -51,6 +55,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from twilio.request_validator import RequestValidator
 
+from otp_router.crashpoints import crash_point
 from otp_router.errors import (
     InputError,
     InvalidSignature,
@@ -210,6 +215,8 @@ class Webhooks:
             metrics.webhook(provider, "bad_request")
             log.info("%s callback without a verification id ignored (ref %s)", provider, report.ref)
             return _ack("ignored")
+        # A crash here loses nothing: the provider got no answer and retries the report.
+        crash_point("webhook.received")
         try:
             changed = await self.router.apply_report(verification_id, report)
         except (VerificationNotFound, InputError):
