@@ -219,6 +219,8 @@ class Worker:
         self._slots = _Slots(settings.concurrency)
         self._inflight: dict[asyncio.Task[None], Delivery] = {}
         self._stopping = asyncio.Event()
+        #: Cleared to end the maintenance loop (see :meth:`_maintain`).
+        self._maintaining = True
         self._force = asyncio.Event()
         self._http: uvicorn.Server | None = None
         self._exit_code = 0
@@ -273,6 +275,7 @@ class Worker:
                     await self._drain()
                     # Webhooks keep flowing while in-flight messages finish; only then close HTTP.
                     await self._stop_http(http)
+                    self._maintaining = False
                     maintain.cancel()
                     await asyncio.gather(maintain, return_exceptions=True)
                     with contextlib.suppress(StoreError):
@@ -442,7 +445,10 @@ class Worker:
     async def _maintain(self) -> None:
         tick = max(0.05, min(self.heartbeat_interval, self.visibility / 3))
         last_beat = time.monotonic()
-        while True:
+        # Ended by cancel() *and* this flag: a cancel that lands inside a Redis call can be swallowed
+        # by the client (the task was seen stuck "cancelling" in its next sleep, the worker never
+        # returning), so the loop also stops at its next tick.
+        while self._maintaining:
             await asyncio.sleep(tick)
             inflight = list(self._inflight.values())
             try:
