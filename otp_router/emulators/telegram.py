@@ -226,6 +226,11 @@ class TelegramEmulator:
         """Delivery report outcomes: request_id, status, attempts, delivered."""
         return list(self._reports)
 
+    def requests_for(self, phone: str) -> list[RequestRecord]:
+        """Every request made for ``phone``, oldest first: one per charge (a reachable probe, or a
+        send without a probe's ``request_id``), with ``sent`` and ``refunded`` (read-only)."""
+        return [r for r in self._requests.values() if r.phone == phone]
+
     def code_for(self, request_id: str) -> str | None:
         """The code sent for ``request_id`` (ours or the one the emulator generated)."""
         request = self._requests.get(request_id)
