@@ -721,7 +721,7 @@ class OtpRouter:
         as after a crash in the middle of :meth:`start` (same Telegram
         ``request_id``; an SMS that may have left is not sent blindly again).
         """
-        if not any(isinstance(e, Probe | Send | Settle | Revoke | ReportCode) for e in t.effects):
+        if not t.effects:
             return
         crash_point("webhook.applied")
         self._spawn(self._run_follow_up(t, snap))
