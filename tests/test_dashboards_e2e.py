@@ -401,10 +401,16 @@ async def test_every_panel_query_returns_data_and_cost_totals_match_the_ledger(
         stop = asyncio.Event()
         worker = asyncio.create_task(simulate_worker(metrics, stop))
         try:
-            # A Telegram deadline below its 30 s ttl, so that users whose message lands in
-            # between pay twice and the paid-twice panels have something to show.
-            policy = Policy(
-                steps=(Step(ChannelName.TELEGRAM, 5.0, probe=True, ttl=30), Step(ChannelName.SMS, 120.0))
+            # A learned Telegram deadline (so the learned-deadline panels have data) of at most
+            # 5 s under its 30 s ttl, so that users whose message lands in between pay twice and
+            # the paid-twice panels have something to show too.
+            policy = Policy.from_dict(
+                {
+                    "steps": [
+                        {"channel": "telegram", "deliver_within": "auto", "deliver_within_max": 5, "ttl": 30},
+                        {"channel": "sms", "deliver_within": 120},
+                    ]
+                }
             )
             summary = await run_demo(
                 users=USERS, seed=SEED, workdir=workdir, metrics=metrics, progress=None, policy=policy
