@@ -121,7 +121,14 @@ class FallbackReason(enum.StrEnum):
 
     ABILITY_REFUSED = "ability_refused"
     PERMANENT_ERROR = "permanent_error"
+    #: A call that never reached the provider (refused connection) failed on every retry.
     RETRIES_EXHAUSTED = "retries_exhausted"
+    #: A 5xx, a dropped connection or an unreadable answer that may have been acted on: not repeated.
+    PROVIDER_ERROR = "provider_error"
+    #: No answer within the channel's timeout (the request may have been acted on).
+    TIMEOUT = "timeout"
+    #: ``FLOOD_WAIT_N`` / HTTP 429 asking for a longer wait than ``max_retry_after``, or still after retries.
+    RATE_LIMITED = "rate_limited"
     DEADLINE = "deadline"
     EXPIRED = "expired"
     REVOKED = "revoked"

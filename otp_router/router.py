@@ -70,6 +70,7 @@ from otp_router.errors import (
     OtpRouterError,
     ProviderError,
     ProviderPermanentError,
+    ProviderRateLimited,
     ProviderTimeout,
     ProviderTransientError,
     RateLimited,
@@ -116,6 +117,23 @@ def _check_id(verification_id: object) -> str:
     an encoding error, not a lookup miss), so this is an input error, never a 500.
     """
     return check_text(verification_id, name="verification id", max_length=_MAX_ID_LENGTH)
+
+
+def _transient_reason(exc: ProviderTransientError) -> FallbackReason:
+    """The fallback reason for a transient failure that ends a step.
+
+    Only a call that never reached the provider was retried until the limit
+    (``retries_exhausted``); a 5xx, a timeout or a dropped connection may have
+    been acted on and is not repeated, and a long rate-limit wait is not
+    waited out. Each gets its own reason so a dashboard tells them apart.
+    """
+    if isinstance(exc, ProviderRateLimited):
+        return FallbackReason.RATE_LIMITED
+    if exc.not_performed:
+        return FallbackReason.RETRIES_EXHAUSTED
+    if isinstance(exc, ProviderTimeout):
+        return FallbackReason.TIMEOUT
+    return FallbackReason.PROVIDER_ERROR
 
 
 def _delivery(report: StatusResult) -> Delivery:
@@ -754,7 +772,7 @@ class OtpRouter:
                 event = ProbeFailed(effect.step, FallbackReason.PERMANENT_ERROR, exc.code or exc.reason)
             except ProviderTransientError as exc:
                 circuit.failure()
-                event = ProbeFailed(effect.step, FallbackReason.RETRIES_EXHAUSTED, exc.code or exc.reason)
+                event = ProbeFailed(effect.step, _transient_reason(exc), exc.code or exc.reason)
             else:
                 crash_point("probe.answered")
                 circuit.success()
@@ -823,14 +841,19 @@ class OtpRouter:
         code that did arrive still verifies; the user can ask for a resend.
         """
         if exc.not_performed:
-            return SendFailed(effect.step, FallbackReason.RETRIES_EXHAUSTED, exc.code or exc.reason)
+            return SendFailed(effect.step, _transient_reason(exc), exc.code or exc.reason)
         if request.probe_ref is not None:
             try:
                 result = await self._bounded(channel.send(request), channel.provider)
             except MessageAlreadySent as again:
                 return self._already_sent(effect, request, again)
             except ProviderError as again:
-                return SendFailed(effect.step, FallbackReason.RETRIES_EXHAUSTED, again.code or again.reason)
+                reason = (
+                    _transient_reason(again)
+                    if isinstance(again, ProviderTransientError)
+                    else FallbackReason.PERMANENT_ERROR
+                )
+                return SendFailed(effect.step, reason, again.code or again.reason)
             return SendOk(effect.step, result.ref, result.cost, estimate=result.cost_is_estimate)
         return SendOk(effect.step, None, None)
 
