@@ -17,10 +17,11 @@ from typing import Any, Literal
 
 from otp_router.inputs import decode_json
 
-__all__ = ["Behaviour", "Script"]
+__all__ = ["Behaviour", "Script", "TelegramFault"]
 
 TelegramMode = Literal["ok", "absent", "unavailable", "invalid"]
 SmsFinal = Literal["delivered", "undelivered", "failed"]
+TelegramFault = Literal["5xx", "flood_wait", "error", "garbage", "reset", "hang"]
 
 #: Largest script file read (a script of a million numbers is still well under it).
 _SCRIPT_MAX_BYTES = 64 * 1024 * 1024
@@ -39,6 +40,17 @@ class Behaviour:
         telegram_5xx: The first N Telegram calls for this number answer HTTP 502.
         telegram_flood_wait: The first ``telegram_flood_count`` calls answer ``FLOOD_WAIT_<N>``.
         telegram_flood_count: How many calls get the flood wait.
+        telegram_error: An error string (e.g. ``"SOME_NEW_ERROR"``) the next
+            ``telegram_error_count`` calls answer, HTTP 400, before taking effect.
+        telegram_error_count: How many calls get ``telegram_error``.
+        telegram_garbage: The next N calls answer HTTP 200 with a body that is not
+            JSON, before taking effect (a broken proxy in front of the service).
+        telegram_reset_after_write: The next N calls take effect, then the connection
+            is dropped without an answer.
+        telegram_hang: The next N calls take effect and are never answered (until the
+            client gives up or the emulator stops).
+        telegram_fault_method: Only calls of this method (e.g. ``"sendVerificationMessage"``)
+            count towards and receive the faults above; None: every call.
         telegram_latency: Seconds every Telegram response for this number is held back.
         sms_invalid: Twilio refuses the number at create time (21211).
         sms_error: Twilio create error code to return instead (e.g. 21614, 21610, 21408).
@@ -47,7 +59,12 @@ class Behaviour:
         sms_delay: Seconds from create to the final status.
         sms_5xx: The first N Twilio creates for this number answer HTTP 503.
         sms_429: The first N Twilio creates for this number answer HTTP 429 / 20429.
+        sms_hang: After those, the next N creates create the message and are never answered.
         sms_latency: Seconds every Twilio response for this number is held back.
+
+    Counted Telegram faults come in the order 5xx, flood wait, error, garbage,
+    reset, hang: with ``telegram_5xx=1, telegram_hang=1`` the first call answers
+    502 and the second hangs.
     """
 
     telegram: TelegramMode = "ok"
@@ -56,6 +73,12 @@ class Behaviour:
     telegram_5xx: int = 0
     telegram_flood_wait: int = 0
     telegram_flood_count: int = 1
+    telegram_error: str | None = None
+    telegram_error_count: int = 1
+    telegram_garbage: int = 0
+    telegram_reset_after_write: int = 0
+    telegram_hang: int = 0
+    telegram_fault_method: str | None = None
     telegram_latency: float = 0.0
     sms_invalid: bool = False
     sms_error: int | None = None
@@ -64,6 +87,7 @@ class Behaviour:
     sms_delay: float = 0.5
     sms_5xx: int = 0
     sms_429: int = 0
+    sms_hang: int = 0
     sms_latency: float = 0.0
 
     @classmethod
@@ -78,6 +102,29 @@ class Behaviour:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return asdict(self)
+
+    def _telegram_plan(self) -> tuple[tuple[TelegramFault, int], ...]:
+        return (
+            ("5xx", self.telegram_5xx),
+            ("flood_wait", self.telegram_flood_count if self.telegram_flood_wait else 0),
+            ("error", self.telegram_error_count if self.telegram_error else 0),
+            ("garbage", self.telegram_garbage),
+            ("reset", self.telegram_reset_after_write),
+            ("hang", self.telegram_hang),
+        )
+
+    @property
+    def telegram_faulty(self) -> bool:
+        """Whether any counted Telegram fault is scripted."""
+        return any(n > 0 for _, n in self._telegram_plan())
+
+    def telegram_fault(self, index: int) -> TelegramFault | None:
+        """The fault for the ``index``-th counted call (0-based), or None once they are used up."""
+        for fault, count in self._telegram_plan():
+            if index < count:
+                return fault
+            index -= max(0, count)
+        return None
 
 
 class Script:

@@ -27,11 +27,17 @@ check answers ``code_max_attempts_exceeded``; an unparsable JSON body answers
 one second and double, capped at a minute (all multiplied by the script's
 ``time_scale``); plain ``http://`` callback URLs are accepted so tests need no TLS.
 
-Scripted infrastructure failures count calls per number since its behaviour
-was last scripted: the first ``telegram_5xx`` calls answer HTTP 502 with an
-HTML body, the next ``telegram_flood_count`` answer ``FLOOD_WAIT_<N>`` (when
-``telegram_flood_wait`` is set). ``telegram_latency`` holds every answer for
-that number back *after* the request took effect, as a slow network would.
+Scripted infrastructure failures count calls per number (of one method only
+with ``telegram_fault_method``) since its behaviour was last scripted: the
+first ``telegram_5xx`` calls answer HTTP 502 with an HTML body, the next
+``telegram_flood_count`` answer ``FLOOD_WAIT_<N>`` (when
+``telegram_flood_wait`` is set), then ``telegram_error`` (any string, such as
+one the client has never seen), then ``telegram_garbage`` calls get a
+truncated JSON body; all of these before the request takes effect. The next
+``telegram_reset_after_write`` calls take effect and then lose their
+connection, and the next ``telegram_hang`` take effect and are never answered.
+``telegram_latency`` holds every answer for that number back *after* the
+request took effect, as a slow network would.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from otp_router.emulators.telegram_wire import (
     CANONICAL_METHODS,
     ApiError,
     BadGateway,
+    Garbage,
     LogEntry,
     RequestRecord,
     is_e164,
@@ -68,6 +75,9 @@ from otp_router.providers.telegram import sign_report
 __all__ = ["LogEntry", "TelegramEmulator"]
 
 _HTML_502 = "<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1></body></html>"
+#: A truncated JSON body: what a broken proxy or a cut-off answer looks like.
+_GARBAGE = '{"ok": true, "result": {"request_id": "'
+_AFTER_OUTCOMES = {"reset": "CONNECTION_RESET", "hang": "NO_ANSWER"}
 _RECIPIENT_ERRORS = {
     "absent": "PHONE_NUMBER_NOT_FOUND",
     "unavailable": "PHONE_NUMBER_NOT_AVAILABLE",
@@ -85,6 +95,8 @@ class _Call:
     request_id: str | None = None
     charged: Decimal | None = None
     latency: float = 0.0
+    #: A fault striking after the request took effect: ``"reset"`` or ``"hang"``.
+    after: str | None = None
 
 
 class TelegramEmulator:
@@ -236,6 +248,10 @@ class TelegramEmulator:
         request = self._requests.get(request_id)
         return request.code if request else None
 
+    def sent_to(self, phone: str) -> list[str]:
+        """Request ids under which a message was sent to ``phone``, delivered or not."""
+        return [r.request_id for r in self._requests.values() if r.phone == phone and r.sent]
+
     def inbox(self, phone: str) -> list[str]:
         """Codes that reached ``phone`` (delivered or read), oldest first: what the user sees."""
         return [
@@ -275,6 +291,11 @@ class TelegramEmulator:
         except BadGateway:
             response = web.Response(status=502, text=_HTML_502, content_type="text/html")
             outcome = "HTTP_502"
+        except Garbage:
+            response = web.Response(status=200, text=_GARBAGE, content_type="application/json")
+            outcome = "GARBAGE"
+        if call.after is not None:
+            outcome = _AFTER_OUTCOMES[call.after]
         self._log.append(
             LogEntry(
                 seq=len(self._log) + 1,
@@ -283,10 +304,18 @@ class TelegramEmulator:
                 phone_number=call.phone,
                 request_id=call.request_id,
                 outcome=outcome,
-                http_status=response.status,
+                http_status=0 if call.after is not None else response.status,
                 charged=None if call.charged is None else str(call.charged),
             )
         )
+        if call.after == "reset":
+            # The request took effect; the answer is lost with the connection.
+            if request.transport is not None:
+                request.transport.abort()
+            return response  # written to a closed transport: nothing reaches the client
+        if call.after == "hang":
+            # Held until the client gives up (its disconnect cancels this handler) or the emulator stops.
+            await self._stopping.wait()
         if call.latency > 0:
             # The request already took effect; only the answer is late (an ambiguous timeout).
             with contextlib.suppress(TimeoutError):
@@ -322,21 +351,31 @@ class TelegramEmulator:
         return record
 
     def _infrastructure(self, phone: str, call: _Call) -> Behaviour:
-        """Apply scripted latency, 5xx and flood wait for ``phone``; return its behaviour."""
+        """Apply scripted latency and counted faults for ``phone``; return its behaviour.
+
+        Faults that answer before the request takes effect raise here; the
+        ones that strike after it took effect (reset, hang) are left in
+        ``call.after`` for :meth:`_handle`.
+        """
         behaviour = self.script.behaviour(phone)
         call.latency = behaviour.telegram_latency * self.script.time_scale
-        if behaviour.telegram_5xx or behaviour.telegram_flood_wait:
+        only = behaviour.telegram_fault_method
+        if behaviour.telegram_faulty and (only is None or only.lower() == call.method.lower()):
             seen, count = self._calls.get(phone, (behaviour, 0))
             # Counting restarts whenever the number is scripted again (a new Behaviour object).
             index = count if seen is behaviour else 0
             self._calls[phone] = (behaviour, index + 1)
-            if index < behaviour.telegram_5xx:
+            fault = behaviour.telegram_fault(index)
+            if fault == "5xx":
                 raise BadGateway
-            if (
-                behaviour.telegram_flood_wait
-                and index < behaviour.telegram_5xx + behaviour.telegram_flood_count
-            ):
+            if fault == "flood_wait":
                 raise ApiError(f"FLOOD_WAIT_{behaviour.telegram_flood_wait}")
+            if fault == "error" and behaviour.telegram_error:
+                raise ApiError(behaviour.telegram_error)
+            if fault == "garbage":
+                raise Garbage
+            if fault in ("reset", "hang"):
+                call.after = fault
         return behaviour
 
     def _charge(self, call: _Call) -> None:

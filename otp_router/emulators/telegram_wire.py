@@ -23,6 +23,7 @@ __all__ = [
     "CANONICAL_METHODS",
     "ApiError",
     "BadGateway",
+    "Garbage",
     "LogEntry",
     "RequestRecord",
     "SendParams",
@@ -59,6 +60,10 @@ class ApiError(Exception):
 
 class BadGateway(Exception):
     """Answer a scripted HTTP 502 with a non-JSON body."""
+
+
+class Garbage(Exception):
+    """Answer a scripted HTTP 200 whose body is not JSON."""
 
 
 @functools.lru_cache(maxsize=65536)
@@ -186,8 +191,10 @@ class LogEntry:
         method: Canonical method name, or the path as requested when unknown.
         phone_number: The number concerned, when known (from the request or its request_id).
         request_id: The request concerned, when known.
-        outcome: ``"ok"``, the error string, or ``"HTTP_502"``.
-        http_status: Status answered.
+        outcome: ``"ok"``, the error string, ``"HTTP_502"`` or ``"GARBAGE"``; a
+            request that took effect but got no answer is ``"CONNECTION_RESET"``
+            or ``"NO_ANSWER"``.
+        http_status: Status answered; 0 when no answer was sent.
         charged: Amount this call charged, as a decimal string; None when free.
     """
 

@@ -27,7 +27,9 @@ Codes: 20003 bad credentials (401), 20404 unknown message (404), 21604 no
 ``MessagingServiceSid``, 21602 no ``Body``, 21624 ``ValidityPeriod`` outside
 1..36000 (codes from twilio.com/docs/api/errors; which check Twilio runs first
 is unknown). Scripted 429s carry 20429; scripted 503s carry 20503 (UNCONFIRMED:
-Twilio does not document the body of its 5xx answers).
+Twilio does not document the body of its 5xx answers). Both are answered before
+the message is created; a scripted hang (``sms_hang``) creates the message and
+never answers, the worst case of a timeout.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ _TITLES = {
 }
 _DEFAULT_ERROR = {"undelivered": 30003, "failed": 30008}
 _CALLBACK_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
+#: How long a scripted hang holds its answer back (clients time out long before).
+_HANG_SECONDS = 3600.0
 
 
 @functools.lru_cache(maxsize=65536)
@@ -373,7 +377,7 @@ class TwilioEmulator:
         behaviour = self.script.behaviour(to)
         if behaviour.sms_latency:
             await asyncio.sleep(behaviour.sms_latency * self.script.time_scale)
-        refusal = self._scripted_refusal(to, behaviour)
+        refusal, hang = self._scripted_refusal(to, behaviour)
         if refusal is not None:
             return refusal
         if not to:
@@ -412,19 +416,24 @@ class TwilioEmulator:
         self._unsettled += 1
         self._schedule(message, behaviour)
         self._record(to, message.sid, message.status, 201)
+        if hang:
+            # Created (it will be delivered and charged), but the answer never comes:
+            # the client's timeout ends this handler, or the server's shutdown does.
+            await asyncio.sleep(_HANG_SECONDS)
         return web.json_response(message.resource(self.account_sid), status=201)
 
-    def _scripted_refusal(self, to: str, behaviour: Behaviour) -> web.Response | None:
-        """The first ``sms_429`` creates answer 429, the next ``sms_5xx`` answer 503."""
-        if not (behaviour.sms_429 or behaviour.sms_5xx):
-            return None
+    def _scripted_refusal(self, to: str, behaviour: Behaviour) -> tuple[web.Response | None, bool]:
+        """The first ``sms_429`` creates answer 429, the next ``sms_5xx`` answer 503,
+        the next ``sms_hang`` are created but never answered (the second value says so)."""
+        if not (behaviour.sms_429 or behaviour.sms_5xx or behaviour.sms_hang):
+            return None, False
         seen = self._creates.get(to, 0)
         self._creates[to] = seen + 1
         if seen < behaviour.sms_429:
-            return self._refuse(to, 429, 20429)
+            return self._refuse(to, 429, 20429), False
         if seen < behaviour.sms_429 + behaviour.sms_5xx:
-            return self._refuse(to, 503, 20503)
-        return None
+            return self._refuse(to, 503, 20503), False
+        return None, seen < behaviour.sms_429 + behaviour.sms_5xx + behaviour.sms_hang
 
     def _refuse(self, to: str, status: int, code: int) -> web.Response:
         outcome = f"error {code}" if status < 429 else f"http {status}"
