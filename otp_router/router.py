@@ -31,6 +31,7 @@ from otp_router.circuit import CircuitBreaker, CircuitState
 from otp_router.codes import code_digest, codes_match, derive_code, new_nonce, validate_code
 from otp_router.config import Settings
 from otp_router.core import (
+    IO_LEASE,
     Cancel,
     Checked,
     CheckOutcome,
@@ -104,6 +105,9 @@ _BACKGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar("otp_router_b
 
 #: Compare-and-set retries before a write is reported as failed (heavy contention on one id).
 _CAS_TRIES = 20
+#: Seconds a provider call's outcome is held while the store is unreachable (well
+#: inside the I/O lease, so no other process takes the attempt over meanwhile).
+STORE_HOLD = IO_LEASE / 2
 
 #: A stored record and its parsed state, passed along a chain of events so that
 #: each step neither re-reads nor re-parses what the previous step just wrote.
@@ -619,6 +623,7 @@ class OtpRouter:
         entered_code: str | None = None,
         force_write: bool = False,
         defer: bool = False,
+        hold: bool = False,
     ) -> tuple[Transition, _Snap]:
         """Apply ``event`` with compare-and-set, then carry out the effects.
 
@@ -631,6 +636,8 @@ class OtpRouter:
             force_write: Write even when nothing changed (restores a claimed deadline).
             defer: Carry out the effects in a background task (:meth:`_follow_up`)
                 and return right after the write.
+            hold: ``event`` is a provider call's outcome: wait out a store outage
+                (bounded) instead of losing it (see :meth:`_cas`).
 
         Returns:
             The transition of ``event`` itself, and the newest record and state
@@ -650,13 +657,7 @@ class OtpRouter:
                 self._observe(before, transition, now)
                 return transition, snap
             try:
-                written = await self.store.cas(
-                    vid,
-                    record.version,
-                    transition.state.model_dump_json(),
-                    deadline=transition.state.deadline,
-                    ledger=transition.ledger,
-                )
+                written = await self._cas(vid, record.version, transition, hold=hold)
             except ConcurrentUpdate:
                 # Someone else changed it: re-apply the event to the fresh state.
                 snap = None
@@ -667,6 +668,37 @@ class OtpRouter:
                 return transition, (written, transition.state)
             return transition, await self._carry_out(transition, entered_code, (written, transition.state))
         raise StoreError(f"verification {vid!r} is changing too fast to update")
+
+    async def _cas(self, vid: str, version: int, t: Transition, *, hold: bool) -> Record:
+        """Compare-and-set ``t``; with ``hold``, retry through a store outage for up to ``STORE_HOLD`` s.
+
+        The outcome of a provider call (a probe's request_id and charge, a
+        send's reference) exists only in memory until written. Raising at once
+        would leave the attempt in its write-ahead phase until its I/O lease
+        runs out (a minute of a user waiting for a code that is already on its
+        way). Retrying the same compare-and-set is safe: if an earlier try was
+        applied and only its answer was lost, the version has moved on and the
+        retry fails with ConcurrentUpdate, the caller re-reads, and re-applying
+        the event to a state that already holds it changes nothing (ledger keys
+        are deterministic, so nothing is booked twice).
+        """
+        loop = asyncio.get_running_loop()
+        until = loop.time() + (STORE_HOLD if hold else 0.0)
+        pause = 0.05
+        while True:
+            try:
+                return await self.store.cas(
+                    vid, version, t.state.model_dump_json(), deadline=t.state.deadline, ledger=t.ledger
+                )
+            except ConcurrentUpdate:
+                raise
+            except StoreError as exc:
+                if loop.time() + pause > until:
+                    raise
+                if pause == 0.05:
+                    log.warning("store unavailable (%s): holding a provider outcome", type(exc).__name__)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     def _observe(self, before: VerificationState, t: Transition, now: float) -> None:
         state = t.state
@@ -781,7 +813,7 @@ class OtpRouter:
                 if not result.reachable:
                     self.metrics.send(effect.channel.value, channel.provider, "unreachable", state.region)
                 event = ProbeDone(effect.step, result.reachable, result.ref, result.cost, result.reason)
-        _, latest = await self._feed(state.id, event, snap=snap)
+        _, latest = await self._feed(state.id, event, snap=snap, hold=True)
         return latest
 
     async def _send(self, snap: _Snap, effect: Send) -> _Snap:
@@ -824,7 +856,7 @@ class OtpRouter:
                     self.metrics.telegram_balance(result.remaining_balance)
                 event = SendOk(effect.step, result.ref, result.cost, estimate=result.cost_is_estimate)
         self.metrics.send(effect.channel.value, channel.provider, outcome, state.region)
-        _, latest = await self._feed(state.id, event, snap=snap)
+        _, latest = await self._feed(state.id, event, snap=snap, hold=True)
         return latest
 
     async def _unconfirmed_send(

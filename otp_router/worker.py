@@ -339,8 +339,15 @@ class Worker:
         try:
             outcome = await self._execute(delivery)
             await self._record(delivery, outcome, started)
-        except Exception:  # one message must never take the worker down
-            log.error(_kv("handle_failed", id=delivery.id), exc_info=log.isEnabledFor(logging.DEBUG))
+        except StoreError as exc:
+            # Typically the ack during a store outage: the message stays pending and is
+            # redelivered, and its idempotency key makes that second run send nothing.
+            log.warning(_kv("record_failed", id=delivery.id, error=type(exc).__name__))
+        except Exception as exc:  # one message must never take the worker down
+            log.error(
+                _kv("handle_failed", id=delivery.id, error=type(exc).__name__),
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
         finally:
             current = asyncio.current_task()
             if current is not None:
