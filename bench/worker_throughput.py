@@ -78,6 +78,7 @@ from _worker_harness import (
     unique_prefix,
 )
 from pydantic import SecretStr
+from redis.utils import HIREDIS_AVAILABLE
 
 from otp_router.config import FraudSettings, HttpSettings, LimitSettings, Settings
 from otp_router.harness import sample_numbers
@@ -669,7 +670,8 @@ def render(data: dict[str, Any]) -> str:
         f"{cfg['verifications']} distinct numbers per round, every one scripted as a normal Telegram user, "
         f"so each verification is `checkSendAbility` + `sendVerificationMessage` (with the `request_id`) "
         f"to the emulators running in a separate process; {cfg['concurrency']} in flight "
-        f"(`settings.concurrency`); Redis store and queue at 127.0.0.1:6379; {cfg['rounds']} timed "
+        f"(`settings.concurrency`); Redis store and queue at 127.0.0.1:6379 "
+        f"({cfg.get('redis_parser', 'python')} reply parser); {cfg['rounds']} timed "
         "round(s) per side after one warm-up round each, sides alternating, emulators reset before "
         "every round. Medians over rounds.",
         "",
@@ -730,11 +732,62 @@ def render(data: dict[str, Any]) -> str:
             for name, count in sides["worker"].get("redis_commands_per_verification", {}).items()
         ),
     ]
+    if data.get("before"):
+        lines += ["", *render_before(data["before"], data)]
     lines += ["", *render_breakdown(data["breakdown"], met)]
     if data.get("profile"):
         lines += ["", *render_profile(data["profile"])]
     lines += ["", "Rerun: `python bench/worker_throughput.py` (see `bench/README.md`)."]
     return "\n".join(lines)
+
+
+#: Commands the store sends per state change in one Lua script: their count is the writes' round trips.
+SCRIPT_COMMANDS = ("evalsha", "eval")
+
+
+def before_summary(path: Path) -> dict[str, Any]:
+    """The Redis figures of an earlier run (its JSON results), to compare with this one."""
+    old = json.loads(path.read_text(encoding="utf-8"))
+    return {
+        "file": str(path),
+        "commit": old["config"].get("commit"),
+        "date": old["date"],
+        "redis_parser": old["config"].get("redis_parser", "python"),
+        "redis_round_trips": old["breakdown"]["redis_round_trips"],
+        "commands": old["sides"]["worker"].get("redis_commands_per_verification", {}),
+    }
+
+
+def render_before(before: dict[str, Any], data: dict[str, Any]) -> list[str]:
+    """Redis commands and round trips per verification: an earlier run beside this one."""
+    after = data["sides"]["worker"].get("redis_commands_per_verification", {})
+    names = sorted(
+        set(before["commands"]) | set(after),
+        key=lambda n: -max(before["commands"].get(n, 0), after.get(n, 0)),
+    )
+
+    def total(counts: dict[str, float]) -> float:
+        return sum(counts.values())
+
+    lines = [
+        "## Redis per verification: before and after",
+        "",
+        f"Before: commit {before['commit']} ({before['date']}, {before['redis_parser']} reply parser); "
+        f"after: this run (commit {data['config']['commit']}, "
+        f"{data['config']['redis_parser']} reply parser). "
+        "Both counted by this script the same way (`INFO commandstats`, smallest over rounds).",
+        "",
+        "| per verification | before | after |",
+        "|---|---:|---:|",
+        f"| round trips (EVALSHA, HMGET, MULTI/EXEC, stream reads) | {before['redis_round_trips']:.2f} "
+        f"| {data['breakdown']['redis_round_trips']:.2f} |",
+        f"| Lua script calls | {sum(before['commands'].get(n, 0) for n in SCRIPT_COMMANDS):.2f} "
+        f"| {sum(after.get(n, 0) for n in SCRIPT_COMMANDS):.2f} |",
+        f"| commands the server ran (scripts' inner commands included) | {total(before['commands']):.2f} "
+        f"| {total(after):.2f} |",
+        *(f"| `{n}` | {before['commands'].get(n, 0):.2f} | {after.get(n, 0):.2f} |" for n in names),
+    ]
+    return lines
 
 
 def render_breakdown(b: dict[str, Any], met: bool) -> list[str]:
@@ -878,6 +931,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="results folder (default: bench/results)"
     )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="JSON results of an earlier run: its Redis commands and round trips go beside this run's",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.verifications, args.rounds, args.warmup, args.concurrency = 40, 1, 10, 8
@@ -903,6 +962,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": args.quick,
         "commit": code_version(),
         "store": "redis",
+        # redis-py parses replies in C when hiredis is installed (the 'hiredis' extra).
+        "redis_parser": "hiredis" if HIREDIS_AVAILABLE else "python",
         "target_worker_over_a": TARGET,
     }
     print(f"{NAME}: {config}", file=sys.stderr)
@@ -921,6 +982,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         >= TARGET,
         "profile": outcome["profile"],
     }
+    if args.before is not None:
+        data["before"] = before_summary(args.before)
     if code_version() != config["commit"]:
         # Another change landed mid-run: child processes started later may have run other code.
         data["code_changed_during_run"] = code_version()

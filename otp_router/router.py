@@ -89,7 +89,15 @@ from otp_router.phone import PhoneNumber, number_prefix, parse_phone
 from otp_router.policy import Policy, Step
 from otp_router.prices import SmsPrices
 from otp_router.providers.base import Channel, ChannelName, SendRequest, StatusResult
-from otp_router.store.base import ConversionRule, Record, Store
+from otp_router.store.base import (
+    ConversionCheck,
+    ConversionRule,
+    LimitReached,
+    RateLimit,
+    Record,
+    RecordExists,
+    Store,
+)
 
 __all__ = ["OtpRouter", "ResendNotAllowed"]
 
@@ -384,12 +392,6 @@ class OtpRouter:
         steps = self._resolve_auto(steps, number.region)
         now = self.clock()
         vid = self._new_id(idempotency_key)
-        if idempotency_key is not None:
-            existing = await self.store.get(vid)
-            if existing is not None:
-                return self._same_phone(existing, number.e164)
-        await self._check_limits(number, now)
-        await self._check_conversion(number, now)
         nonce = new_nonce()
         code = derive_code(self.secret, vid, nonce, self.settings.code_length)
         state = new_state(
@@ -409,13 +411,37 @@ class OtpRouter:
         # Created already in its first step's write-ahead phase (probing or sending):
         # one write fewer, and a crash right after it is recovered by the I/O lease.
         first = apply(state, Start(), now)
-        record, created = await self.store.create(
-            vid,
-            first.state.model_dump_json(),
-            idempotency_key=idempotency_key,
-            deadline=first.state.deadline,
-            ledger=first.ledger,
+        limits, scopes = self._limits(number)
+        rules = self._conversion_rules(number)
+        fraud = self.settings.fraud
+        conversion = (
+            ConversionCheck(tuple(rules), fraud.conversion_window, fraud.block_cooldown) if rules else None
         )
+        # One store round trip: the idempotent replay, the rate limits, the
+        # conversion guard and the new record. A replay returns the stored
+        # verification and counts nothing. Retry safety: a start that fails
+        # after the limits were counted and is retried counts twice, which only
+        # makes the limits stricter by one start.
+        try:
+            record, created = await self.store.create(
+                vid,
+                first.state.model_dump_json(),
+                idempotency_key=idempotency_key,
+                deadline=first.state.deadline,
+                ledger=first.ledger,
+                limits=limits,
+                conversion=conversion,
+                now=now,
+            )
+        except LimitReached as refused:
+            raise self._refusal(refused, scopes, number) from None
+        except RecordExists:
+            # The deterministic id of an idempotency key whose store entry
+            # expired (Redis keeps them a day): the verification is still there.
+            existing = await self.store.get(vid) if idempotency_key is not None else None
+            if existing is None:
+                raise
+            return self._same_phone(existing, number.e164)
         if not created:
             return self._same_phone(record, number.e164)
         self.metrics.verification_started(number.region)
@@ -1017,31 +1043,25 @@ class OtpRouter:
         # Keyed hash: limit keys must not put phone numbers (or their prefixes) in the store's key space.
         return f"{kind}:" + hashlib.sha256(self.secret + value.encode()).hexdigest()[:32]
 
-    async def _check_limits(self, number: PhoneNumber, now: float) -> None:
+    def _limits(self, number: PhoneNumber) -> tuple[list[RateLimit], dict[str, str]]:
+        """The velocity limits of a start, in the order they are checked, and each key's scope."""
         limits = self.settings.limits
-        region = number.region
+        out: list[RateLimit] = []
+        scopes: dict[str, str] = {}
         if limits.per_phone:
             key = self._hashed("phone", number.e164)
-            wait = await self.store.hit(key, limit=limits.per_phone, window=limits.per_phone_window, now=now)
-            if wait is not None:
-                self.metrics.rate_limited("phone")
-                raise RateLimited("too many codes for this number", retry_after=wait, scope="phone")
+            out.append(RateLimit(key, limits.per_phone, limits.per_phone_window))
+            scopes[key] = "phone"
         if limits.per_prefix:
             # SMS pumping walks through one operator range: many numbers, one prefix.
             key = self._hashed("prefix", number_prefix(number, self.settings.fraud.prefix_digits))
-            window = limits.per_prefix_window
-            wait = await self.store.hit(key, limit=limits.per_prefix, window=window, now=now)
-            if wait is not None:
-                self.metrics.rate_limited("prefix")
-                message = f"too many codes for this number's prefix (region {region})"
-                raise RateLimited(message, retry_after=wait, scope="prefix")
+            out.append(RateLimit(key, limits.per_prefix, limits.per_prefix_window))
+            scopes[key] = "prefix"
         if limits.per_country:
-            wait = await self.store.hit(
-                f"country:{region}", limit=limits.per_country, window=limits.per_country_window, now=now
-            )
-            if wait is not None:
-                self.metrics.rate_limited("country")
-                raise RateLimited(f"too many codes for region {region}", retry_after=wait, scope="country")
+            key = f"country:{number.region}"
+            out.append(RateLimit(key, limits.per_country, limits.per_country_window))
+            scopes[key] = "country"
+        return out, scopes
 
     def _conversion_rules(self, number: PhoneNumber) -> list[ConversionRule]:
         """The conversion guard's rules for a number: its prefix, then its country."""
@@ -1057,36 +1077,30 @@ class OtpRouter:
             rules.append(ConversionRule(key, fraud.country_min_started, fraud.min_conversion))
         return rules
 
-    async def _check_conversion(self, number: PhoneNumber, now: float) -> None:
-        """Count a start for the conversion guard, or refuse it while its prefix or country is blocked.
+    def _refusal(self, refused: LimitReached, scopes: Mapping[str, str], number: PhoneNumber) -> RateLimited:
+        """The error for a start the store refused: a velocity limit or the conversion guard.
 
-        One store round trip that both judges and counts, so many workers share
-        one view and a refused start is not counted. Retry and crash safety: a
-        start that crashes after this call and is retried with its idempotency
-        key is counted twice, which only makes the guard stricter by one start
-        for its prefix and country; a replay of a stored verification returns
-        before this call and counts nothing.
-
-        Raises:
-            RateLimited: ``scope`` is ``prefix_conversion`` or ``country_conversion``.
+        The conversion guard judges and counts in the same store call as the
+        limits, so many workers share one view and a refused start is not
+        counted. A replay of a stored verification returns before any of it.
         """
-        rules = self._conversion_rules(number)
-        if not rules:
-            return
-        fraud = self.settings.fraud
-        blocked = await self.store.conversion_start(
-            rules, window=fraud.conversion_window, cooldown=fraud.block_cooldown, now=now
-        )
-        if blocked is None:
-            return
-        key, wait = blocked
-        by_prefix = key.startswith("conv-prefix:")
+        region, wait = number.region, refused.retry_after
+        scope = scopes.get(refused.key)
+        if scope is not None:
+            self.metrics.rate_limited(scope)
+            if scope == "phone":
+                return RateLimited("too many codes for this number", retry_after=wait, scope=scope)
+            if scope == "prefix":
+                message = f"too many codes for this number's prefix (region {region})"
+                return RateLimited(message, retry_after=wait, scope=scope)
+            return RateLimited(f"too many codes for region {region}", retry_after=wait, scope=scope)
+        by_prefix = refused.key.startswith("conv-prefix:")
         scope = "prefix_conversion" if by_prefix else "country_conversion"
         self.metrics.fraud_block(scope)
         what = "this number's prefix" if by_prefix else "this country"
-        log.warning("conversion guard: refused scope=%s region=%s for %.0f s", scope, number.region, wait)
-        raise RateLimited(
-            f"too few verifications complete for {what} (region {number.region}): suspected SMS pumping",
+        log.warning("conversion guard: refused scope=%s region=%s for %.0f s", scope, region, wait)
+        return RateLimited(
+            f"too few verifications complete for {what} (region {region}): suspected SMS pumping",
             retry_after=wait,
             scope=scope,
         )

@@ -23,7 +23,17 @@ from urllib.parse import urlsplit
 
 from otp_router.errors import ConfigError
 from otp_router.sqlite_common import parse_sqlite_url
-from otp_router.store.base import ConversionRule, LedgerEntry, LedgerKind, Record, Store
+from otp_router.store.base import (
+    ConversionCheck,
+    ConversionRule,
+    LedgerEntry,
+    LedgerKind,
+    LimitReached,
+    RateLimit,
+    Record,
+    RecordExists,
+    Store,
+)
 from otp_router.store.memory import MemoryStore
 
 # This module imports the ``redis`` package only when a RedisStore is built,
@@ -32,11 +42,15 @@ from otp_router.store.redis import RedisStore
 from otp_router.store.sqlite import SqliteStore
 
 __all__ = [
+    "ConversionCheck",
     "ConversionRule",
     "LedgerEntry",
     "LedgerKind",
+    "LimitReached",
     "MemoryStore",
+    "RateLimit",
     "Record",
+    "RecordExists",
     "RedisStore",
     "SqliteStore",
     "Store",

@@ -29,7 +29,19 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol, runtime_checkable
 
-__all__ = ["ConversionRule", "LedgerEntry", "LedgerKind", "Record", "Store"]
+from otp_router.errors import OtpRouterError, StoreError
+
+__all__ = [
+    "ConversionCheck",
+    "ConversionRule",
+    "LedgerEntry",
+    "LedgerKind",
+    "LimitReached",
+    "RateLimit",
+    "Record",
+    "RecordExists",
+    "Store",
+]
 
 
 class LedgerKind(enum.StrEnum):
@@ -91,6 +103,48 @@ class ConversionRule:
     min_ratio: float
 
 
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A sliding-window limit checked and counted by :meth:`Store.create` (as :meth:`Store.hit` does).
+
+    Attributes:
+        key: What is counted, e.g. ``"phone:<keyed hash>"``.
+        limit: Events allowed per window (at least 1).
+        window: Window length in seconds.
+    """
+
+    key: str
+    limit: int
+    window: float
+
+
+@dataclass(frozen=True, slots=True)
+class ConversionCheck:
+    """A conversion-guard start for :meth:`Store.create` (see :meth:`Store.conversion_start`)."""
+
+    rules: tuple[ConversionRule, ...]
+    window: float
+    cooldown: float
+
+
+class LimitReached(OtpRouterError):
+    """:meth:`Store.create` refused: a rate limit or the conversion guard said no.
+
+    Attributes:
+        key: The refusing :class:`RateLimit` or :class:`ConversionRule` key.
+        retry_after: Seconds until that key would accept again.
+    """
+
+    def __init__(self, key: str, retry_after: float) -> None:
+        super().__init__("a rate limit or the conversion guard refused the start")
+        self.key = key
+        self.retry_after = retry_after
+
+
+class RecordExists(StoreError):
+    """:meth:`Store.create` found a record with the new id (and no idempotency key naming it)."""
+
+
 @runtime_checkable
 class Store(Protocol):
     """Durable state shared by the library, the worker and webhook handlers."""
@@ -103,12 +157,37 @@ class Store(Protocol):
         idempotency_key: str | None = None,
         deadline: float | None = None,
         ledger: Sequence[LedgerEntry] = (),
+        limits: Sequence[RateLimit] = (),
+        conversion: ConversionCheck | None = None,
+        now: float | None = None,
     ) -> tuple[Record, bool]:
         """Insert a new record at version 1, atomically with its idempotency key.
+
+        One atomic step (one round trip on Redis, one transaction on SQLite),
+        in this order:
+
+        1. ``idempotency_key`` already taken: return that record; nothing is
+           counted or written.
+        2. ``record_id`` taken: raise :class:`RecordExists`; nothing is counted.
+        3. Each of ``limits`` in order is checked and counted as :meth:`hit`
+           does; the first one that is full raises :class:`LimitReached`
+           (the limits before it stay counted, the record is not written).
+        4. ``conversion``, as :meth:`conversion_start`; a refusal raises
+           :class:`LimitReached` (the limits stay counted).
+        5. The record, its idempotency key, deadline and ledger entries are written.
+
+        Args:
+            now: The time the limits and the conversion guard count at;
+                required when either is given.
 
         Returns:
             ``(record, True)`` when created; ``(existing_record, False)`` when
             ``idempotency_key`` is already taken (nothing is written then).
+
+        Raises:
+            RecordExists: ``record_id`` is taken.
+            LimitReached: A limit or the conversion guard refused.
+            ValueError: A limit or rule is invalid, or ``now`` is missing.
         """
         ...
 

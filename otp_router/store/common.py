@@ -13,13 +13,14 @@ import math
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 
-from otp_router.store.base import ConversionRule, LedgerEntry, LedgerKind
+from otp_router.store.base import ConversionCheck, ConversionRule, LedgerEntry, LedgerKind, RateLimit
 
 __all__ = [
     "CONVERSION_BUCKETS",
     "LEDGER_FIELDS",
     "check_claim_args",
     "check_conversion_args",
+    "check_create_args",
     "check_hit_args",
     "check_latency_weight",
     "conversion_blocks",
@@ -201,6 +202,30 @@ def check_conversion_args(rules: Sequence[ConversionRule], window: float, cooldo
     for name, value in (("window", window), ("cooldown", cooldown)):
         if not (value > 0 and math.isfinite(value)):
             raise ValueError(f"{name} must be positive")
+
+
+def check_create_args(
+    limits: Sequence[RateLimit], conversion: ConversionCheck | None, now: float | None
+) -> float:
+    """Validate the limit arguments of :meth:`Store.create` before anything is written.
+
+    Returns:
+        ``now`` (``0.0`` when there is nothing to count, so it is unused).
+
+    Raises:
+        ValueError: ``now`` is missing while a limit or a conversion check is
+            given, or one of them is invalid (as for :meth:`Store.hit` and
+            :meth:`Store.conversion_start`).
+    """
+    for limit in limits:
+        check_hit_args(limit.limit, limit.window)
+    if conversion is not None:
+        check_conversion_args(conversion.rules, conversion.window, conversion.cooldown)
+    if not limits and (conversion is None or not conversion.rules):
+        return 0.0
+    if now is None:
+        raise ValueError("now is required with limits or a conversion check")
+    return now
 
 
 def retry_after(times: Sequence[float], *, limit: int, window: float, now: float) -> float:

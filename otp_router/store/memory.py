@@ -13,10 +13,19 @@ import asyncio
 from collections.abc import Sequence
 
 from otp_router.errors import ConcurrentUpdate, StoreError, VerificationNotFound
-from otp_router.store.base import ConversionRule, LedgerEntry, Record
+from otp_router.store.base import (
+    ConversionCheck,
+    ConversionRule,
+    LedgerEntry,
+    LimitReached,
+    RateLimit,
+    Record,
+    RecordExists,
+)
 from otp_router.store.common import (
     check_claim_args,
     check_conversion_args,
+    check_create_args,
     check_hit_args,
     check_latency_weight,
     conversion_blocks,
@@ -80,13 +89,20 @@ class MemoryStore:
         idempotency_key: str | None = None,
         deadline: float | None = None,
         ledger: Sequence[LedgerEntry] = (),
+        limits: Sequence[RateLimit] = (),
+        conversion: ConversionCheck | None = None,
+        now: float | None = None,
     ) -> tuple[Record, bool]:
         """Insert a new record at version 1 (see :meth:`Store.create`).
 
         Raises:
-            StoreError: ``record_id`` already exists (ids must be unique), or
-                the store is closed.
+            RecordExists: ``record_id`` already exists (ids must be unique).
+            LimitReached: A limit or the conversion guard refused.
+            StoreError: The store is closed.
         """
+        at = check_create_args(limits, conversion, now)
+        for entry in ledger:
+            entry_to_fields(entry)  # validate before writing anything
         async with self._lock:
             self._check_open()
             if idempotency_key is not None:
@@ -94,9 +110,17 @@ class MemoryStore:
                 if existing_id is not None and existing_id in self._records:
                     return self._records[existing_id], False
             if record_id in self._records:
-                raise StoreError("a record with this id already exists")
-            for entry in ledger:
-                entry_to_fields(entry)  # validate before writing anything
+                raise RecordExists("a record with this id already exists")
+            for limit in limits:
+                wait = self._hit(limit.key, limit=limit.limit, window=limit.window, now=at)
+                if wait is not None:
+                    raise LimitReached(limit.key, wait)
+            if conversion is not None and conversion.rules:
+                blocked = self._conversion_start(
+                    conversion.rules, window=conversion.window, cooldown=conversion.cooldown, now=at
+                )
+                if blocked is not None:
+                    raise LimitReached(*blocked)
             record = Record(id=record_id, version=1, data=data)
             self._records[record_id] = record
             if idempotency_key is not None:
@@ -172,16 +196,20 @@ class MemoryStore:
         check_hit_args(limit, window)
         async with self._lock:
             self._check_open()
-            self._hit_count += 1
-            if self._hit_count % _SWEEP_EVERY == 0:
-                self._sweep(now)
-            _, previous = self._hits.get(key, (window, []))
-            times = sorted(t for t in previous if t > now - window)
-            self._hits[key] = (window, times)
-            if len(times) >= limit:
-                return retry_after(times, limit=limit, window=window, now=now)
-            times.append(now)
-            return None
+            return self._hit(key, limit=limit, window=window, now=now)
+
+    def _hit(self, key: str, *, limit: int, window: float, now: float) -> float | None:
+        """:meth:`hit` inside the lock."""
+        self._hit_count += 1
+        if self._hit_count % _SWEEP_EVERY == 0:
+            self._sweep(now)
+        _, previous = self._hits.get(key, (window, []))
+        times = sorted(t for t in previous if t > now - window)
+        self._hits[key] = (window, times)
+        if len(times) >= limit:
+            return retry_after(times, limit=limit, window=window, now=now)
+        times.append(now)
+        return None
 
     def _sweep(self, now: float) -> None:
         # Judge each key by its own window: a short per-country window must not
@@ -194,25 +222,31 @@ class MemoryStore:
     ) -> tuple[str, float] | None:
         """Count a start unless a key is blocked (see :meth:`Store.conversion_start`)."""
         check_conversion_args(rules, window, cooldown)
-        current, oldest = conversion_buckets(window, now)
         async with self._lock:
             self._check_open()
-            self._hit_count += 1
-            if self._hit_count % _SWEEP_EVERY == 0:
-                self._sweep_conversion(oldest, now)
-            for rule in rules:
-                until = self._conversion_blocks.get(rule.key)
-                if until is not None and until > now:
-                    return rule.key, until - now
-                buckets = self._buckets(rule.key, oldest)
-                started = sum(b[0] for b in buckets.values())
-                verified = sum(b[1] for b in buckets.values())
-                if conversion_blocks(rule, started, verified):
-                    self._conversion_blocks[rule.key] = now + cooldown
-                    return rule.key, cooldown
-            for rule in rules:
-                self._conversion.setdefault(rule.key, {}).setdefault(current, [0, 0])[0] += 1
-            return None
+            return self._conversion_start(rules, window=window, cooldown=cooldown, now=now)
+
+    def _conversion_start(
+        self, rules: Sequence[ConversionRule], *, window: float, cooldown: float, now: float
+    ) -> tuple[str, float] | None:
+        """:meth:`conversion_start` inside the lock."""
+        current, oldest = conversion_buckets(window, now)
+        self._hit_count += 1
+        if self._hit_count % _SWEEP_EVERY == 0:
+            self._sweep_conversion(oldest, now)
+        for rule in rules:
+            until = self._conversion_blocks.get(rule.key)
+            if until is not None and until > now:
+                return rule.key, until - now
+            buckets = self._buckets(rule.key, oldest)
+            started = sum(b[0] for b in buckets.values())
+            verified = sum(b[1] for b in buckets.values())
+            if conversion_blocks(rule, started, verified):
+                self._conversion_blocks[rule.key] = now + cooldown
+                return rule.key, cooldown
+        for rule in rules:
+            self._conversion.setdefault(rule.key, {}).setdefault(current, [0, 0])[0] += 1
+        return None
 
     async def conversion_verified(self, keys: Sequence[str], *, window: float, now: float) -> None:
         """Count a verification on each key (see :meth:`Store.conversion_verified`)."""

@@ -27,14 +27,23 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from otp_router.errors import ConcurrentUpdate, ConfigError, StoreError, VerificationNotFound
+from otp_router.errors import ConcurrentUpdate, ConfigError, VerificationNotFound
 from otp_router.redis_common import RedisConnection, require_redis, split_redis_url
-from otp_router.store.base import ConversionRule, LedgerEntry, Record
+from otp_router.store.base import (
+    ConversionCheck,
+    ConversionRule,
+    LedgerEntry,
+    LimitReached,
+    RateLimit,
+    Record,
+    RecordExists,
+)
 from otp_router.store.common import (
     CONVERSION_BUCKETS,
     LEDGER_FIELDS,
     check_claim_args,
     check_conversion_args,
+    check_create_args,
     check_hit_args,
     check_latency_weight,
     conversion_buckets,
@@ -98,12 +107,78 @@ local function set_deadline(rec_key, deadlines_key, id, deadline, ttl_ms)
     redis.call('PERSIST', rec_key)
   end
 end
+
+-- Sliding-window limit on one sorted set of event times. Returns false when
+-- the event is counted, else the time of the event blocking a new one.
+local function hit(key, cutoff, limit, now, member, ttl_ms)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', cutoff)
+  local count = redis.call('ZCARD', key)
+  limit = tonumber(limit)
+  if count >= limit then
+    local blocking = redis.call('ZRANGE', key, count - limit, count - limit, 'WITHSCORES')
+    return blocking[2]
+  end
+  redis.call('ZADD', key, now, member)
+  redis.call('PEXPIRE', key, ttl_ms)
+  return false
+end
+
+-- Conversion guard over n rules. Rule i uses KEYS[kbase + 2i - 2] (its count
+-- hash) and KEYS[kbase + 2i - 1] (its block key). ARGV from abase: now, oldest
+-- bucket in the window, current bucket, block-until time, block ms, count
+-- hash ttl ms, then per rule its min_started and min_ratio. Hash fields are
+-- "s<bucket>" (started) and "v<bucket>" (verified). Returns false when
+-- counted, else {rule number (1-based), blocked-until time}.
+local function conversion(kbase, n, abase)
+  local now = tonumber(ARGV[abase])
+  local oldest = tonumber(ARGV[abase + 1])
+  for i = 1, n do
+    local counts, block = KEYS[kbase + 2 * i - 2], KEYS[kbase + 2 * i - 1]
+    local blocked = redis.call('GET', block)
+    if blocked and tonumber(blocked) > now then
+      return {i, blocked}
+    end
+    local fields = redis.call('HGETALL', counts)
+    local started, verified, stale = 0, 0, {}
+    for j = 1, #fields, 2 do
+      local name = fields[j]
+      if tonumber(string.sub(name, 2)) < oldest then
+        stale[#stale + 1] = name
+      elseif string.sub(name, 1, 1) == 's' then
+        started = started + tonumber(fields[j + 1])
+      else
+        verified = verified + tonumber(fields[j + 1])
+      end
+    end
+    if #stale > 0 then
+      redis.call('HDEL', counts, unpack(stale))
+    end
+    local min_started = tonumber(ARGV[abase + 4 + 2 * i])
+    local min_ratio = tonumber(ARGV[abase + 5 + 2 * i])
+    if started >= min_started and verified < min_ratio * started then
+      redis.call('SET', block, ARGV[abase + 3], 'PX', ARGV[abase + 4])
+      return {i, ARGV[abase + 3]}
+    end
+  end
+  for i = 1, n do
+    redis.call('HINCRBY', KEYS[kbase + 2 * i - 2], 's' .. ARGV[abase + 2], 1)
+    redis.call('PEXPIRE', KEYS[kbase + 2 * i - 2], ARGV[abase + 5])
+  end
+  return false
+end
 """.replace("__FIELDS__", ", ".join(f"'{name}'" for name in LEDGER_FIELDS))
 
-# KEYS: rec, deadlines, ledger index, ledger seq, idempotency key, entries...
-# ARGV: id, data, deadline, record ttl ms, has idempotency key, idempotency
-#       ttl ms, record key prefix, entry count, entry fields...
-# Returns {1} created, {2, id, version, data} existing, {-2} id taken.
+# The whole start of a verification in one call.
+# KEYS: rec, deadlines, ledger index, ledger seq, idempotency key, then one
+#       rate key per limit, then two keys per conversion rule, then entries.
+# ARGV: 1 id, 2 data, 3 deadline, 4 record ttl ms, 5 has idempotency key,
+#       6 idempotency ttl ms, 7 record key prefix, 8 entry count, 9 limit
+#       count, 10 conversion rule count, 11 now, 12 unique event name; then
+#       per limit its cutoff, limit and key ttl ms; then (with rules) the
+#       conversion arguments (see conversion()); then the entry fields.
+# Returns {1} created, {2, id, version, data} existing, {-2} id taken,
+# {-3, limit number, blocking event time} or {-4, rule number, blocked-until
+# time} refused (the limits before the refusing one stay counted).
 _CREATE = (
     _LUA_HELPERS
     + """
@@ -121,6 +196,22 @@ end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {-2}
 end
+local nlim, nconv = tonumber(ARGV[9]), tonumber(ARGV[10])
+for i = 1, nlim do
+  local a = 10 + 3 * i
+  local blocking = hit(KEYS[5 + i], ARGV[a], ARGV[a + 1], ARGV[11], ARGV[12], ARGV[a + 2])
+  if blocking then
+    return {-3, i, blocking}
+  end
+end
+local kbase, abase = 6 + nlim, 13 + 3 * nlim
+if nconv > 0 then
+  local blocked = conversion(kbase, nconv, abase)
+  if blocked then
+    return {-4, blocked[1], blocked[2]}
+  end
+  kbase, abase = kbase + 2 * nconv, abase + 6 + 2 * nconv
+end
 redis.call('HSET', KEYS[1], 'version', 1, 'data', ARGV[2])
 if ARGV[5] == '1' then
   if ARGV[6] ~= '0' then
@@ -130,7 +221,7 @@ if ARGV[5] == '1' then
   end
 end
 set_deadline(KEYS[1], KEYS[2], ARGV[1], ARGV[3], ARGV[4])
-append_ledger(6, 9, tonumber(ARGV[8]), KEYS[3], KEYS[4])
+append_ledger(kbase, abase, tonumber(ARGV[8]), KEYS[3], KEYS[4])
 return {1}
 """
 )
@@ -168,63 +259,11 @@ return ids
 # KEYS: rate key. ARGV: cutoff (events at or before it left the window),
 # limit, now, unique event name, key ttl ms.
 # Returns false when counted, else the time of the event blocking a new one.
-_HIT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-local count = redis.call('ZCARD', KEYS[1])
-local limit = tonumber(ARGV[2])
-if count >= limit then
-  local blocking = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
-  return blocking[2]
-end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return false
-"""
-
+_HIT = _LUA_HELPERS + "\nreturn hit(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])\n"
 
 # Conversion guard. KEYS: per rule, its count hash then its block key.
-# ARGV: now, oldest bucket in the window, current bucket, block-until time,
-# block ms, count hash ttl ms, then per rule its min_started and min_ratio.
-# Hash fields are "s<bucket>" (started) and "v<bucket>" (verified).
-# Returns false when counted, else {rule number (1-based), blocked-until time}.
-_CONVERSION_START = """
-local now = tonumber(ARGV[1])
-local oldest = tonumber(ARGV[2])
-local n = #KEYS / 2
-for i = 1, n do
-  local counts, block = KEYS[2 * i - 1], KEYS[2 * i]
-  local blocked = redis.call('GET', block)
-  if blocked and tonumber(blocked) > now then
-    return {i, blocked}
-  end
-  local fields = redis.call('HGETALL', counts)
-  local started, verified, stale = 0, 0, {}
-  for j = 1, #fields, 2 do
-    local name = fields[j]
-    if tonumber(string.sub(name, 2)) < oldest then
-      stale[#stale + 1] = name
-    elseif string.sub(name, 1, 1) == 's' then
-      started = started + tonumber(fields[j + 1])
-    else
-      verified = verified + tonumber(fields[j + 1])
-    end
-  end
-  if #stale > 0 then
-    redis.call('HDEL', counts, unpack(stale))
-  end
-  local min_started = tonumber(ARGV[5 + 2 * i])
-  local min_ratio = tonumber(ARGV[6 + 2 * i])
-  if started >= min_started and verified < min_ratio * started then
-    redis.call('SET', block, ARGV[4], 'PX', ARGV[5])
-    return {i, ARGV[4]}
-  end
-end
-for i = 1, n do
-  redis.call('HINCRBY', KEYS[2 * i - 1], 's' .. ARGV[3], 1)
-  redis.call('PEXPIRE', KEYS[2 * i - 1], ARGV[6])
-end
-return false
-"""
+# ARGV: see conversion(). Returns false when counted, else {rule number, blocked-until time}.
+_CONVERSION_START = _LUA_HELPERS + "\nreturn conversion(1, #KEYS / 2, 1)\n"
 
 
 def _ms(seconds: float | None) -> str:
@@ -312,16 +351,22 @@ class RedisStore(RedisConnection):
         idempotency_key: str | None = None,
         deadline: float | None = None,
         ledger: Sequence[LedgerEntry] = (),
+        limits: Sequence[RateLimit] = (),
+        conversion: ConversionCheck | None = None,
+        now: float | None = None,
     ) -> tuple[Record, bool]:
-        """Insert a new record at version 1 (see :meth:`Store.create`).
+        """Insert a new record at version 1 (see :meth:`Store.create`): one ``EVALSHA``.
 
         Raises:
-            StoreError: ``record_id`` already exists (ids must be unique), or
-                Redis failed.
+            RecordExists: ``record_id`` already exists (ids must be unique).
+            LimitReached: A limit or the conversion guard refused.
+            StoreError: Redis failed.
         """
+        at = check_create_args(limits, conversion, now)
         entry_keys, entry_args = self._ledger_args(ledger)
         rec_key = self.keys.record(record_id)
         idem_key = self.keys.idempotency(idempotency_key) if idempotency_key is not None else rec_key
+        rules = conversion.rules if conversion is not None else ()
         keys = [rec_key, self.keys.deadlines, self.keys.ledger_index, self.keys.ledger_seq, idem_key]
         args = [
             record_id,
@@ -332,14 +377,46 @@ class RedisStore(RedisConnection):
             _ms(self._idempotency_ttl),
             self.keys.record(""),
             str(len(entry_keys) // 2),
+            str(len(limits)),
+            str(len(rules)),
+            float_text(at),
+            # A unique member per event: several events may share one ``now``.
+            uuid.uuid4().hex,
         ]
+        for limit in limits:
+            keys.append(self.keys.rate(limit.key))
+            args += [float_text(at - limit.window), str(limit.limit), _ms(limit.window)]
+        if conversion is not None and rules:
+            conv_keys, conv_args = self._conversion_args(rules, conversion.window, conversion.cooldown, at)
+            keys += conv_keys
+            args += conv_args
         with self._mapped():
             result: list[Any] = await self._create(keys=keys + entry_keys, args=args + entry_args)
         if result[0] == 2:
             return Record(id=result[1], version=int(result[2]), data=result[3]), False
         if result[0] == -2:
-            raise StoreError("a record with this id already exists")
+            raise RecordExists("a record with this id already exists")
+        if result[0] == -3:
+            limit = limits[int(result[1]) - 1]
+            wait = retry_after([float(result[2])], limit=1, window=limit.window, now=at)
+            raise LimitReached(limit.key, wait)
+        if result[0] == -4:
+            raise LimitReached(rules[int(result[1]) - 1].key, float(result[2]) - at)
         return Record(id=record_id, version=1, data=data), True
+
+    def _conversion_args(
+        self, rules: Sequence[ConversionRule], window: float, cooldown: float, now: float
+    ) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV of the Lua ``conversion()`` helper."""
+        current, oldest = conversion_buckets(window, now)
+        keys: list[str] = []
+        limits: list[str] = []
+        for rule in rules:
+            keys += [self.keys.conversion(rule.key), self.keys.conversion_block(rule.key)]
+            limits += [str(rule.min_started), float_text(rule.min_ratio)]
+        args = [float_text(now), str(oldest), str(current), float_text(now + cooldown), _ms(cooldown)]
+        args += [_ms(window * (1 + 2 / CONVERSION_BUCKETS)), *limits]
+        return keys, args
 
     async def get(self, record_id: str) -> Record | None:
         """Load a record, or None."""
@@ -448,14 +525,7 @@ class RedisStore(RedisConnection):
         check_conversion_args(rules, window, cooldown)
         if not rules:
             return None
-        current, oldest = conversion_buckets(window, now)
-        keys: list[str] = []
-        limits: list[str] = []
-        for rule in rules:
-            keys += [self.keys.conversion(rule.key), self.keys.conversion_block(rule.key)]
-            limits += [str(rule.min_started), float_text(rule.min_ratio)]
-        args = [float_text(now), str(oldest), str(current), float_text(now + cooldown), _ms(cooldown)]
-        args += [_ms(window * (1 + 2 / CONVERSION_BUCKETS)), *limits]
+        keys, args = self._conversion_args(rules, window, cooldown, now)
         with self._mapped():
             blocked: list[Any] | None = await self._conversion(keys=keys, args=args)
         if not blocked:

@@ -21,11 +21,20 @@ from collections.abc import Sequence
 
 from otp_router.errors import ConcurrentUpdate, StoreError, VerificationNotFound
 from otp_router.sqlite_common import SqliteFile, write_transaction
-from otp_router.store.base import ConversionRule, LedgerEntry, Record
+from otp_router.store.base import (
+    ConversionCheck,
+    ConversionRule,
+    LedgerEntry,
+    LimitReached,
+    RateLimit,
+    Record,
+    RecordExists,
+)
 from otp_router.store.common import (
     CONVERSION_BUCKETS,
     check_claim_args,
     check_conversion_args,
+    check_create_args,
     check_hit_args,
     check_latency_weight,
     conversion_blocks,
@@ -150,16 +159,23 @@ class SqliteStore(SqliteFile):
         idempotency_key: str | None = None,
         deadline: float | None = None,
         ledger: Sequence[LedgerEntry] = (),
+        limits: Sequence[RateLimit] = (),
+        conversion: ConversionCheck | None = None,
+        now: float | None = None,
     ) -> tuple[Record, bool]:
-        """Insert a new record at version 1 (see :meth:`Store.create`).
+        """Insert a new record at version 1 (see :meth:`Store.create`): one transaction.
 
         Raises:
-            StoreError: ``record_id`` already exists (ids must be unique), or
-                the database failed.
+            RecordExists: ``record_id`` already exists (ids must be unique).
+            LimitReached: A limit or the conversion guard refused.
+            StoreError: The database failed.
         """
+        at = check_create_args(limits, conversion, now)
         rows = _ledger_rows(ledger)
 
-        def op(conn: sqlite3.Connection) -> tuple[Record, bool]:
+        def op(conn: sqlite3.Connection) -> tuple[Record, bool] | LimitReached:
+            # A refusal is returned, not raised, so that the transaction
+            # commits the limits counted before the refusing one.
             with write_transaction(conn):
                 if idempotency_key is not None:
                     row = conn.execute(
@@ -168,18 +184,35 @@ class SqliteStore(SqliteFile):
                     ).fetchone()
                     if row is not None:
                         return Record(id=row[0], version=row[1], data=row[2]), False
+                if conn.execute("SELECT 1 FROM records WHERE id = ?", (record_id,)).fetchone():
+                    raise RecordExists("a record with this id already exists")
+                for limit in limits:
+                    wait = _hit(conn, limit.key, limit=limit.limit, window=limit.window, now=at)
+                    if wait is not None:
+                        return LimitReached(limit.key, wait)
+                if conversion is not None and conversion.rules:
+                    blocked = _conversion_start(
+                        conn, conversion.rules, window=conversion.window, cooldown=conversion.cooldown, now=at
+                    )
+                    if blocked is not None:
+                        return LimitReached(*blocked)
                 try:
                     conn.execute(
                         "INSERT INTO records (id, version, data, deadline, idempotency_key)"
                         " VALUES (?, 1, ?, ?, ?)",
                         (record_id, data, _deadline(deadline), idempotency_key),
                     )
-                except sqlite3.IntegrityError as exc:
-                    raise StoreError("a record with this id already exists") from exc
+                except (
+                    sqlite3.IntegrityError
+                ) as exc:  # pragma: no cover - checked above, in the same transaction
+                    raise RecordExists("a record with this id already exists") from exc
                 conn.executemany(_INSERT_LEDGER, rows)
             return Record(id=record_id, version=1, data=data), True
 
-        return await self._run(op)
+        result = await self._run(op)
+        if isinstance(result, LimitReached):
+            raise result
+        return result
 
     async def get(self, record_id: str) -> Record | None:
         """Load a record, or None."""
@@ -278,22 +311,7 @@ class SqliteStore(SqliteFile):
 
         def op(conn: sqlite3.Connection) -> float | None:
             with write_transaction(conn):
-                # Events carry their own expiry, so one indexed DELETE drops
-                # every key's stale events, whatever window each key uses.
-                conn.execute("DELETE FROM rate_events WHERE expires <= ?", (now,))
-                times = [
-                    row[0]
-                    for row in conn.execute(
-                        "SELECT at FROM rate_events WHERE key = ? AND at > ? ORDER BY at",
-                        (key, now - window),
-                    )
-                ]
-                if len(times) >= limit:
-                    return retry_after(times, limit=limit, window=window, now=now)
-                conn.execute(
-                    "INSERT INTO rate_events (key, at, expires) VALUES (?, ?, ?)", (key, now, now + window)
-                )
-                return None
+                return _hit(conn, key, limit=limit, window=window, now=now)
 
         return await self._run(op)
 
@@ -302,32 +320,10 @@ class SqliteStore(SqliteFile):
     ) -> tuple[str, float] | None:
         """Count a start unless a key is blocked (see :meth:`Store.conversion_start`)."""
         check_conversion_args(rules, window, cooldown)
-        current, oldest = conversion_buckets(window, now)
 
         def op(conn: sqlite3.Connection) -> tuple[str, float] | None:
             with write_transaction(conn):
-                # Rows carry the time they leave every window: one indexed DELETE keeps the table small.
-                conn.execute("DELETE FROM conversion WHERE expires <= ?", (now,))
-                for rule in rules:
-                    row = conn.execute(
-                        "SELECT until FROM conversion_blocks WHERE key = ?", (rule.key,)
-                    ).fetchone()
-                    if row is not None and row[0] > now:
-                        return rule.key, float(row[0]) - now
-                    started, verified = conn.execute(
-                        "SELECT COALESCE(SUM(started), 0), COALESCE(SUM(verified), 0) FROM conversion "
-                        "WHERE key = ? AND bucket >= ?",
-                        (rule.key, oldest),
-                    ).fetchone()
-                    if conversion_blocks(rule, started, verified):
-                        conn.execute(
-                            "INSERT OR REPLACE INTO conversion_blocks (key, until) VALUES (?, ?)",
-                            (rule.key, now + cooldown),
-                        )
-                        return rule.key, cooldown
-                rows = _bucket_rows([r.key for r in rules], current, window)
-                conn.executemany(_COUNT_CONVERSION.format(column="started"), rows)
-                return None
+                return _conversion_start(conn, rules, window=window, cooldown=cooldown, now=now)
 
         return await self._run(op)
 
@@ -401,6 +397,52 @@ _COUNT_CONVERSION = (
     "INSERT INTO conversion (key, bucket, {column}, expires) VALUES (?, ?, 1, ?) "
     "ON CONFLICT (key, bucket) DO UPDATE SET {column} = {column} + 1"
 )
+
+
+def _hit(conn: sqlite3.Connection, key: str, *, limit: int, window: float, now: float) -> float | None:
+    """:meth:`SqliteStore.hit` inside the caller's write transaction."""
+    # Events carry their own expiry, so one indexed DELETE drops
+    # every key's stale events, whatever window each key uses.
+    conn.execute("DELETE FROM rate_events WHERE expires <= ?", (now,))
+    times = [
+        row[0]
+        for row in conn.execute(
+            "SELECT at FROM rate_events WHERE key = ? AND at > ? ORDER BY at",
+            (key, now - window),
+        )
+    ]
+    if len(times) >= limit:
+        return retry_after(times, limit=limit, window=window, now=now)
+    conn.execute("INSERT INTO rate_events (key, at, expires) VALUES (?, ?, ?)", (key, now, now + window))
+    return None
+
+
+def _conversion_start(
+    conn: sqlite3.Connection, rules: Sequence[ConversionRule], *, window: float, cooldown: float, now: float
+) -> tuple[str, float] | None:
+    """:meth:`SqliteStore.conversion_start` inside the caller's write transaction."""
+    current, oldest = conversion_buckets(window, now)
+    # Rows carry the time they leave every window: one indexed DELETE keeps the table small.
+    conn.execute("DELETE FROM conversion WHERE expires <= ?", (now,))
+    for rule in rules:
+        row = conn.execute("SELECT until FROM conversion_blocks WHERE key = ?", (rule.key,)).fetchone()
+        if row is not None and row[0] > now:
+            return rule.key, float(row[0]) - now
+        started, verified = conn.execute(
+            "SELECT COALESCE(SUM(started), 0), COALESCE(SUM(verified), 0) FROM conversion "
+            "WHERE key = ? AND bucket >= ?",
+            (rule.key, oldest),
+        ).fetchone()
+        if conversion_blocks(rule, started, verified):
+            conn.execute(
+                "INSERT OR REPLACE INTO conversion_blocks (key, until) VALUES (?, ?)",
+                (rule.key, now + cooldown),
+            )
+            return rule.key, cooldown
+    conn.executemany(
+        _COUNT_CONVERSION.format(column="started"), _bucket_rows([r.key for r in rules], current, window)
+    )
+    return None
 
 
 def _bucket_rows(keys: Sequence[str], bucket: int, window: float) -> list[tuple[str, int, float]]:

@@ -11,7 +11,19 @@ from pathlib import Path
 import pytest
 
 from otp_router.errors import ConcurrentUpdate, StoreError, VerificationNotFound
-from otp_router.store import ConversionRule, LedgerEntry, LedgerKind, MemoryStore, Record, Store, open_store
+from otp_router.store import (
+    ConversionCheck,
+    ConversionRule,
+    LedgerEntry,
+    LedgerKind,
+    LimitReached,
+    MemoryStore,
+    RateLimit,
+    Record,
+    RecordExists,
+    Store,
+    open_store,
+)
 
 MakeStore = Callable[[], Awaitable[Store]]
 
@@ -442,6 +454,110 @@ async def test_invalid_limits_are_refused(store: Store) -> None:
         await store.claim_due(1.0, limit=0, lease=30)
     with pytest.raises(ValueError):
         await store.claim_due(1.0, limit=1, lease=0)
+
+
+# -- create with limits: the whole start in one atomic step -----------------
+
+
+async def test_create_counts_its_limits_and_refuses_when_full(store: Store) -> None:
+    """Limits given to create are counted like hit(); a full one refuses and nothing is written."""
+    lim = [RateLimit("phone:x", 2, 60.0)]
+    for i, now in enumerate((1000.0, 1010.0)):
+        _, created = await store.create(f"v{i}", "{}", deadline=50.0, limits=lim, now=now)
+        assert created
+    with pytest.raises(LimitReached) as info:
+        await store.create("v2", "{}", deadline=1.0, ledger=[entry("e", "v2")], limits=lim, now=1030.0)
+    assert info.value.key == "phone:x"
+    assert info.value.retry_after == pytest.approx(30.0)
+    assert await store.get("v2") is None
+    assert await store.ledger("v2") == []
+    assert await store.claim_due(2.0, limit=10, lease=30) == []
+    # The same key seen through hit(): full until the first event leaves the window.
+    assert await store.hit("phone:x", limit=2, window=60, now=1059.0) == pytest.approx(1.0)
+    _, created = await store.create("v2", "{}", limits=lim, now=1060.0)
+    assert created
+
+
+async def test_create_keeps_the_limits_before_a_refusing_one_counted(store: Store) -> None:
+    """Limits are judged in order, as separate hit() calls were: those before the refusal stay counted."""
+    assert await store.hit("country:GB", limit=1, window=60, now=1000.0) is None
+    lim = [RateLimit("phone:x", 1, 60.0), RateLimit("country:GB", 1, 60.0), RateLimit("prefix:y", 1, 60.0)]
+    with pytest.raises(LimitReached) as info:
+        await store.create("v1", "{}", limits=lim, now=1001.0)
+    assert info.value.key == "country:GB"
+    assert await store.hit("phone:x", limit=1, window=60, now=1002.0) is not None
+    # The limit after the refusing one was never reached.
+    assert await store.hit("prefix:y", limit=1, window=60, now=1002.0) is None
+
+
+async def test_create_replay_and_taken_id_count_nothing(store: Store) -> None:
+    """An idempotent replay returns the record and a taken id raises RecordExists; neither counts a limit."""
+    lim = [RateLimit("phone:x", 1, 60.0)]
+    first, created = await store.create("v1", '{"n": 1}', idempotency_key="k", limits=lim, now=1000.0)
+    assert created
+    # Full limit, yet the replay is answered: it returns before any limit.
+    again, created = await store.create("v9", "{}", idempotency_key="k", limits=lim, now=1001.0)
+    assert (again, created) == (first, False)
+    with pytest.raises(RecordExists):
+        await store.create("v1", "{}", limits=[RateLimit("phone:z", 1, 60.0)], now=1002.0)
+    assert await store.hit("phone:z", limit=1, window=60, now=1003.0) is None
+    assert await store.hit("phone:x", limit=2, window=60, now=1003.0) is None
+
+
+async def test_create_runs_the_conversion_guard_after_the_limits(store: Store) -> None:
+    """A guard refusal raises LimitReached with its rule key; limits stay counted, the guard counts nothing."""
+    guard = ConversionCheck((rule("p", min_started=2),), **CONV)
+    lim = [RateLimit("phone:x", 10, 60.0)]
+    for i in range(2):
+        _, created = await store.create(f"v{i}", "{}", limits=lim, conversion=guard, now=1000.0 + i)
+        assert created
+    with pytest.raises(LimitReached) as info:
+        await store.create("v2", "{}", limits=lim, conversion=guard, now=1010.0)
+    assert (info.value.key, info.value.retry_after) == ("p", pytest.approx(600.0))
+    assert await store.get("v2") is None
+    # Three counted on the limit (two created, one refused by the guard): seven left of ten.
+    for i in range(7):
+        assert await store.hit("phone:x", limit=10, window=60, now=1011.0 + i) is None
+    assert await store.hit("phone:x", limit=10, window=60, now=1020.0) is not None
+    # Blocked: the remaining cooldown.
+    with pytest.raises(LimitReached) as info:
+        await store.create("v3", "{}", conversion=guard, now=1110.0)
+    assert info.value.retry_after == pytest.approx(500.0)
+    # A guard that admits: counted like conversion_start().
+    open_guard = ConversionCheck((rule("q", min_started=1),), **CONV)
+    _, created = await store.create("v4", "{}", conversion=open_guard, now=1200.0)
+    assert created
+    assert await store.conversion_start([rule("q", min_started=1)], now=1201.0, **CONV) == (
+        "q",
+        pytest.approx(600.0),
+    )
+
+
+async def test_create_with_limits_needs_now_and_valid_limits(store: Store) -> None:
+    """Without now, or with an invalid limit or rule, create raises ValueError and writes nothing."""
+    with pytest.raises(ValueError):
+        await store.create("v1", "{}", limits=[RateLimit("k", 1, 60.0)])
+    with pytest.raises(ValueError):
+        await store.create("v1", "{}", limits=[RateLimit("k", 0, 60.0)], now=1.0)
+    with pytest.raises(ValueError):
+        await store.create("v1", "{}", conversion=ConversionCheck((rule(min_started=0),), **CONV), now=1.0)
+    assert await store.get("v1") is None
+
+
+async def test_create_concurrent_starts_admit_exactly_the_limit(make_store: MakeStore) -> None:
+    """Racing creates from two clients under one limit: exactly that many records are created."""
+    a, b = await make_store(), await make_store()
+    lim = [RateLimit("phone:x", 5, 60.0)]
+
+    async def start(s: Store, i: int) -> bool:
+        try:
+            await s.create(f"v{i}", "{}", limits=lim, now=100.0)
+        except LimitReached:
+            return False
+        return True
+
+    results = await asyncio.gather(*(start(s, i) for i, s in enumerate([a, b] * 10)))
+    assert sum(results) == 5
 
 
 # -- latency cells ---------------------------------------------------------

@@ -103,11 +103,15 @@ def test_exported_names() -> None:
     names = otp_router.store.__all__
     assert names == sorted(names)
     assert set(names) == {
+        "ConversionCheck",
         "ConversionRule",
         "LedgerEntry",
         "LedgerKind",
+        "LimitReached",
         "MemoryStore",
+        "RateLimit",
         "Record",
+        "RecordExists",
         "RedisStore",
         "SqliteStore",
         "Store",
