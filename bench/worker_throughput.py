@@ -59,6 +59,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
@@ -670,7 +671,7 @@ def render(data: dict[str, Any]) -> str:
         f"{cfg['verifications']} distinct numbers per round, every one scripted as a normal Telegram user, "
         f"so each verification is `checkSendAbility` + `sendVerificationMessage` (with the `request_id`) "
         f"to the emulators running in a separate process; {cfg['concurrency']} in flight "
-        f"(`settings.concurrency`); Redis store and queue at 127.0.0.1:6379 "
+        f"(`settings.concurrency`); Redis store and queue at {cfg.get('redis', '127.0.0.1:6379')} "
         f"({cfg.get('redis_parser', 'python')} reply parser); {cfg['rounds']} timed "
         "round(s) per side after one warm-up round each, sides alternating, emulators reset before "
         "every round. Medians over rounds.",
@@ -752,6 +753,7 @@ def before_summary(path: Path) -> dict[str, Any]:
         "file": str(path),
         "commit": old["config"].get("commit"),
         "date": old["date"],
+        "size": f"{old['config']['verifications']} verifications × {old['config']['rounds']} rounds",
         "redis_parser": old["config"].get("redis_parser", "python"),
         "redis_round_trips": old["breakdown"]["redis_round_trips"],
         "commands": old["sides"]["worker"].get("redis_commands_per_verification", {}),
@@ -772,10 +774,12 @@ def render_before(before: dict[str, Any], data: dict[str, Any]) -> list[str]:
     lines = [
         "## Redis per verification: before and after",
         "",
-        f"Before: commit {before['commit']} ({before['date']}, {before['redis_parser']} reply parser); "
+        f"Before: commit {before['commit']} ({before['date']}, {before.get('size', '')}, "
+        f"{before['redis_parser']} reply parser); "
         f"after: this run (commit {data['config']['commit']}, "
         f"{data['config']['redis_parser']} reply parser). "
-        "Both counted by this script the same way (`INFO commandstats`, smallest over rounds).",
+        "Both counted by this script the same way (`INFO commandstats`, smallest over rounds); "
+        "commands per verification do not depend on the run's size.",
         "",
         "| per verification | before | after |",
         "|---|---:|---:|",
@@ -962,6 +966,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": args.quick,
         "commit": code_version(),
         "store": "redis",
+        "redis": f"{urlsplit(REDIS_URL).hostname}:{urlsplit(REDIS_URL).port or 6379}",
         # redis-py parses replies in C when hiredis is installed (the 'hiredis' extra).
         "redis_parser": "hiredis" if HIREDIS_AVAILABLE else "python",
         "target_worker_over_a": TARGET,
