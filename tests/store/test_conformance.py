@@ -505,7 +505,7 @@ async def test_create_replay_and_taken_id_count_nothing(store: Store) -> None:
 
 
 async def test_create_runs_the_conversion_guard_after_the_limits(store: Store) -> None:
-    """A guard refusal raises LimitReached with its rule key; limits stay counted, the guard counts nothing."""
+    """A guard refusal raises LimitReached with its rule key; limits stay counted, the guard counts none."""
     guard = ConversionCheck((rule("p", min_started=2),), **CONV)
     lim = [RateLimit("phone:x", 10, 60.0)]
     for i in range(2):
