@@ -73,6 +73,41 @@ async def redis_url() -> AsyncIterator[str]:
         await client.aclose()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_ports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+    """Ports of a real three-master Redis Cluster started for this test session.
+
+    Skips with a clear reason when ``redis-server`` or ``redis-cli`` is
+    missing, unless CI is set: then that is a failure.
+    """
+    from redis_cluster import cluster_tools_missing, running_cluster
+
+    missing = cluster_tools_missing()
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"a Redis Cluster is required in CI but {missing}")
+        pytest.skip(f"no Redis Cluster: {missing} (set CI=1 to make this a failure)")
+    with running_cluster(tmp_path_factory.mktemp("redis-cluster")) as ports:
+        yield ports
+
+
+@pytest.fixture
+async def redis_cluster_url(redis_cluster_ports: list[int]) -> AsyncIterator[str]:
+    """A ``cluster=1`` Redis URL for the test cluster, with a unique key prefix cleaned afterwards."""
+    from redis.asyncio.cluster import RedisCluster
+
+    prefix = f"otp-test-{uuid.uuid4().hex[:8]}"
+    seed = f"redis://127.0.0.1:{redis_cluster_ports[0]}/0"
+    yield f"{seed}?cluster=1&prefix={prefix}"
+    client = RedisCluster.from_url(seed)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+        for key in keys:
+            await client.delete(key)
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture
 async def http_client() -> AsyncIterator[httpx.AsyncClient]:
     """The shared HTTP client, as the router creates it."""

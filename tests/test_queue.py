@@ -409,3 +409,12 @@ async def test_redis_url_params_are_ours_or_the_stores(redis_url: str) -> None:
         assert len(await queue.read("c", 1, 0)) == 1
     finally:
         await queue.aclose()
+
+
+async def test_redis_queue_takes_the_store_layout_but_refuses_a_cluster() -> None:
+    """A shared URL: shards= is the store's, and the queue refuses cluster=1 (not yet supported)."""
+    queue = RedisStreamQueue("redis://127.0.0.1:1/0?prefix=p&shards=16")
+    assert queue.keys.stream == "p:queue"
+    await queue.aclose()
+    with pytest.raises(ConfigError, match="OTP_ROUTER_QUEUE_URL"):
+        RedisStreamQueue("redis://127.0.0.1:1/0?prefix=p&cluster=1")

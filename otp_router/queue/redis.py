@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from otp_router.constants import DEAD_LETTER_MAXLEN, DEFAULT_GROUP, DEFAULT_PREFIX, QueueKeys
 from otp_router.errors import ConfigError
 from otp_router.queue.base import DeadLetter, Delivery, QueueMessage, message_text
-from otp_router.redis_common import RedisConnection, require_redis, split_redis_url
+from otp_router.redis_common import RedisConnection, cluster_param, require_redis, split_redis_url
 
 if TYPE_CHECKING:
     from redis.commands.core import AsyncScript
@@ -41,7 +41,7 @@ __all__ = ["RedisStreamQueue"]
 
 _VAR = "OTP_ROUTER_QUEUE_URL"
 #: Query parameters the store reads from the same URL; the queue ignores them.
-_STORE_PARAMS = frozenset({"idempotency_ttl", "record_ttl"})
+_STORE_PARAMS = frozenset({"idempotency_ttl", "record_ttl", "shards"})
 #: Fields the dead-letter stream adds to the original ones.
 _DEAD_FIELDS = ("reason", "failed_at", "message_id", "attempts")
 
@@ -99,8 +99,14 @@ class RedisStreamQueue(RedisConnection):
     ) -> None:
         require_redis(_VAR)
         client_url, params = split_redis_url(
-            url, ours=("prefix", "group", "dead_letter_maxlen"), ignored=_STORE_PARAMS
+            url, ours=("prefix", "group", "dead_letter_maxlen", "cluster"), ignored=_STORE_PARAMS
         )
+        if cluster_param(params, _VAR):
+            # The store runs on a cluster (cluster=1); the queue's keys are not hash-tagged yet.
+            raise ConfigError(
+                f"{_VAR}: the queue does not run on a Redis Cluster yet; set OTP_ROUTER_QUEUE_URL "
+                "to one Redis (or SQLite) when the store URL has cluster=1"
+            )
         self.keys = QueueKeys(params.get("prefix", prefix or DEFAULT_PREFIX))
         self.group = params.get("group", group or DEFAULT_GROUP)
         if not self.keys.prefix or not self.group:

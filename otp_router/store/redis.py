@@ -1,10 +1,17 @@
 """The distributed store: Redis (``redis://``, ``rediss://``, ``unix://``).
 
 Every multi-key step is one Lua script, so it is atomic on the server no
-matter how many processes share the Redis: create (with its idempotency key),
-compare-and-set (with its deadline and ledger entries), claiming deadlines,
-and counting a rate-limit event. Scripts are registered once per store and
-run with ``EVALSHA`` (re-sent with ``SCRIPT LOAD`` only if Redis forgot them).
+matter how many processes share the Redis: create (with its idempotency key,
+rate limits and conversion guard: one round trip per start), compare-and-set
+(with its deadline and ledger entries), claiming deadlines, and counting a
+rate-limit event. Scripts are registered once per store and run with
+``EVALSHA`` (re-sent with ``SCRIPT LOAD`` only if Redis forgot them).
+
+Redis Cluster (``cluster=1``) and the sharded key layout (``shards=N``): every
+script then touches keys of one slot. Compare-and-set is unchanged; a start
+becomes one script per slot it touches, in the same order (see
+:meth:`RedisStore._create_sharded`); claims look at every shard's deadline
+index and claim the earliest due ids.
 
 Key names are in :mod:`otp_router.store.keys`. Values are text: versions as
 integers, data as the caller's JSON, amounts as exact decimal strings, times
@@ -22,13 +29,15 @@ The ``redis`` package is an optional extra, imported when a store is built.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from otp_router.errors import ConcurrentUpdate, ConfigError, VerificationNotFound
-from otp_router.redis_common import RedisConnection, require_redis, split_redis_url
+from otp_router.errors import ConcurrentUpdate, ConfigError, StoreError, VerificationNotFound
+from otp_router.redis_common import RedisConnection, cluster_param, require_redis, split_redis_url
 from otp_router.store.base import (
     ConversionCheck,
     ConversionRule,
@@ -62,6 +71,11 @@ __all__ = ["DEFAULT_IDEMPOTENCY_TTL", "RedisStore"]
 
 #: Seconds an idempotency key is remembered.
 DEFAULT_IDEMPOTENCY_TTL = 86400.0
+#: Shards of the key layout with ``cluster=1`` unless ``shards`` says otherwise.
+DEFAULT_CLUSTER_SHARDS = 16
+_MAX_SHARDS = 1024
+#: Sharded claims: how often a look whose ids were all taken by other claimers is repeated.
+_CLAIM_ATTEMPTS = 3
 
 _VAR = "OTP_ROUTER_STORE_URL"
 
@@ -256,6 +270,61 @@ end
 return ids
 """
 
+# Sharded layout: claim these due ids of one shard. KEYS: the shard's deadlines.
+# ARGV: now, leased deadline, ids... Returns the ids still due (now claimed).
+_CLAIM_IDS = """
+local claimed = {}
+local now = tonumber(ARGV[1])
+for i = 3, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) <= now then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[2], ARGV[i])
+    claimed[#claimed + 1] = ARGV[i]
+  end
+end
+return claimed
+"""
+
+# Sharded layout: reserve an idempotency key for a create. KEYS: the key's hash.
+# ARGV: record id, payload (what the create writes, as JSON), ttl ms, the id of
+# a reservation known to be stale ('' if none). Returns {1} reserved, or
+# {0, payload, done} when another create holds the key.
+_RESERVE = """
+local current = redis.call('HGET', KEYS[1], 'id')
+if current and current ~= ARGV[1] and current ~= ARGV[4] then
+  local found = redis.call('HMGET', KEYS[1], 'payload', 'done')
+  return {0, found[1], found[2] or ''}
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'payload', ARGV[2])
+if ARGV[3] ~= '0' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return {1}
+"""
+
+# Sharded layout: mark a reservation done, unless it was replaced meanwhile.
+# KEYS: the idempotency key's hash. ARGV: the record id it must still name.
+_MARK_DONE = """
+if redis.call('HGET', KEYS[1], 'id') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'done', '1')
+end
+"""
+
+# KEYS: conversion count hashes. ARGV: field, ttl ms. Counts one verification on each.
+_CONVERSION_VERIFIED = """
+for i = 1, #KEYS do
+  redis.call('HINCRBY', KEYS[i], ARGV[1], 1)
+  redis.call('PEXPIRE', KEYS[i], ARGV[2])
+end
+"""
+
+# KEYS: secret. ARGV: value. Stores it unless present; returns the stored one.
+_SECRET = """
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
+return redis.call('GET', KEYS[1])
+"""
+
 # KEYS: rate key. ARGV: cutoff (events at or before it left the window),
 # limit, now, unique event name, key ttl ms.
 # Returns false when counted, else the time of the event blocking a new one.
@@ -285,7 +354,11 @@ class RedisStore(RedisConnection):
             or ``unix:///path/to/socket``. Our own query parameters are taken
             out before the rest goes to redis-py: ``prefix``,
             ``idempotency_ttl`` and ``record_ttl`` (seconds; ``0`` means
-            never expire). Being the operator's configuration, they take
+            never expire), ``cluster=1`` (talk to a Redis Cluster through
+            redis-py's ``RedisCluster``; the URL names any one node) and
+            ``shards`` (the sharded key layout of
+            :mod:`otp_router.store.keys`: 16 with ``cluster=1``, else 0, the
+            single layout). Being the operator's configuration, they take
             precedence over the keyword arguments below.
         prefix: Key prefix when the URL has none; default ``otp-router``.
         idempotency_ttl: Seconds an idempotency key is remembered (None:
@@ -294,7 +367,9 @@ class RedisStore(RedisConnection):
             after its last write (None: forever).
         max_connections: Pool size (redis-py's ``max_connections`` URL
             parameter overrides it). Callers beyond it wait for a free
-            connection instead of failing.
+            connection instead of failing; on a cluster it is per node, and
+            callers beyond it fail with :class:`~otp_router.errors.StoreError`
+            (redis-py's cluster pools do not wait).
 
     Raises:
         ConfigError: The ``redis`` package is not installed, or a query
@@ -316,32 +391,62 @@ class RedisStore(RedisConnection):
         require_redis(_VAR)
         # One URL may configure both store and queue: the queue's own parameters are not redis-py's.
         client_url, params = split_redis_url(
-            url, ours=("prefix", "idempotency_ttl", "record_ttl"), ignored=("group", "dead_letter_maxlen")
+            url,
+            ours=("prefix", "idempotency_ttl", "record_ttl", "cluster", "shards"),
+            ignored=("group", "dead_letter_maxlen"),
         )
         key_prefix = params.get("prefix", prefix or DEFAULT_PREFIX)
         if not key_prefix:
             raise ConfigError(f"{_VAR}: prefix must not be empty")
-        self.keys = RedisKeys(key_prefix)
+        cluster = cluster_param(params, _VAR)
+        self.keys = RedisKeys(key_prefix, _shards_param(params, DEFAULT_CLUSTER_SHARDS if cluster else 0))
         self._idempotency_ttl = _ttl_param(params, "idempotency_ttl", idempotency_ttl)
         self._record_ttl = _ttl_param(params, "record_ttl", record_ttl)
-        super().__init__(client_url, max_connections=max_connections)
+        super().__init__(client_url, max_connections=max_connections, cluster=cluster)
         self._create: AsyncScript = self._client.register_script(_CREATE)
         self._cas: AsyncScript = self._client.register_script(_CAS)
         self._claim: AsyncScript = self._client.register_script(_CLAIM)
         self._hit: AsyncScript = self._client.register_script(_HIT)
         self._conversion: AsyncScript = self._client.register_script(_CONVERSION_START)
+        self._claim_ids: AsyncScript = self._client.register_script(_CLAIM_IDS)
+        self._reserve: AsyncScript = self._client.register_script(_RESERVE)
+        self._verified: AsyncScript = self._client.register_script(_CONVERSION_VERIFIED)
+        self._secret: AsyncScript = self._client.register_script(_SECRET)
+        self._mark_done: AsyncScript = self._client.register_script(_MARK_DONE)
 
-    def _ledger_args(self, entries: Sequence[LedgerEntry]) -> tuple[list[str], list[str]]:
-        keys: list[str] = []
+    def _ledger_args(self, record_id: str, entries: Sequence[LedgerEntry]) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV of the Lua ``append_ledger()`` helper for entries written with ``record_id``.
+
+        Raises:
+            ValueError: Sharded layout, and an entry belongs to a verification
+                of another shard (its keys could not be written in the same step).
+        """
+        shard = self.keys.shard_of(record_id)
         args: list[str] = []
         for entry in dedup_entries(entries):
+            if self.keys.shard_of(entry.verification_id) != shard:
+                raise ValueError("a ledger entry must belong to the verification it is written with")
             fields = entry_to_fields(entry)
-            keys += [
-                self.keys.ledger_entry(entry.key),
-                self.keys.ledger_by_verification(entry.verification_id),
-            ]
             args += [fields[name] for name in LEDGER_FIELDS]
-        return keys, args
+        return self._entry_keys(shard, args), args
+
+    def _entry_keys(self, shard: int, args: Sequence[str]) -> list[str]:
+        """Each entry's hash and its verification's index, from the entries' ARGV (LEDGER_FIELDS order)."""
+        keys: list[str] = []
+        for i in range(0, len(args), len(LEDGER_FIELDS)):
+            key, verification_id = args[i], args[i + 1]
+            keys += [self.keys.ledger_entry(key, shard), self.keys.ledger_by_verification(verification_id)]
+        return keys
+
+    def _shard_keys(self, record_id: str) -> list[str]:
+        """KEYS 1 to 4 of the create and compare-and-set scripts: the record and its shard's indexes."""
+        shard = self.keys.shard_of(record_id)
+        return [
+            self.keys.record(record_id),
+            self.keys.deadlines(shard),
+            self.keys.ledger_index(shard),
+            self.keys.ledger_seq(shard),
+        ]
 
     async def create(
         self,
@@ -363,11 +468,16 @@ class RedisStore(RedisConnection):
             StoreError: Redis failed.
         """
         at = check_create_args(limits, conversion, now)
-        entry_keys, entry_args = self._ledger_args(ledger)
+        entry_keys, entry_args = self._ledger_args(record_id, ledger)
+        if self.keys.sharded:
+            created = await self._create_sharded(
+                record_id, data, idempotency_key, deadline, entry_args, limits, conversion, at
+            )
+            return created
         rec_key = self.keys.record(record_id)
         idem_key = self.keys.idempotency(idempotency_key) if idempotency_key is not None else rec_key
         rules = conversion.rules if conversion is not None else ()
-        keys = [rec_key, self.keys.deadlines, self.keys.ledger_index, self.keys.ledger_seq, idem_key]
+        keys = [*self._shard_keys(record_id), idem_key]
         args = [
             record_id,
             data,
@@ -403,6 +513,124 @@ class RedisStore(RedisConnection):
         if result[0] == -4:
             raise LimitReached(rules[int(result[1]) - 1].key, float(result[2]) - at)
         return Record(id=record_id, version=1, data=data), True
+
+    async def _insert(self, record_id: str, data: str, deadline: str, entry_args: Sequence[str]) -> bool:
+        """Sharded layout: write a new record with its deadline and ledger (one script, one slot).
+
+        Returns:
+            False when the record already exists (nothing is written).
+        """
+        shard = self.keys.shard_of(record_id)
+        rec_key = self.keys.record(record_id)
+        args = [
+            record_id,
+            data,
+            deadline,
+            _ms(self._record_ttl),
+            "0",
+            "0",
+            "",
+            str(len(entry_args) // len(LEDGER_FIELDS)),
+        ]
+        args += ["0", "0", "0", ""]
+        with self._mapped():
+            result: list[Any] = await self._create(
+                keys=[*self._shard_keys(record_id), rec_key, *self._entry_keys(shard, entry_args)],
+                args=args + list(entry_args),
+            )
+        return bool(result[0] == 1)
+
+    async def _create_sharded(
+        self,
+        record_id: str,
+        data: str,
+        idempotency_key: str | None,
+        deadline: float | None,
+        entry_args: list[str],
+        limits: Sequence[RateLimit],
+        conversion: ConversionCheck | None,
+        now: float,
+    ) -> tuple[Record, bool]:
+        """:meth:`create` in the sharded layout, where its keys live in several slots.
+
+        The steps of :meth:`Store.create` run in order, each one script on
+        one slot: the idempotency lookup and the id check, each limit, the
+        conversion guard, then (with an idempotency key) a *reservation* of
+        the key that holds everything the create writes, the record itself,
+        and a ``done`` mark on the reservation. Whoever finds a reservation
+        without its mark (its creator crashed, or is between the two writes)
+        writes the record from it; that write is "create unless it exists",
+        so doing it twice changes nothing. A create that loses the race for a
+        key returns the winner's record, as on one Redis.
+        """
+        deadline_text = "" if deadline is None else float_text(deadline)
+        stale = ""
+        idem_key = self.keys.idempotency(idempotency_key) if idempotency_key is not None else None
+        if idem_key is not None:
+            with self._mapped():
+                held: dict[Any, Any] = await self._client.hgetall(idem_key)
+            if held:
+                found = await self._complete(idem_key, held.get("payload", ""), held.get("done", ""))
+                if found is not None:
+                    return found, False
+                stale = held.get("id", "")
+        with self._mapped():
+            taken = await self._client.exists(self.keys.record(record_id))
+        if taken:
+            raise RecordExists("a record with this id already exists")
+        for limit in limits:
+            wait = await self.hit(limit.key, limit=limit.limit, window=limit.window, now=now)
+            if wait is not None:
+                raise LimitReached(limit.key, wait)
+        if conversion is not None and conversion.rules:
+            blocked = await self.conversion_start(
+                conversion.rules, window=conversion.window, cooldown=conversion.cooldown, now=now
+            )
+            if blocked is not None:
+                raise LimitReached(*blocked)
+        if idem_key is not None:
+            payload = json.dumps([record_id, data, deadline_text, entry_args])
+            with self._mapped():
+                reserved: list[Any] = await self._reserve(
+                    keys=[idem_key], args=[record_id, payload, _ms(self._idempotency_ttl), stale]
+                )
+            if reserved[0] == 0:
+                found = await self._complete(idem_key, reserved[1], reserved[2])
+                if found is None:
+                    # The winner's record is already gone (expired): rare; the caller's retry starts afresh.
+                    raise StoreError("an idempotent create raced with an expiring verification; retry")
+                return found, False
+        inserted = await self._insert(record_id, data, deadline_text, entry_args)
+        if not inserted:
+            if idem_key is None:
+                raise RecordExists("a record with this id already exists")
+            # Our own reservation, completed by a replay before we got here.
+            current = await self.get(record_id)
+            if current is None:  # pragma: no cover - expired between two calls
+                raise StoreError("the verification expired while it was created; retry")
+            return current, True
+        if idem_key is not None:
+            with self._mapped():
+                await self._mark_done(keys=[idem_key], args=[record_id])
+        return Record(id=record_id, version=1, data=data), True
+
+    async def _complete(self, idem_key: str, payload: str, done: str) -> Record | None:
+        """The record a reservation names, written from the reservation first if it is not marked done.
+
+        Returns:
+            None when that record no longer exists (expired after it finished):
+            the reservation is stale.
+        """
+        record_id, data, deadline_text, entry_args = json.loads(payload)
+        if done != "1":
+            # Crash recovery: the creator may have died between the
+            # reservation and the record. Writing it again is harmless (the
+            # record is only created if missing). A marked reservation is
+            # never replayed, so a finished record that expired is not revived.
+            await self._insert(record_id, data, deadline_text, entry_args)
+            with self._mapped():
+                await self._mark_done(keys=[idem_key], args=[record_id])
+        return await self.get(str(record_id))
 
     def _conversion_args(
         self, rules: Sequence[ConversionRule], window: float, cooldown: float, now: float
@@ -442,13 +670,8 @@ class RedisStore(RedisConnection):
             ConcurrentUpdate: The version moved on; nothing was written.
             VerificationNotFound: No such record.
         """
-        entry_keys, entry_args = self._ledger_args(ledger)
-        keys = [
-            self.keys.record(record_id),
-            self.keys.deadlines,
-            self.keys.ledger_index,
-            self.keys.ledger_seq,
-        ]
+        entry_keys, entry_args = self._ledger_args(record_id, ledger)
+        keys = self._shard_keys(record_id)
         args = [
             record_id,
             str(int(expected_version)),
@@ -468,32 +691,90 @@ class RedisStore(RedisConnection):
     async def claim_due(self, now: float, *, limit: int, lease: float) -> list[str]:
         """Claim up to ``limit`` due deadlines, earliest first (see :meth:`Store.claim_due`)."""
         check_claim_args(limit, lease)
+        if self.keys.sharded:
+            return await self._claim_sharded(now, limit, lease)
         with self._mapped():
             ids: list[str] = await self._claim(
-                keys=[self.keys.deadlines],
+                keys=[self.keys.deadlines()],
                 args=[float_text(now), str(limit), float_text(now + lease)],
             )
         return list(ids)
 
+    async def _claim_sharded(self, now: float, limit: int, lease: float) -> list[str]:
+        """Claim across shards, earliest first: look at each shard's earliest due ids, claim the earliest.
+
+        The look is one pipeline (a Redis Cluster client sends each node its
+        shards' reads at once); the claims are one script per shard, which
+        claims an id only if it is still due, so two claimers never both get
+        one. Ids another claimer took in between are skipped, and the look is
+        repeated (a few times at most) only if that left nothing.
+        """
+        shards = range(self.keys.shards)
+        now_text, leased = float_text(now), float_text(now + lease)
+        for _ in range(_CLAIM_ATTEMPTS):
+            with self._mapped():
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for shard in shards:
+                        pipe.zrangebyscore(
+                            self.keys.deadlines(shard), "-inf", now_text, start=0, num=limit, withscores=True
+                        )
+                    looks: list[list[Any]] = await pipe.execute()
+            due = sorted(
+                (float(score), rid, shard)
+                for shard, rows in zip(shards, looks, strict=True)
+                for rid, score in rows
+            )[:limit]
+            if not due:
+                return []
+            by_shard: dict[int, list[str]] = {}
+            for _, rid, shard in due:
+                by_shard.setdefault(shard, []).append(rid)
+            with self._mapped():
+                results = await asyncio.gather(
+                    *(
+                        self._claim_ids(keys=[self.keys.deadlines(shard)], args=[now_text, leased, *ids])
+                        for shard, ids in by_shard.items()
+                    )
+                )
+            claimed = {rid for result in results for rid in result}
+            if claimed:
+                return [rid for _, rid, _ in due if rid in claimed]
+        return []
+
     async def next_deadline(self) -> float | None:
         """The earliest scheduled deadline, or None."""
         with self._mapped():
-            first: list[Any] = await self._client.zrange(self.keys.deadlines, 0, 0, withscores=True)
-        return float(first[0][1]) if first else None
+            async with self._client.pipeline(transaction=False) as pipe:
+                for shard in range(max(1, self.keys.shards)):
+                    pipe.zrange(self.keys.deadlines(shard), 0, 0, withscores=True)
+                firsts: list[list[Any]] = await pipe.execute()
+        scores = [float(first[0][1]) for first in firsts if first]
+        return min(scores) if scores else None
 
     async def ledger(self, record_id: str | None = None) -> list[LedgerEntry]:
         """Ledger entries ordered by time, ties in insertion order."""
-        index = self.keys.ledger_index if record_id is None else self.keys.ledger_by_verification(record_id)
+        if record_id is None:
+            indexes = [(shard, self.keys.ledger_index(shard)) for shard in range(max(1, self.keys.shards))]
+        else:
+            indexes = [(self.keys.shard_of(record_id), self.keys.ledger_by_verification(record_id))]
         with self._mapped():
-            entry_keys: list[Any] = await self._client.zrange(index, 0, -1)
             async with self._client.pipeline(transaction=False) as pipe:
-                for key in entry_keys:
-                    pipe.hgetall(self.keys.ledger_entry(key))
-                rows: list[dict[str, str]] = await pipe.execute()
+                for _, index in indexes:
+                    pipe.zrange(index, 0, -1)
+                listed: list[list[Any]] = await pipe.execute()
+            wanted = [(shard, key) for (shard, _), keys in zip(indexes, listed, strict=True) for key in keys]
+            async with self._client.pipeline(transaction=False) as pipe:
+                for shard, key in wanted:
+                    pipe.hgetall(self.keys.ledger_entry(key, shard))
+                found: list[dict[str, str]] = await pipe.execute()
         # The index orders by time then key; re-sort by (time, seq) so that
-        # entries written at the same instant keep their insertion order.
-        rows = sorted((r for r in rows if r), key=lambda r: (float(r["at"]), int(r["seq"])))
-        return [entry_from_fields(row) for row in rows]
+        # entries written at the same instant keep their insertion order
+        # (each shard counts its own seq: ties across shards go by shard).
+        rows = sorted(
+            ((shard, row) for (shard, _), row in zip(wanted, found, strict=True) if row),
+            key=lambda item: (float(item[1]["at"]), item[0], int(item[1]["seq"])),
+        )
+        return [entry_from_fields(row) for _, row in rows]
 
     async def hit(self, key: str, *, limit: int, window: float, now: float) -> float | None:
         """Count one event against a sliding-window limit (see :meth:`Store.hit`).
@@ -536,21 +817,18 @@ class RedisStore(RedisConnection):
     async def conversion_verified(self, keys: Sequence[str], *, window: float, now: float) -> None:
         """Count a verification on each key (see :meth:`Store.conversion_verified`)."""
         current, _ = conversion_buckets(window, now)
+        if not keys:
+            return
         with self._mapped():
-            async with self._client.pipeline(transaction=True) as pipe:
-                for key in keys:
-                    pipe.hincrby(self.keys.conversion(key), f"v{current}", 1)
-                    pipe.pexpire(self.keys.conversion(key), int(_ms(window * (1 + 2 / CONVERSION_BUCKETS))))
-                await pipe.execute()
+            await self._verified(
+                keys=[self.keys.conversion(key) for key in keys],
+                args=[f"v{current}", _ms(window * (1 + 2 / CONVERSION_BUCKETS))],
+            )
 
     async def get_or_set_secret(self, name: str, value: str) -> str:
         """Return the stored secret, storing ``value`` first if absent."""
-        key = self.keys.secret(name)
         with self._mapped():
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.set(key, value, nx=True)
-                pipe.get(key)
-                _, stored = await pipe.execute()
+            stored: str = await self._secret(keys=[self.keys.secret(name)], args=[value])
         return str(stored)
 
     async def add_latency(self, cell: str, weight: float) -> None:
@@ -571,6 +849,19 @@ class RedisStore(RedisConnection):
             return
         with self._mapped():
             await self._client.hdel(self.keys.latency, *cells)
+
+
+def _shards_param(params: dict[str, str], default: int) -> int:
+    """The ``shards`` URL parameter (0: the single layout), else ``default``."""
+    if "shards" not in params:
+        return default
+    try:
+        shards = int(params["shards"])
+    except ValueError:
+        raise ConfigError(f"{_VAR}: shards must be a whole number") from None
+    if not 0 <= shards <= _MAX_SHARDS:
+        raise ConfigError(f"{_VAR}: shards must be between 0 and {_MAX_SHARDS}")
+    return shards
 
 
 def _ttl_param(params: dict[str, str], name: str, default: float | None) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 import uuid
@@ -225,6 +226,75 @@ async def test_redis_expired_record_frees_its_idempotency_key(
         await redis_client.delete(f"{prefix}:rec:v1")  # as record_ttl would
         record, created = await store.create("v2", "{}", idempotency_key="k")
         assert (record.id, created) == ("v2", True)
+        assert await store.create("v3", "{}", idempotency_key="k") == (record, False)
+    finally:
+        await store.aclose()
+
+
+def _slot(key: str) -> int:
+    from redis.crc import key_slot
+
+    return int(key_slot(key.encode()))
+
+
+async def test_redis_sharded_layout_keeps_each_script_in_one_slot() -> None:
+    """Sharded: a verification's keys share its shard's slot; limits and the guard have their own."""
+    store = RedisStore("redis://127.0.0.1:1/0?prefix=p&shards=16")
+    keys = store.keys
+    try:
+        shards = {keys.shard_of(f"v{i}") for i in range(200)}
+        assert shards == set(range(16))  # ids spread over every shard
+        for vid in ("v1", "v_0123456789abcdef", "id:é/{x}"):
+            shard = keys.shard_of(vid)
+            together = [
+                keys.record(vid),
+                keys.deadlines(shard),
+                keys.ledger_index(shard),
+                keys.ledger_seq(shard),
+                keys.ledger_entry("e1", shard),
+                keys.ledger_by_verification(vid),
+            ]
+            assert len({_slot(k) for k in together}) == 1, together
+        assert _slot(keys.conversion("conv-prefix:a")) == _slot(keys.conversion_block("conv-country:GB"))
+        assert _slot(keys.rate("phone:a")) != _slot(keys.rate("phone:b"))
+        assert all(k.startswith("p:") for k in (keys.rate("x"), keys.conversion("x"), keys.idempotency("x")))
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_sharded_ledger_entry_of_another_shard_is_refused(redis_url: str) -> None:
+    """Sharded: entries are written in their record's slot, so they must belong to that record."""
+    store = RedisStore(redis_url + "&shards=16")
+    try:
+        other = next(f"v{i}" for i in range(100) if store.keys.shard_of(f"v{i}") != store.keys.shard_of("v1"))
+        with pytest.raises(ValueError, match="belong"):
+            await store.create("v1", "{}", ledger=[entry("e1", other)])
+        assert await store.get("v1") is None
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_sharded_create_recovers_a_crash_after_the_reservation(redis_url: str) -> None:
+    """Sharded: a creator that died between reserving its idempotency key and writing the record.
+
+    The next create with that key writes the record from the reservation
+    (with its deadline and ledger) and returns it as the existing one.
+    """
+    store = RedisStore(redis_url + "&shards=16")
+    try:
+        # What create() reserves before it writes the record, as if the process died right then.
+        _, entry_args = store._ledger_args("v1", [entry("e1", "v1")])
+        payload = json.dumps(["v1", '{"n": 1}', "50.0", entry_args])
+        await store._reserve(keys=[store.keys.idempotency("k")], args=["v1", payload, "0", ""])
+        assert await store.get("v1") is None
+        record, created = await store.create("v2", "{}", idempotency_key="k", deadline=1.0)
+        assert (record, created) == (Record("v1", 1, '{"n": 1}'), False)
+        assert await store.get("v2") is None
+        assert [e.key for e in await store.ledger("v1")] == ["e1"]
+        assert await store.next_deadline() == 50.0
+        # Marked done: a later replay only reads.
         assert await store.create("v3", "{}", idempotency_key="k") == (record, False)
     finally:
         await store.aclose()

@@ -28,15 +28,30 @@ from otp_router.store import (
 MakeStore = Callable[[], Awaitable[Store]]
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-sharded", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", marks=pytest.mark.redis),
+    ]
+)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """URL of a fresh, empty backend of each kind."""
+    """URL of a fresh, empty backend of each kind.
+
+    ``redis-sharded`` is the Redis Cluster key layout on the one Redis;
+    ``redis-cluster`` is a real three-master Redis Cluster.
+    """
     if request.param == "memory":
         return "memory://"
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
+    if request.param == "redis-cluster":
+        cluster_url: str = request.getfixturevalue("redis_cluster_url")
+        return cluster_url
     url: str = request.getfixturevalue("redis_url")
-    return url
+    return f"{url}&shards=4" if request.param == "redis-sharded" else url
 
 
 @pytest.fixture

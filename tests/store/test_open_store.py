@@ -74,6 +74,23 @@ async def test_redis_urls(url: str) -> None:
     await store.aclose()
 
 
+async def test_redis_layouts_from_url() -> None:
+    """No shards: the single layout's key names, unchanged. shards=N (cluster=1: 16) tags keys by shard."""
+    single = RedisStore("redis://127.0.0.1:1/0?prefix=p")
+    sharded = RedisStore("redis://127.0.0.1:1/0?prefix=p&shards=8")
+    cluster = RedisStore("redis://127.0.0.1:1/0?prefix=p&cluster=1")
+    try:
+        assert (single.keys.shards, sharded.keys.shards, cluster.keys.shards) == (0, 8, 16)
+        assert single.keys.record("v1") == "p:rec:v1"
+        assert single.keys.deadlines() == "p:deadlines"
+        shard = sharded.keys.shard_of("v1")
+        assert sharded.keys.record("v1") == f"p:{{s{shard}}}:rec:v1"
+        assert sharded.keys.deadlines(shard) == f"p:{{s{shard}}}:deadlines"
+    finally:
+        for store in (single, sharded, cluster):
+            await store.aclose()
+
+
 async def test_redis_prefix_from_url() -> None:
     """The prefix query parameter sets the key prefix and is not passed on to redis-py."""
     store = open_store("redis://127.0.0.1:1/0?prefix=tenant-a&socket_timeout=1")
@@ -83,7 +100,9 @@ async def test_redis_prefix_from_url() -> None:
     await store.aclose()
 
 
-@pytest.mark.parametrize("query", ["prefix=", "record_ttl=-1", "idempotency_ttl=day"])
+@pytest.mark.parametrize(
+    "query", ["prefix=", "record_ttl=-1", "idempotency_ttl=day", "shards=-1", "shards=two", "cluster=maybe"]
+)
 def test_bad_redis_params(query: str) -> None:
     """Invalid store parameters in a Redis URL raise ConfigError."""
     with pytest.raises(ConfigError, match="OTP_ROUTER_STORE_URL"):
