@@ -750,7 +750,7 @@ def before_summary(path: Path) -> dict[str, Any]:
     """The Redis figures of an earlier run (its JSON results), to compare with this one."""
     old = json.loads(path.read_text(encoding="utf-8"))
     return {
-        "file": str(path),
+        "file": path.name,
         "commit": old["config"].get("commit"),
         "date": old["date"],
         "size": f"{old['config']['verifications']} verifications × {old['config']['rounds']} rounds",
