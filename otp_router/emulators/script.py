@@ -57,10 +57,16 @@ class Behaviour:
         sms_final: Final SMS status.
         sms_error_code: ``ErrorCode`` reported with ``undelivered``/``failed`` (default 30003/30008).
         sms_delay: Seconds from create to the final status.
-        sms_5xx: The first N Twilio creates for this number answer HTTP 503.
+        sms_5xx: The first N Twilio creates for this number answer HTTP 503 (nothing created).
+        sms_5xx_after_create: The first N creates that pass every check create the
+            message (it is delivered) and then answer HTTP 503: the answer is lost.
         sms_429: The first N Twilio creates for this number answer HTTP 429 / 20429.
         sms_hang: After those, the next N creates create the message and are never answered.
         sms_latency: Seconds every Twilio response for this number is held back.
+        sms_latency_after_create: Seconds a successful create is held back *after*
+            the message was created (a client timeout then leaves it created).
+        sms_list_5xx: The first N message-list requests filtered on this ``To`` answer HTTP 503.
+        sms_list_lag: Seconds a new message takes to appear in message lists.
 
     Counted Telegram faults come in the order 5xx, flood wait, error, garbage,
     reset, hang: with ``telegram_5xx=1, telegram_hang=1`` the first call answers
@@ -89,6 +95,10 @@ class Behaviour:
     sms_429: int = 0
     sms_hang: int = 0
     sms_latency: float = 0.0
+    sms_5xx_after_create: int = 0
+    sms_latency_after_create: float = 0.0
+    sms_list_5xx: int = 0
+    sms_list_lag: float = 0.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Behaviour:

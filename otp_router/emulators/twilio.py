@@ -4,6 +4,7 @@ What it serves (form-encoded requests, HTTP Basic auth ``AccountSid:AuthToken``,
 JSON responses)::
 
     POST /2010-04-01/Accounts/{AccountSid}/Messages.json        create → 201 + Message resource
+    GET  /2010-04-01/Accounts/{AccountSid}/Messages.json        list   → 200 + one page of messages
     GET  /2010-04-01/Accounts/{AccountSid}/Messages/{Sid}.json  fetch  → 200 + Message resource
     POST /_emulator/script   merge a JSON script ({"+1555…": {"sms_final": "undelivered"}})
     GET  /_emulator/log      every create attempt: to, sid, time, outcome
@@ -30,6 +31,17 @@ is unknown). Scripted 429s carry 20429; scripted 503s carry 20503 (UNCONFIRMED:
 Twilio does not document the body of its 5xx answers). Both are answered before
 the message is created; a scripted hang (``sms_hang``) creates the message and
 never answers, the worst case of a timeout.
+
+The list answers the envelope twilio-python's ``Page`` reads: ``messages``
+plus ``first_page_uri``, ``next_page_uri``, ``previous_page_uri``, ``page``,
+``page_size``, ``start``, ``end`` and ``uri``, newest message first. Filters:
+``To``, ``From``, ``DateSent`` (that UTC day), ``DateSent<`` (on or before),
+``DateSent>`` (on or after), each date either ``YYYY-MM-DD`` or
+``YYYY-MM-DDTHH:MM:SSZ`` (what the SDK sends for a datetime). ``PageSize``
+is 1..1000 (default 50); further pages are reached through ``next_page_uri``
+(``Page`` plus an opaque ``PageToken``). UNCONFIRMED, chosen here: a message
+not yet sent (``date_sent`` null) never matches a ``DateSent`` filter, and a
+bad filter value is refused with 400 / 20001.
 """
 
 from __future__ import annotations
@@ -45,9 +57,10 @@ import logging
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import phonenumbers
@@ -66,6 +79,7 @@ SERVICE_SENDER = "+15005550006"
 _logger = logging.getLogger("otp_router.emulators.twilio")
 
 _TITLES = {
+    20001: "Invalid parameter",
     20003: "Authenticate",
     20404: "The requested resource was not found",
     20429: "Too Many Requests",
@@ -93,6 +107,34 @@ _DEFAULT_ERROR = {"undelivered": 30003, "failed": 30008}
 _CALLBACK_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
 #: How long a scripted hang holds its answer back (clients time out long before).
 _HANG_SECONDS = 3600.0
+#: List filters, in the order they appear in page URIs.
+_LIST_FILTERS = ("To", "From", "DateSent", "DateSent<", "DateSent>")
+_DEFAULT_PAGE_SIZE, _MAX_PAGE_SIZE = 50, 1000
+
+
+def _parse_day_or_time(value: str) -> tuple[float, bool] | None:
+    """``YYYY-MM-DD`` → (midnight UTC, True); ``YYYY-MM-DDTHH:MM:SSZ`` → (that instant, False)."""
+    for fmt, whole_day in (("%Y-%m-%d", True), ("%Y-%m-%dT%H:%M:%SZ", False)):
+        try:
+            parsed = datetime.strptime(value, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+        return parsed.timestamp(), whole_day
+    return None
+
+
+def _date_filter(name: str, value: str) -> Any:
+    """A predicate on ``date_sent`` for one ``DateSent`` filter, or None if the value is bad."""
+    parsed = _parse_day_or_time(value)
+    if parsed is None:
+        return None
+    at, whole_day = parsed
+    day_end = at + timedelta(days=1).total_seconds() if whole_day else at
+    if name == "DateSent>":
+        return lambda sent: sent >= at
+    if name == "DateSent<":
+        return lambda sent: sent < day_end if whole_day else sent <= at
+    return lambda sent: at <= sent < day_end if whole_day else sent == at
 
 
 @functools.lru_cache(maxsize=65536)
@@ -229,6 +271,10 @@ class TwilioEmulator:
         self._token = auth_token
         self._validator = RequestValidator(auth_token)
         self._creates: dict[str, int] = {}
+        self._lost_answers: dict[str, int] = {}  # creates answered 503 after taking effect
+        self._lists: dict[str, int] = {}  # list requests per To filter
+        #: Message-list requests received (any outcome).
+        self.list_requests = 0
         self._unsettled = 0  # messages whose final status is still to come
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
@@ -236,6 +282,7 @@ class TwilioEmulator:
         self.app = web.Application()
         prefix = f"/{API_VERSION}/Accounts/{{account}}/Messages"
         self.app.router.add_post(f"{prefix}.json", self._create)
+        self.app.router.add_get(f"{prefix}.json", self._list)
         self.app.router.add_get(f"{prefix}/{{sid}}.json", self._fetch)
         self.app.router.add_post("/_emulator/script", self._admin_script)
         self.app.router.add_get("/_emulator/log", self._admin_log)
@@ -313,6 +360,9 @@ class TwilioEmulator:
         self.messages.clear()
         self.log.clear()
         self._creates.clear()
+        self._lost_answers.clear()
+        self._lists.clear()
+        self.list_requests = 0
 
     async def settle(self, poll: float = 0.005) -> None:
         """Wait until every message has its final status and every callback is done.
@@ -415,11 +465,19 @@ class TwilioEmulator:
         self.messages[message.sid] = message
         self._unsettled += 1
         self._schedule(message, behaviour)
+        lost = self._lost_answers.get(to, 0)
+        if lost < behaviour.sms_5xx_after_create:
+            # The message exists and will be delivered; only the answer is lost.
+            self._lost_answers[to] = lost + 1
+            self._record(to, message.sid, "http 503 after create", 503)
+            return _error(503, 20503)
         self._record(to, message.sid, message.status, 201)
         if hang:
             # Created (it will be delivered and charged), but the answer never comes:
             # the client's timeout ends this handler, or the server's shutdown does.
             await asyncio.sleep(_HANG_SECONDS)
+        elif behaviour.sms_latency_after_create:
+            await asyncio.sleep(behaviour.sms_latency_after_create * self.script.time_scale)
         return web.json_response(message.resource(self.account_sid), status=201)
 
     def _scripted_refusal(self, to: str, behaviour: Behaviour) -> tuple[web.Response | None, bool]:
@@ -450,6 +508,83 @@ class TwilioEmulator:
         if latency:
             await asyncio.sleep(latency * self.script.time_scale)
         return web.json_response(message.resource(self.account_sid))
+
+    async def _list(self, request: web.Request) -> web.Response:
+        """One page of the account's messages, newest first, filtered as the query says."""
+        self.list_requests += 1
+        if not self._authorized(request) or request.match_info["account"] != self.account_sid:
+            return _error(401, 20003)
+        query = request.query
+        filters = {name: query[name] for name in _LIST_FILTERS if name in query}
+        to = filters.get("To", "")
+        behaviour = self.script.behaviour(to)
+        if behaviour.sms_latency:
+            await asyncio.sleep(behaviour.sms_latency * self.script.time_scale)
+        if to:
+            seen = self._lists.get(to, 0)
+            self._lists[to] = seen + 1
+            if seen < behaviour.sms_list_5xx:
+                return _error(503, 20503)
+        dates = []
+        for name in ("DateSent", "DateSent<", "DateSent>"):
+            if name in filters:
+                predicate = _date_filter(name, filters[name])
+                if predicate is None:
+                    return _error(400, 20001, f"Invalid {name} value")
+                dates.append(predicate)
+        try:
+            size = int(query.get("PageSize", _DEFAULT_PAGE_SIZE))
+            number = int(query.get("Page", 0))
+        except ValueError:
+            return _error(400, 20001, "Invalid PageSize or Page")
+        if not 1 <= size <= _MAX_PAGE_SIZE or number < 0:
+            return _error(400, 20001, "Invalid PageSize or Page")
+
+        now = time.time()
+        chosen = [
+            m
+            for m in self.messages.values()
+            if (not to or m.to == to)
+            and ("From" not in filters or m.from_ == filters["From"])
+            and all(m.sent is not None and keep(m.sent) for keep in dates)
+            and m.created + self.script.behaviour(m.to).sms_list_lag * self.script.time_scale <= now
+        ]
+        chosen.sort(key=lambda m: (m.created, m.sid), reverse=True)
+        token = query.get("PageToken", "")
+        start = number * size
+        if not token:
+            page = chosen[start : start + size]
+            more = start + size < len(chosen)
+        else:
+            anchor = self.messages.get(token[2:])
+            if token[:2] not in ("PA", "PB") or anchor is None:
+                return _error(400, 20001, "Invalid PageToken")
+            key = (anchor.created, anchor.sid)
+            if token.startswith("PA"):  # the page after the anchor (older messages)
+                rest = [m for m in chosen if (m.created, m.sid) < key]
+                page, more = rest[:size], len(rest) > size
+            else:  # the page before it (newer messages); the anchor's page follows
+                page, more = [m for m in chosen if (m.created, m.sid) > key][-size:], True
+
+        path = request.path
+
+        def uri(**extra: Any) -> str:
+            return f"{path}?{urlencode({**filters, 'PageSize': size, **extra})}"
+
+        body = {
+            "end": start + max(len(page) - 1, 0),
+            "first_page_uri": uri(Page=0),
+            "messages": [m.resource(self.account_sid) for m in page],
+            "next_page_uri": uri(Page=number + 1, PageToken="PA" + page[-1].sid) if more and page else None,
+            "page": number,
+            "page_size": size,
+            "previous_page_uri": (
+                uri(Page=number - 1, PageToken="PB" + page[0].sid) if number > 0 and page else None
+            ),
+            "start": start,
+            "uri": uri(Page=number, **({"PageToken": token} if token else {})),
+        }
+        return web.json_response(body)
 
     async def _admin_script(self, request: web.Request) -> web.Response:
         try:

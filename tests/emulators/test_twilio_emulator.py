@@ -8,7 +8,7 @@ import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -462,3 +462,172 @@ async def test_plain_curl_can_send_and_is_refused_with_a_bad_token(emulator: Twi
     status, body = await curl("-u", f"{SID}:nope", *fields, url)
     assert (status, body["code"]) == (401, 20003)
     assert len(emulator.messages) == 1
+
+
+# ------------------------------------------------------------- message list
+
+
+async def get(session: aiohttp.ClientSession, url: str, params: Any = None) -> tuple[int, Any]:
+    async with session.get(url, params=params) as response:
+        return response.status, await response.json()
+
+
+async def create_n(
+    session: aiohttp.ClientSession, emulator: TwilioEmulator, n: int, **fields: str
+) -> list[str]:
+    sids = []
+    for _ in range(n):
+        status, body = await post(session, emulator.url + MESSAGES, form(**fields))
+        assert status == 201
+        sids.append(body["sid"])
+    return sids
+
+
+@pytest.mark.filterwarnings("ignore:BasicAuth is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The 'auth' parameter is deprecated:DeprecationWarning")
+async def test_official_sdk_lists_pages_newest_first(
+    emulator: TwilioEmulator, session: aiohttp.ClientSession
+) -> None:
+    """twilio-python's list_async walks every page (PageSize 2) and sees each message once, newest first."""
+    mine = await create_n(session, emulator, 5)
+    await create_n(session, emulator, 2, To=US)
+    http = AsyncTwilioHttpClient()
+    try:
+        client = Client(SID, TOKEN, http_client=http, environment={"X": "1"})
+        client.api.base_url = emulator.url
+        listed = await client.messages.list_async(to=GB, page_size=2)
+        assert [m.sid for m in listed] == list(reversed(mine))
+        assert all(m.to == GB and m.direction == "outbound-api" for m in listed)
+        first = await client.messages.page_async(to=GB, page_size=2)
+        assert first.next_page_url is not None and first.previous_page_url is None
+        second = await first.next_page_async()
+        assert [m.sid for m in second] == [mine[2], mine[1]]
+        assert second.previous_page_url is not None
+        back = await second.previous_page_async()
+        assert [m.sid for m in back] == [mine[4], mine[3]]
+    finally:
+        await http.close()
+
+
+async def test_list_envelope_matches_twilio(emulator: TwilioEmulator, session: aiohttp.ClientSession) -> None:
+    """The list answer has exactly Twilio's envelope keys, page URIs carrying the filters."""
+    sids = await create_n(session, emulator, 3)
+    status, body = await get(session, emulator.url + MESSAGES, {"To": GB, "PageSize": "2"})
+    assert status == 200
+    assert set(body) == {
+        "end",
+        "first_page_uri",
+        "messages",
+        "next_page_uri",
+        "page",
+        "page_size",
+        "previous_page_uri",
+        "start",
+        "uri",
+    }
+    assert (body["page"], body["page_size"], body["start"], body["end"]) == (0, 2, 0, 1)
+    assert [m["sid"] for m in body["messages"]] == [sids[2], sids[1]]
+    assert body["previous_page_uri"] is None
+    assert body["next_page_uri"].startswith(MESSAGES + "?To=%2B447400123456&PageSize=2&Page=1&PageToken=PA")
+    assert body["first_page_uri"] == MESSAGES + "?To=%2B447400123456&PageSize=2&Page=0"
+    status, last = await get(session, emulator.url + body["next_page_uri"])
+    assert status == 200 and [m["sid"] for m in last["messages"]] == [sids[0]]
+    assert (last["page"], last["start"], last["end"], last["next_page_uri"]) == (1, 2, 2, None)
+    status, empty = await get(session, emulator.url + MESSAGES, {"To": US})
+    assert status == 200 and empty["messages"] == [] and empty["next_page_uri"] is None
+
+
+async def test_list_filters_by_sender_and_date_sent(
+    emulator: TwilioEmulator, session: aiohttp.ClientSession
+) -> None:
+    """From filters the sender; DateSent filters match only sent messages, by UTC day or instant."""
+    emulator.script.set(GB, sms_delay=25.0)  # sent after 0.25 s of real time
+    [ours] = await create_n(session, emulator, 1)
+    await create_n(session, emulator, 1, From="+15005550009")
+    _, body = await get(session, emulator.url + MESSAGES, {"To": GB, "From": "+15005550006"})
+    assert [m["sid"] for m in body["messages"]] == [ours]
+    _, body = await get(session, emulator.url + MESSAGES, {"To": GB, "DateSent>": "2020-01-01"})
+    assert body["messages"] == [], "a message not yet sent has no date_sent and matches no date filter"
+    await emulator.settle()
+    sent = emulator.messages[ours].sent
+    assert sent is not None
+    today = datetime.fromtimestamp(sent, UTC).strftime("%Y-%m-%d")
+    _, body = await get(session, emulator.url + MESSAGES, {"To": GB, "DateSent>": today})
+    assert len(body["messages"]) == 2
+    _, body = await get(session, emulator.url + MESSAGES, {"To": GB, "DateSent": today})
+    assert len(body["messages"]) == 2
+    _, body = await get(session, emulator.url + MESSAGES, {"To": GB, "DateSent<": "2020-01-01"})
+    assert body["messages"] == []
+    later = datetime.fromtimestamp(sent + 3600, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    _, body = await get(session, emulator.url + MESSAGES, {"To": GB, "DateSent>": later})
+    assert body["messages"] == []
+    _, body = await get(session, emulator.url + MESSAGES, {"To": GB, "DateSent<": later})
+    assert len(body["messages"]) == 2
+
+
+async def test_list_refuses_bad_parameters_and_credentials(
+    emulator: TwilioEmulator, session: aiohttp.ClientSession
+) -> None:
+    """Unparsable dates, page sizes or tokens answer 400/20001; wrong credentials 401/20003."""
+    for params in (
+        {"DateSent>": "yesterday"},
+        {"PageSize": "0"},
+        {"PageSize": "1001"},
+        {"Page": "x"},
+        {"PageToken": "PAnope"},
+    ):
+        status, body = await get(session, emulator.url + MESSAGES, params)
+        assert (status, body["code"]) == (400, 20001), params
+    async with aiohttp.ClientSession(headers=basic(SID, "wrong")) as bad:
+        status, body = await get(bad, emulator.url + MESSAGES)
+    assert (status, body["code"]) == (401, 20003)
+
+
+async def test_scripted_list_faults_and_lag(
+    make_emulator: MakeEmulator, session: aiohttp.ClientSession
+) -> None:
+    """sms_list_5xx answers the first list calls for a number with 503; sms_list_lag hides new messages."""
+    script = Script(time_scale=1.0)
+    script.set(GB, sms_list_5xx=1, sms_list_lag=0.3)
+    emulator = await make_emulator(script)
+    await create_n(session, emulator, 1)
+    status, body = await get(session, emulator.url + MESSAGES, {"To": GB})
+    assert (status, body["code"]) == (503, 20503)
+    status, body = await get(session, emulator.url + MESSAGES, {"To": GB})
+    assert status == 200 and body["messages"] == []
+    await asyncio.sleep(0.35)
+    status, body = await get(session, emulator.url + MESSAGES, {"To": GB})
+    assert status == 200 and len(body["messages"]) == 1
+    assert emulator.list_requests == 3
+
+
+async def test_scripted_5xx_after_create_keeps_the_message(
+    emulator: TwilioEmulator, session: aiohttp.ClientSession
+) -> None:
+    """sms_5xx_after_create: the message is created and delivered, but the create answers 503."""
+    emulator.script.set(GB, sms_5xx_after_create=1)
+    status, body = await post(session, emulator.url + MESSAGES, form())
+    assert (status, body["code"]) == (503, 20503)
+    await emulator.settle()
+    assert len(emulator.messages_to(GB)) == 1
+    assert emulator.inbox(GB) == ["Your login code is 123456"]
+    assert [e.outcome for e in emulator.log] == ["http 503 after create"]
+    status, _ = await post(session, emulator.url + MESSAGES, form())
+    assert status == 201 and len(emulator.messages_to(GB)) == 2
+
+
+async def test_scripted_latency_after_create(
+    make_emulator: MakeEmulator, session: aiohttp.ClientSession
+) -> None:
+    """sms_latency_after_create holds the answer after the message exists: a client timeout loses it."""
+    script = Script(time_scale=1.0)
+    script.set(GB, sms_latency_after_create=5.0, sms_delay=0.05)
+    emulator = await make_emulator(script)
+    with pytest.raises(TimeoutError):
+        async with session.post(
+            emulator.url + MESSAGES, data=form(), timeout=aiohttp.ClientTimeout(total=0.3)
+        ) as response:
+            await response.read()
+    assert len(emulator.messages_to(GB)) == 1
+    await emulator.settle()
+    assert len(emulator.inbox(GB)) == 1
