@@ -55,6 +55,7 @@ from otp_router.providers.base import (
     SendRequest,
     SendResult,
     StatusResult,
+    SupportsLookup,
 )
 from otp_router.queue import enqueue
 from otp_router.router import OtpRouter, ResendNotAllowed
@@ -107,6 +108,7 @@ __all__ = [
     "StatusResult",
     "Step",
     "StoreError",
+    "SupportsLookup",
     "SyncOtpRouter",
     "UnsupportedCountry",
     "UnsupportedNumberType",

@@ -19,9 +19,10 @@ reports every problem on one line naming the variable.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -33,7 +34,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from otp_router.errors import ConfigError
 from otp_router.inputs import is_text
@@ -47,6 +48,7 @@ __all__ = [
     "LimitSettings",
     "RetrySettings",
     "Settings",
+    "SmsLookupSettings",
     "TelegramSettings",
     "TwilioSettings",
 ]
@@ -133,6 +135,17 @@ class TwilioSettings(_Section):
     #: ``{code}`` is replaced with the code. Keep it short: one GSM-7 segment.
     message_template: str = "Your login code is {code}"
     enabled: bool = True
+    #: Message lookups (after an ambiguous send) accept messages created this many seconds
+    #: before the send began: clock skew between us and Twilio, and Twilio's whole-second dates.
+    lookup_skew: float = Field(default=2.0, ge=0, le=300)
+    #: ``PageSize`` of the message list read by a lookup (Twilio allows 1..1000).
+    lookup_page_size: int = Field(default=50, ge=1, le=1000)
+    #: Pages a lookup reads at most; a longer list leaves the answer unknown.
+    lookup_max_pages: int = Field(default=3, ge=1, le=20)
+    #: Also filter the list with ``DateSent>=`` (the day of the send). Off by default: Twilio's
+    #: ``date_sent`` is empty until the message leaves, and whether such messages match the
+    #: filter is not documented (see docs/providers.md).
+    lookup_date_filter: bool = False
 
     _norm = field_validator("base_url")(_http_url)
 
@@ -141,6 +154,35 @@ class TwilioSettings(_Section):
     def _has_code(cls, value: str) -> str:
         if "{code}" not in value:
             raise ValueError("must contain {code}")
+        return value
+
+
+class SmsLookupSettings(_Section):
+    """Resolving an ambiguous SMS send by looking the message up (see ``otp_router.core``)."""
+
+    #: Seconds after the send began at which to look the message up; empty turns lookups off.
+    #: In the environment: ``OTP_ROUTER_SMS_LOOKUP__DELAYS=2,10,30``.
+    delays: Annotated[tuple[float, ...], NoDecode] = (2.0, 10.0, 30.0)
+    #: A lookup that lists nothing proves "never created" only this many seconds after the send
+    #: began (the provider's list may lag behind a create).
+    grace: float = Field(default=30.0, ge=0, le=3600)
+
+    @field_validator("delays", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("delays")
+    @classmethod
+    def _sane(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if len(value) > 10:
+            raise ValueError("at most 10 lookups")
+        if any(not math.isfinite(v) or v < 0 or v > 3600 for v in value):
+            raise ValueError("each delay must be a number of seconds in 0..3600")
+        if list(value) != sorted(value):
+            raise ValueError("delays must be in increasing order")
         return value
 
 
@@ -261,6 +303,7 @@ class Settings(BaseSettings):
     fraud: FraudSettings = FraudSettings()
     http: HttpSettings = HttpSettings()
     circuit: CircuitSettings = CircuitSettings()
+    sms_lookup: SmsLookupSettings = SmsLookupSettings()
 
     #: ``memory://``, ``sqlite:///path/to/file.db`` or ``redis://host:port/db``.
     store_url: str = "sqlite:///otp-router.db"

@@ -13,7 +13,15 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from otp_router.metrics import Metrics, NullMetrics, provider_outcome
-from otp_router.providers.base import Channel, ChannelName, ProbeResult, SendRequest, SendResult, StatusResult
+from otp_router.providers.base import (
+    Channel,
+    ChannelName,
+    ProbeResult,
+    SendRequest,
+    SendResult,
+    StatusResult,
+    SupportsLookup,
+)
 
 __all__ = ["InstrumentedChannel", "method_names"]
 
@@ -27,7 +35,7 @@ _METHODS: dict[str, dict[str, str]] = {
         "revoke": "revokeVerificationMessage",
         "report_code": "checkVerificationStatus",
     },
-    "twilio": {"send": "messages.create", "status": "messages.fetch"},
+    "twilio": {"send": "messages.create", "status": "messages.fetch", "find_sent": "messages.list"},
 }
 
 
@@ -88,6 +96,23 @@ class InstrumentedChannel:
         await self._timed(
             "report_code", lambda: self.inner.report_code(ref, code), remote="report_code" in self._methods
         )
+
+    @property
+    def supports_lookup(self) -> bool:
+        """Whether the wrapped channel has :meth:`find_sent`."""
+        return isinstance(self.inner, SupportsLookup)
+
+    async def find_sent(self, phone: str, since: float) -> StatusResult | None:
+        """Message lookup, recorded.
+
+        Raises:
+            NotImplementedError: The wrapped channel cannot look messages up
+                (check :attr:`supports_lookup` first).
+        """
+        inner = self.inner
+        if not isinstance(inner, SupportsLookup):
+            raise NotImplementedError(f"{self.provider} cannot look up sent messages")
+        return await self._timed("find_sent", lambda: inner.find_sent(phone, since))
 
     async def aclose(self) -> None:
         """Close the wrapped channel."""

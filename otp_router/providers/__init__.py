@@ -9,6 +9,7 @@ from otp_router.providers.base import (
     SendRequest,
     SendResult,
     StatusResult,
+    SupportsLookup,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "SendRequest",
     "SendResult",
     "StatusResult",
+    "SupportsLookup",
 ]

@@ -22,6 +22,7 @@ __all__ = [
     "SendRequest",
     "SendResult",
     "StatusResult",
+    "SupportsLookup",
 ]
 
 
@@ -191,6 +192,27 @@ class Channel(Protocol):
 
     async def aclose(self) -> None:
         """Release resources owned by the adapter (not the shared HTTP client)."""
+        ...
+
+
+@runtime_checkable
+class SupportsLookup(Protocol):
+    """A channel that can tell whether an ambiguous send created a message.
+
+    Optional: a channel without ``find_sent`` leaves an ambiguous send
+    unresolved (the verification waits, and the user may ask for a resend).
+    """
+
+    async def find_sent(self, phone: str, since: float) -> StatusResult | None:
+        """Find the message sent to ``phone`` by a send that began at ``since`` (Unix time).
+
+        Returns:
+            Its status when found; None when the provider's listing is complete
+            and holds no such message.
+
+        Raises:
+            ProviderError: The answer is unknown (the lookup itself failed).
+        """
         ...
 
 

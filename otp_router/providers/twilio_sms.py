@@ -28,6 +28,12 @@ other  any other 4xx                           ProviderRejected     permanent un
 =====  ======================================  ===================  ====================================
 
 A body that is not the JSON Twilio documents becomes ``ProviderResponseError``.
+
+After an ambiguous send, :meth:`TwilioSmsChannel.find_sent` looks the message
+up in Twilio's message list (``GET …/Messages.json`` filtered by ``To`` and,
+with a sender number, ``From``). It matches on recipient, sender (number or
+Messaging Service) and ``date_created`` only, never on the body, which holds
+the code.
 Error messages are built from the code and HTTP status only: Twilio's own
 text may contain the phone number, which must never reach logs.
 """
@@ -39,6 +45,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
@@ -273,6 +280,15 @@ async def _call(make: Callable[[], Awaitable[_T]]) -> _T:
     except (TwilioRestException, TwilioServiceException) as exc:
         raise _map_twilio_error(exc) from exc
     except TwilioException as exc:
+        # A list page that is not HTTP 200 arrives as a bare TwilioException("Unable to
+        # fetch page", response): map its status like any other error answer.
+        answer = exc.args[1] if len(exc.args) > 1 else None
+        status = getattr(answer, "status_code", None)
+        if isinstance(status, int) and status >= 400:
+            detail = f"twilio error {status} (HTTP {status})"
+            if status >= 500:
+                raise ProviderUnavailable(detail, provider=PROVIDER, code=str(status)) from exc
+            raise ProviderRejected(detail, provider=PROVIDER, code=str(status)) from exc
         raise ProviderResponseError(
             f"twilio SDK error: {type(exc).__name__}", provider=PROVIDER, not_performed=False
         ) from exc
@@ -427,20 +443,96 @@ class TwilioSmsChannel:
         async for attempt in retrying(self._retry, CallKind.READ, on_retry=self._on_retry):
             with attempt:
                 message = await _call(lambda: self.client.messages(ref).fetch_async())
-                state = map_twilio_status(message.status)
-                cost = _price(message.price)
-                final = state.is_delivered or state.is_failed
-                error_code = message.error_code
-                return StatusResult(
-                    ref=ref,
-                    state=state,
-                    cost=cost,
-                    cost_is_final=final and cost is not None,
-                    error_code=str(error_code) if error_code is not None else None,
-                    raw_status=message.status,
-                    currency=(message.price_unit or self._prices.currency).upper(),
-                )
+                return self._status_of(ref, message)
         raise AssertionError("unreachable: retrying() re-raises the last error")  # pragma: no cover
+
+    def _status_of(self, ref: str, message: Any) -> StatusResult:
+        state = map_twilio_status(message.status)
+        cost = _price(message.price)
+        final = state.is_delivered or state.is_failed
+        error_code = message.error_code
+        return StatusResult(
+            ref=ref,
+            state=state,
+            cost=cost,
+            cost_is_final=final and cost is not None,
+            error_code=str(error_code) if error_code is not None else None,
+            raw_status=message.status,
+            currency=(message.price_unit or self._prices.currency).upper(),
+        )
+
+    async def find_sent(self, phone: str, since: float) -> StatusResult | None:
+        """Look up the message an ambiguous send may have created (a read: retried).
+
+        Lists the account's messages to ``phone`` and keeps those sent by our
+        sender (``From`` number or Messaging Service), outbound, created at or
+        after ``since`` minus ``lookup_skew``. The body is never read.
+
+        Args:
+            phone: E.164 number the send was for.
+            since: Unix time the send began.
+
+        Returns:
+            The earliest matching message, or None when the listing is complete
+            (it ended, or reached messages older than ``since``) and none matches.
+
+        Raises:
+            ProviderError: The answer is unknown: the list call failed, or the
+                list is longer than ``lookup_max_pages`` pages.
+        """
+        settings = self._settings
+        cutoff = since - settings.lookup_skew
+        filters: dict[str, Any] = {"to": phone, "page_size": settings.lookup_page_size}
+        if settings.from_number and not settings.messaging_service_sid:
+            filters["from_"] = settings.from_number
+        if settings.lookup_date_filter:
+            # Day precision, as Twilio documents the filter (``DateSent>=YYYY-MM-DD``).
+            filters["date_sent_after"] = datetime.fromtimestamp(cutoff, UTC).strftime("%Y-%m-%d")
+        async for attempt in retrying(self._retry, CallKind.READ, on_retry=self._on_retry):
+            with attempt:
+                found, complete = await self._scan(filters, phone, cutoff)
+        if found is not None:
+            return self._status_of(found.sid, found)
+        if not complete:
+            raise ProviderResponseError(
+                "twilio message list is longer than the lookup reads", provider=PROVIDER
+            )
+        return None
+
+    async def _scan(self, filters: dict[str, Any], phone: str, cutoff: float) -> tuple[Any, bool]:
+        """Read up to ``lookup_max_pages`` pages; returns (earliest match, listing complete)."""
+        page = await _call(lambda: self.client.messages.page_async(**filters))
+        best: Any = None
+        for number in range(1, self._settings.lookup_max_pages + 1):
+            reached_older = False
+            for message in page:
+                created = message.date_created
+                if not isinstance(created, datetime):
+                    return None, False  # cannot place it in time: the answer stays unknown
+                if created.timestamp() < cutoff:
+                    reached_older = True
+                    continue
+                # Newest first: on a tie (whole seconds) the later one in the list is the older.
+                if self._ours(message, phone) and (best is None or created <= best.date_created):
+                    best = message
+            # Twilio lists newest first: a page reaching back before the send ends the search.
+            if reached_older or page.next_page_url is None:
+                return best, True
+            if number < self._settings.lookup_max_pages:
+                page = await _call(page.next_page_async)
+        return best, False
+
+    def _ours(self, message: Any, phone: str) -> bool:
+        """Sent by this channel's sender to ``phone`` (the body, holding the code, is not read)."""
+        settings = self._settings
+        if message.to != phone or not str(message.direction or "").startswith("outbound"):
+            return False
+        by_number = bool(settings.from_number) and message.from_ == settings.from_number
+        by_service = (
+            bool(settings.messaging_service_sid)
+            and message.messaging_service_sid == settings.messaging_service_sid
+        )
+        return by_number or by_service
 
     async def revoke(self, ref: str) -> bool:
         """An SMS cannot be recalled once sent; always False.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -30,7 +31,7 @@ from otp_router.errors import (
     WebhookError,
 )
 from otp_router.prices import SmsPrices
-from otp_router.providers.base import Channel, ChannelName, DeliveryState, SendRequest
+from otp_router.providers.base import Channel, ChannelName, DeliveryState, SendRequest, SupportsLookup
 from otp_router.providers.twilio_sms import (
     HttpxTwilioClient,
     TwilioSmsChannel,
@@ -635,3 +636,115 @@ async def test_connection_closed_after_request_is_not_retried(
         await server.wait_closed()
     assert info.value.not_performed is False
     assert connections == 1
+
+
+# ------------------------------------------------------------ message lookup
+
+OTHER_SENDER = "+15005550009"
+SERVICE = "MG" + "d" * 32
+
+
+async def test_lookup_finds_a_message_whose_answer_was_lost(
+    make_channel: MakeChannel, emulator: TwilioEmulator
+) -> None:
+    """Created then 503: find_sent returns that message's SID and state, from Twilio's list."""
+    emulator.script.set(GB, sms_5xx_after_create=1)
+    channel = make_channel()
+    since = time.time()
+    with pytest.raises(ProviderUnavailable):
+        await channel.send(request())
+    found = await channel.find_sent(GB, since)
+    assert found is not None and [found.ref] == emulator.messages_to(GB)
+    assert found.state in (DeliveryState.PENDING, DeliveryState.SENT, DeliveryState.DELIVERED)
+    assert emulator.list_requests == 1
+    assert isinstance(channel, SupportsLookup)
+
+
+async def test_lookup_answers_none_when_nothing_was_created(
+    make_channel: MakeChannel, emulator: TwilioEmulator
+) -> None:
+    """A 503 that created nothing, or only older messages to the number: the complete answer is None."""
+    emulator.script.set(GB, sms_5xx=1)
+    channel = make_channel()
+    since = time.time()
+    with pytest.raises(ProviderUnavailable):
+        await channel.send(request())
+    assert await channel.find_sent(GB, since) is None
+    await channel.send(request())
+    assert await channel.find_sent(GB, time.time() + 10) is None, "older than the send: not ours"
+
+
+async def test_lookup_picks_the_earliest_match_and_ignores_other_senders(
+    make_channel: MakeChannel, emulator: TwilioEmulator
+) -> None:
+    """Several matches: the earliest created after the send began; other senders' messages never match."""
+    service_channel = make_channel(from_number=None, messaging_service_sid=SERVICE)
+    other = make_channel(from_number=OTHER_SENDER)
+    since = time.time()
+    await other.send(request())
+    assert await service_channel.find_sent(GB, since) is None
+    first = await service_channel.send(request())
+    await service_channel.send(request())
+    found = await service_channel.find_sent(GB, since)
+    assert found is not None and found.ref == first.ref
+
+
+async def test_lookup_5xx_is_retried_then_unknown(
+    make_channel: MakeChannel, emulator: TwilioEmulator
+) -> None:
+    """A list 503 is retried as a read; when every try fails the error says the answer is unknown."""
+    channel = make_channel()
+    since = time.time()
+    await channel.send(request())
+    emulator.script.set(GB, sms_list_5xx=1)
+    assert await channel.find_sent(GB, since) is not None
+    assert emulator.list_requests == 2
+    emulator.reset()
+    emulator.script.set(GB, sms_list_5xx=10)
+    with pytest.raises(ProviderUnavailable):
+        await channel.find_sent(GB, since)
+    assert emulator.list_requests == 3
+
+
+async def test_lookup_with_bad_credentials_is_rejected(
+    make_channel: MakeChannel, emulator: TwilioEmulator
+) -> None:
+    """A 401 on the list is a permanent error of our tree, not retried."""
+    with pytest.raises(ProviderRejected) as info:
+        await make_channel(auth_token=SecretStr("wrong")).find_sent(GB, time.time())
+    assert info.value.code == "401" and emulator.list_requests == 1
+
+
+async def test_lookup_reads_a_bounded_number_of_pages(
+    make_channel: MakeChannel, emulator: TwilioEmulator
+) -> None:
+    """A list longer than lookup_max_pages pages leaves the answer unknown instead of claiming absence."""
+    other = make_channel(from_number=OTHER_SENDER)
+    since = time.time()
+    for _ in range(3):
+        await other.send(request())
+    channel = make_channel(
+        from_number=None, messaging_service_sid=SERVICE, lookup_page_size=1, lookup_max_pages=2
+    )
+    with pytest.raises(ProviderResponseError):
+        await channel.find_sent(GB, since)
+    assert emulator.list_requests == 2
+    wider = make_channel(
+        from_number=None, messaging_service_sid=SERVICE, lookup_page_size=1, lookup_max_pages=4
+    )
+    assert await wider.find_sent(GB, since) is None
+
+
+async def test_lookup_date_filter_misses_unsent_messages(
+    make_channel: MakeChannel, emulator: TwilioEmulator
+) -> None:
+    """With lookup_date_filter a message not yet sent is invisible (why the filter is off by default)."""
+    emulator.script.set(GB, sms_delay=25.0)
+    channel = make_channel(lookup_date_filter=True)
+    since = time.time()
+    sent = await channel.send(request())
+    assert await channel.find_sent(GB, since) is None
+    await emulator.settle()
+    found = await channel.find_sent(GB, since)
+    assert found is not None and found.ref == sent.ref
+    assert await make_channel().find_sent(GB, since) is not None
