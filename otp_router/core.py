@@ -25,6 +25,16 @@ later and the core decides what is safe:
 * an interrupted send without such an id (SMS) may or may not have left, so
   it is *not* repeated: the attempt is treated as sent with an unknown
   reference and the user can ask for a resend.
+
+An ambiguous SMS send (a 5xx or a timeout after the request was written, or a
+crash during the call) is then resolved by *lookups*: at the delays in
+``lookup_delays`` after the send began the core emits :class:`Lookup`, the
+shell asks the provider whether the message exists and feeds the answer back
+as :class:`LookupDone`. Found: its reference is recorded and the attempt
+continues as a normal send. Provably not created (a complete listing, at
+least ``lookup_grace`` seconds after the send began, shows nothing): a fresh
+send is safe and the step falls back (or is repeated once). Still unknown
+after the last lookup: the attempt stays as it is, and the user may resend.
 """
 
 from __future__ import annotations
@@ -55,6 +65,8 @@ __all__ = [
     "FellBack",
     "Finished",
     "LatencyObserved",
+    "Lookup",
+    "LookupDone",
     "Probe",
     "ProbeDone",
     "ProbeFailed",
@@ -65,6 +77,7 @@ __all__ = [
     "Send",
     "SendFailed",
     "SendOk",
+    "SendUnconfirmed",
     "Settle",
     "Start",
     "Status",
@@ -135,6 +148,7 @@ class FallbackReason(enum.StrEnum):
     UNDELIVERED = "undelivered"
     CIRCUIT_OPEN = "circuit_open"
     USER_RESEND = "user_resend"
+    NOT_CREATED = "not_created"  # a lookup proved an ambiguous send never created the message
 
 
 class CheckOutcome(enum.StrEnum):
@@ -185,6 +199,10 @@ class Attempt(_Model):
     lost_probes: int = 0
     #: Lost probes booked (as estimates) at the fee the next answer reported.
     lost_booked: int = 0
+    #: Lookups started for an ambiguous send (see :class:`Lookup`).
+    lookups: int = 0
+    #: When the next lookup is due (or, while one runs, when to assume it was lost); None: none planned.
+    lookup_at: float | None = None
 
 
 class FallbackRecord(_Model):
@@ -224,6 +242,10 @@ class VerificationState(_Model):
     settle_at: float | None = None
     settle_tries: int = 0
     settle_delay: float = SETTLE_DELAY
+    #: Seconds after an ambiguous send began at which to look the message up.
+    lookup_delays: tuple[float, ...] = ()
+    #: A lookup finding nothing proves "not created" only this long after the send began.
+    lookup_grace: float = 10.0
 
     @property
     def current(self) -> Attempt | None:
@@ -299,6 +321,33 @@ class SendOk:
 
 
 @dataclass(frozen=True, slots=True)
+class SendUnconfirmed:
+    """The send may or may not have created the message, and the provider can be asked.
+
+    The attempt waits as if sent (no second message) while lookups resolve it.
+    """
+
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class LookupDone:
+    """Answer to a :class:`Lookup`.
+
+    ``ref`` set: the message exists (with its current ``state`` and ``cost``).
+    ``ref`` None and ``certain``: the provider listed every candidate and none
+    is ours. ``ref`` None and not ``certain``: still unknown (lookup failed).
+    """
+
+    step: int
+    ref: str | None
+    certain: bool
+    state: DeliveryState | None = None
+    cost: Decimal | None = None
+    cost_final: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class SendFailed:
     """The provider did not send: permanent error, retries exhausted or circuit open."""
 
@@ -349,6 +398,8 @@ Event = (
     | ProbeDone
     | ProbeFailed
     | SendOk
+    | SendUnconfirmed
+    | LookupDone
     | SendFailed
     | Delivery
     | DeadlineReached
@@ -405,6 +456,19 @@ class Settle:
     step: int
     channel: ChannelName
     ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Ask the provider whether an ambiguous send to the verification's number created a message.
+
+    ``since`` is when the send began (Unix time): only messages created from
+    then on can be ours.
+    """
+
+    step: int
+    channel: ChannelName
+    since: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,6 +531,7 @@ Effect = (
     | Revoke
     | ReportCode
     | Settle
+    | Lookup
     | FellBack
     | Finished
     | Checked

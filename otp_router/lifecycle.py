@@ -32,6 +32,8 @@ from otp_router.core import (
     FellBack,
     Finished,
     LatencyObserved,
+    Lookup,
+    LookupDone,
     Probe,
     ProbeDone,
     ProbeFailed,
@@ -42,6 +44,7 @@ from otp_router.core import (
     Send,
     SendFailed,
     SendOk,
+    SendUnconfirmed,
     Settle,
     Start,
     Status,
@@ -92,6 +95,8 @@ def new_state(
     max_resends: int = 2,
     resend_cooldown: float = 30.0,
     settle_delay: float = SETTLE_DELAY,
+    lookup_delays: tuple[float, ...] = (),
+    lookup_grace: float = 10.0,
 ) -> VerificationState:
     """A fresh verification, before its first step (feed :class:`Start` next)."""
     if not steps:
@@ -109,6 +114,8 @@ def new_state(
         max_resends=max_resends,
         resend_cooldown=resend_cooldown,
         settle_delay=settle_delay,
+        lookup_delays=lookup_delays,
+        lookup_grace=lookup_grace,
     )
 
 
@@ -257,6 +264,10 @@ def _dispatch(state: VerificationState, event: Event, now: float) -> Transition:
                 b.fall_back(cur, reason, now, detail)
         case SendOk():
             _send_ok(b, event, now)
+        case SendUnconfirmed():
+            _send_unconfirmed(b, event, now)
+        case LookupDone():
+            _lookup_done(b, event, now)
         case SendFailed(step=step, reason=reason, detail=detail):
             cur = state.current
             if cur and cur.step == step and cur.phase is AttemptPhase.SENDING:
@@ -361,6 +372,84 @@ def _send_ok(b: _Builder, event: SendOk, now: float) -> None:
     b.put_attempt(cur)
 
 
+def _next_lookup(state: VerificationState, attempt: Attempt) -> float | None:
+    """When the attempt's next lookup is due (None: every planned lookup was made)."""
+    if attempt.lookups >= len(state.lookup_delays):
+        return None
+    return attempt.io_since + state.lookup_delays[attempt.lookups]
+
+
+def _send_unconfirmed(b: _Builder, event: SendUnconfirmed, now: float) -> None:
+    cur = b.state.current
+    if not (cur and cur.step == event.step and cur.phase is AttemptPhase.SENDING):
+        return
+    # Treated as sent (no second message, no other channel) until a lookup says otherwise.
+    cur = cur.model_copy(
+        update={"phase": AttemptPhase.AWAITING, "sent_at": now, "reason": "send_unconfirmed"}
+    )
+    if b.state.status is Status.PENDING:
+        cur = cur.model_copy(update={"lookup_at": _next_lookup(b.state, cur)})
+    b.put_attempt(cur)
+
+
+def _start_lookup(b: _Builder, cur: Attempt, now: float) -> None:
+    """Emit the next lookup, or give up when the last one's answer never came."""
+    if cur.lookups >= len(b.state.lookup_delays):
+        b.put_attempt(cur.model_copy(update={"lookup_at": None, "reason": "send_unknown"}))
+        return
+    # The lease: if the answer is lost (crash), look again then; a lookup is a read.
+    b.put_attempt(cur.model_copy(update={"lookups": cur.lookups + 1, "lookup_at": now + IO_LEASE}))
+    b.effects.append(Lookup(cur.step, cur.channel, cur.io_since))
+
+
+def _lookup_done(b: _Builder, event: LookupDone, now: float) -> None:
+    state = b.state
+    attempt = next((a for a in state.attempts if a.step == event.step), None)
+    if attempt is None or attempt.ref is not None or attempt.lookups == 0 or attempt.sent_at is None:
+        return
+    if event.ref is not None:
+        # Found: from here on it is an ordinary sent message (callbacks, polls, settling).
+        b.put_attempt(attempt.model_copy(update={"ref": event.ref, "lookup_at": None, "reason": None}))
+        if event.state is not None or event.cost is not None:
+            report = Delivery(
+                event.ref, event.state or DeliveryState.UNKNOWN, event.cost, False, event.cost_final
+            )
+            _delivery(b, report, now)
+        return
+    live = (
+        state.status is Status.PENDING
+        and state.current is not None
+        and state.current.step == attempt.step
+        and attempt.phase is AttemptPhase.AWAITING
+    )
+    if not live:
+        b.put_attempt(attempt.model_copy(update={"lookup_at": None}))
+        return
+    if event.certain and now - attempt.io_since >= state.lookup_grace:
+        _not_created(b, attempt, now)
+        return
+    nxt = _next_lookup(state, attempt)
+    reason = attempt.reason if nxt is not None else "send_unknown"
+    b.put_attempt(attempt.model_copy(update={"lookup_at": nxt, "reason": reason}))
+
+
+def _not_created(b: _Builder, attempt: Attempt, now: float) -> None:
+    """The provider proved the message was never created: nothing reached the user.
+
+    Sending again cannot give the user a second code, so the step falls back
+    to the next one; on the last step it is repeated once (a second proof of
+    loss in one verification means the provider is failing: the workflow ends).
+    """
+    state = b.state
+    b.put_attempt(attempt.model_copy(update={"sent_at": None, "lookup_at": None}))
+    repeated = any(f.reason is FallbackReason.NOT_CREATED for f in state.fallbacks)
+    if attempt.step + 1 >= len(state.steps) and not repeated:
+        b.state = b.state.model_copy(update={"steps": (*state.steps, state.steps[attempt.step])})
+    cur = b.state.current
+    assert cur is not None
+    b.fall_back(cur, FallbackReason.NOT_CREATED, now, "not_created")
+
+
 def _delivery(b: _Builder, event: Delivery, now: float) -> None:
     attempt = b.state.attempt_for_ref(event.ref)
     if attempt is None:
@@ -459,7 +548,17 @@ def _deadline_reached(b: _Builder, now: float) -> None:
             sent = cur.model_copy(
                 update={"phase": AttemptPhase.AWAITING, "sent_at": cur.io_since, "reason": "send_unconfirmed"}
             )
+            if cur.channel is ChannelName.SMS:
+                # Twilio can be asked whether the message exists (see _lookup_done).
+                sent = sent.model_copy(update={"lookup_at": _next_lookup(state, sent)})
             b.put_attempt(sent)
+        case AttemptPhase.AWAITING if cur.ref is None and cur.lookup_at is not None and now >= cur.lookup_at:
+            _start_lookup(b, cur, now)
+        case AttemptPhase.AWAITING if (
+            cur.sent_at is not None and now < cur.sent_at + state.steps[cur.step].deliver_within
+        ):
+            # An earlier deadline (a lookup lease, settling) fired, not this step's.
+            pass
         case AttemptPhase.AWAITING:
             # No revoke: Telegram refunds a message not delivered within its ttl by
             # itself, while a revoked one is never refunded; and if it does arrive
@@ -568,4 +667,6 @@ def _deadline(state: VerificationState) -> float | None:
         at = min(at, cur.io_since + IO_LEASE)
     elif cur.phase is AttemptPhase.AWAITING and cur.sent_at is not None:
         at = min(at, cur.sent_at + state.steps[cur.step].deliver_within)
+        if cur.lookup_at is not None:
+            at = min(at, cur.lookup_at)
     return at if state.settle_at is None else min(at, state.settle_at)

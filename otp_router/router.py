@@ -44,6 +44,8 @@ from otp_router.core import (
     FellBack,
     Finished,
     LatencyObserved,
+    Lookup,
+    LookupDone,
     Probe,
     ProbeDone,
     ProbeFailed,
@@ -54,6 +56,7 @@ from otp_router.core import (
     Send,
     SendFailed,
     SendOk,
+    SendUnconfirmed,
     Settle,
     Start,
     Status,
@@ -88,7 +91,7 @@ from otp_router.models import CheckResult, Verification
 from otp_router.phone import PhoneNumber, number_prefix, parse_phone
 from otp_router.policy import Policy, Step
 from otp_router.prices import SmsPrices
-from otp_router.providers.base import Channel, ChannelName, SendRequest, StatusResult
+from otp_router.providers.base import Channel, ChannelName, SendRequest, StatusResult, SupportsLookup
 from otp_router.store.base import (
     ConversionCheck,
     ConversionRule,
@@ -153,6 +156,13 @@ def _delivery(report: StatusResult) -> Delivery:
     return Delivery(
         report.ref, report.state, report.cost, report.refunded, report.cost_is_final, at=report.updated_at
     )
+
+
+def _lookup_of(channel: Channel) -> SupportsLookup | None:
+    """The channel as a message lookup, or None when it cannot look messages up."""
+    if isinstance(channel, InstrumentedChannel):
+        return channel if channel.supports_lookup else None
+    return channel if isinstance(channel, SupportsLookup) else None
 
 
 class ResendNotAllowed(OtpRouterError):
@@ -407,6 +417,8 @@ class OtpRouter:
             max_resends=self.policy.max_resends,
             resend_cooldown=self.policy.resend_cooldown,
             settle_delay=self.settings.settle_delay,
+            lookup_delays=self.settings.sms_lookup.delays,
+            lookup_grace=self.settings.sms_lookup.grace,
         )
         # Created already in its first step's write-ahead phase (probing or sending):
         # one write fewer, and a crash right after it is recovered by the I/O lease.
@@ -769,6 +781,8 @@ class OtpRouter:
                     snap = await self._send(snap, effect)
                 case Settle():
                     snap = await self._poll(snap, effect.channel, effect.ref)
+                case Lookup():
+                    snap = await self._lookup(snap, effect)
                 case Revoke():
                     self._spawn(self._revoke(effect))
                 case LatencyObserved():
@@ -866,7 +880,7 @@ class OtpRouter:
             except ProviderTransientError as exc:
                 circuit.failure()
                 event = await self._unconfirmed_send(effect, exc, channel, request)
-                outcome = "accepted" if isinstance(event, SendOk) else "failed"
+                outcome = "accepted" if isinstance(event, SendOk | SendUnconfirmed) else "failed"
             except MessageAlreadySent as exc:
                 circuit.success()
                 event = self._already_sent(effect, request, exc)
@@ -913,6 +927,10 @@ class OtpRouter:
                 )
                 return SendFailed(effect.step, reason, again.code or again.reason)
             return SendOk(effect.step, result.ref, result.cost, estimate=result.cost_is_estimate)
+        if _lookup_of(channel) is not None and self.settings.sms_lookup.delays:
+            # Not re-sent here: the deadline loop first asks the provider whether the
+            # message exists (Lookup effects), and sends again only once it provably does not.
+            return SendUnconfirmed(effect.step)
         return SendOk(effect.step, None, None)
 
     @staticmethod
@@ -988,6 +1006,34 @@ class OtpRouter:
             if step.auto is not None:
                 self.metrics.learned_deadline(chosen.channel.value, region, chosen.deliver_within)
         return resolved
+
+    async def _lookup(self, snap: _Snap, effect: Lookup) -> _Snap:
+        """Ask the provider whether an ambiguous send created its message; feed the answer."""
+        state = snap[1]
+        channel = self.channels.get(effect.channel)
+        lookup = _lookup_of(channel) if channel is not None else None
+        event: LookupDone
+        if channel is None or lookup is None:
+            event = LookupDone(effect.step, None, certain=False)
+        else:
+            try:
+                # A lookup runs in the deadline loop: bounded like any call made there.
+                found = await self._bounded(lookup.find_sent(state.phone, effect.since), channel.provider)
+            except ProviderError as exc:
+                # Still unknown: the core looks again later, or leaves the attempt as it is.
+                event = LookupDone(effect.step, None, certain=False)
+                log.info("message lookup failed: %s", type(exc).__name__)
+            else:
+                if found is None:
+                    event = LookupDone(effect.step, None, certain=True)
+                else:
+                    event = LookupDone(
+                        effect.step, found.ref, True, found.state, found.cost, found.cost_is_final
+                    )
+        outcome = "found" if event.ref else ("absent" if event.certain else "unknown")
+        log.info("message lookup %s: verification %s step %d", outcome, state.id, effect.step)
+        _, latest = await self._feed(state.id, event, snap=snap)
+        return latest
 
     async def _revoke(self, effect: Revoke) -> None:
         with contextlib.suppress(ProviderError):
