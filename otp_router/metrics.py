@@ -77,6 +77,7 @@ DELIVERY_STATUSES = frozenset(
 FALLBACK_REASONS = frozenset(
     {"ability_refused", "permanent_error", "retries_exhausted", "deadline", "expired", "revoked"}
     | {"undelivered", "circuit_open", "user_resend", "provider_error", "timeout", "rate_limited"}
+    | {"not_created"}
 )
 CODE_CHECK_RESULTS = frozenset({"valid", "invalid", "expired", "too_many_attempts", "not_found"})
 PROVIDER_OUTCOMES = frozenset({"ok", "transient_error", "permanent_error", "error"})
