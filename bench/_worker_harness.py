@@ -237,11 +237,12 @@ async def stop_process(process: asyncio.subprocess.Process, grace: float = 15.0)
 
 
 @contextlib.asynccontextmanager
-async def emulator_process(workdir: Path) -> AsyncIterator[Emulator]:
+async def emulator_process(workdir: Path, *extra_args: str) -> AsyncIterator[Emulator]:
     """Run ``otp-router emulate`` on free ports with fresh credentials; stop it on exit.
 
     Args:
         workdir: An empty folder to run in (no ``.env`` can leak in).
+        extra_args: More ``otp-router emulate`` options (``--time-scale 0.1``).
     """
     token = secrets.token_urlsafe(24)
     sid = "AC" + secrets.token_hex(16)
@@ -258,6 +259,7 @@ async def emulator_process(workdir: Path) -> AsyncIterator[Emulator]:
         *command,
         "--twilio-port",
         "0",
+        *extra_args,
         cwd=workdir,
         env=env,
         stdout=asyncio.subprocess.PIPE,
@@ -285,7 +287,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The ``OTP_ROUTER_*`` variables that give an ``otp-router`` child the same settings.
 
     Covers what the benchmarks set: providers, store, secret, policy, limits, fraud guard,
-    concurrency, settle delay, HTTP port and log level.
+    concurrency, queue visibility timeout, settle delay, HTTP port and log level.
     """
     secret = settings.code_secret.get_secret_value() if settings.code_secret else ""
     env = {
@@ -298,6 +300,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "OTP_ROUTER_STORE_URL": settings.store_url,
         "OTP_ROUTER_CODE_SECRET": secret,
         "OTP_ROUTER_CONCURRENCY": str(settings.concurrency),
+        "OTP_ROUTER_QUEUE_VISIBILITY_TIMEOUT": str(settings.queue_visibility_timeout),
         "OTP_ROUTER_SETTLE_DELAY": str(settings.settle_delay),
         "OTP_ROUTER_LIMITS__PER_PHONE": str(settings.limits.per_phone),
         "OTP_ROUTER_LIMITS__PER_PREFIX": str(settings.limits.per_prefix),
@@ -321,14 +324,19 @@ def _append(path: Path) -> BinaryIO:
 
 
 async def start_worker(
-    settings: Settings, *args: str, workdir: Path, log_file: Path
+    settings: Settings,
+    *args: str,
+    workdir: Path,
+    log_file: Path,
+    extra_env: Mapping[str, str] | None = None,
 ) -> asyncio.subprocess.Process:
     """Start ``otp-router worker ARGS`` configured like ``settings``; its log goes to ``log_file``.
 
     The log goes to a file, not a pipe: an undrained pipe would block the
     worker once full, and reading it would cost this process CPU mid-run.
+    ``extra_env`` adds ``OTP_ROUTER_*`` variables :func:`settings_env` does not cover.
     """
-    env = {**_clean_environ(), **settings_env(settings)}
+    env = {**_clean_environ(), **settings_env(settings), **(extra_env or {})}
     with _append(log_file) as log:
         return await asyncio.create_subprocess_exec(
             sys.executable,

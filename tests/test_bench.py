@@ -6,6 +6,7 @@ folder so the committed ``bench/results`` files stay untouched.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -201,3 +202,58 @@ def test_deadline_lag_quick(tmp_path: Path) -> None:
         assert run["worker_peak_rss_mib"] >= run["worker_rss_ready_mib"] > 0
         assert run["worker_exit"] == 0
     assert "| redis |" in markdown and "| sqlite |" in markdown
+
+
+@pytest.mark.timeout(330)
+async def test_soak_quick_loses_nothing_and_sends_nothing_twice(tmp_path: Path, redis_url: str) -> None:
+    """The soak's small version: 500 verifications with scripted faults through two workers, one of them
+    SIGKILLed mid-run and restarted; every user ends verified, no number got two messages on a channel."""
+    before = committed_snapshot()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(BENCH / "soak.py"),
+        "--quick",
+        "--out",
+        str(tmp_path),
+        "--redis-url",
+        redis_url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout=300)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode == 0, err.decode(errors="replace")[-3000:]
+    assert committed_snapshot() == before
+    data = json.loads((tmp_path / "soak.json").read_text(encoding="utf-8"))
+    markdown = (tmp_path / "soak.md").read_text(encoding="utf-8")
+    assert_common(data, "soak")
+    assert data["passed"] is True
+    counts, n = data["counts"], data["config"]["verifications"]
+    assert counts["enqueued"] == counts["verified"] == n and counts["lost"] == 0
+    assert counts["final_status"] == {"verified": n}
+    assert counts["check_outcome"] == {"valid": n}
+    assert counts["duplicated_telegram_sends"] == counts["duplicated_sms"] == 0
+    assert counts["users_who_saw_two_codes"] == counts["sends_to_unknown_numbers"] == 0
+    # The kill really happened (SIGKILL, not a clean exit), and both workers ended cleanly afterwards.
+    assert counts["kills"] == 1 and counts["victim_exit_statuses"] == {"-9": 1}
+    assert counts["final_exit_statuses"] == {"steady": 0, "victim": 0}
+    assert counts["dead_letters"] == {} and counts["queue_drained"] is True
+    # Every fault kind was exercised, and each verification got its code through exactly one channel.
+    per_kind = data["per_kind"]
+    assert set(per_kind) == set(data["config"]["faults"])
+    for kind, k in per_kind.items():
+        assert k["verified"] == k["verifications"] > 0, kind
+        assert k.get("via_telegram", 0) + k.get("via_sms", 0) == k["verifications"], kind
+    # Numbers that are not on Telegram can only have been reached by SMS, once each.
+    not_on_telegram = ("telegram_absent", "sms_5xx_nothing_created", "sms_5xx_after_create")
+    for kind in (*not_on_telegram, "sms_hang_after_create", "sms_lookup_5xx"):
+        assert per_kind[kind]["via_sms"] == per_kind[kind]["sms_created"] == per_kind[kind]["verifications"]
+    assert counts["telegram_sends"] + counts["sms_created"] >= n
+    rss = data["rss"]
+    assert rss["flat"] is None and rss["steady"]["max_kib"] >= rss["steady"]["end_kib"] > 0
+    assert len(rss["victim_lives"]) == 2
+    assert "| **lost** (not verified) | **0** |" in markdown
