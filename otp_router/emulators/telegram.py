@@ -148,6 +148,8 @@ class TelegramEmulator:
         self._balance = balance
         self._log: list[LogEntry] = []
         self._requests: dict[str, RequestRecord] = {}
+        #: The same records by phone number, oldest first: an inbox read is not a scan of them all.
+        self._by_phone: dict[str, list[RequestRecord]] = {}
         self._calls: dict[str, tuple[Behaviour, int]] = {}
         self._reports: list[dict[str, Any]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -216,6 +218,7 @@ class TelegramEmulator:
         """
         await self._cancel_pending()
         self._requests.clear()
+        self._by_phone.clear()
         self._log.clear()
         self._calls.clear()
         self._reports.clear()
@@ -256,8 +259,8 @@ class TelegramEmulator:
         """Codes that reached ``phone`` (delivered or read), oldest first: what the user sees."""
         return [
             r.code
-            for r in self._requests.values()
-            if r.phone == phone and r.code is not None and r.delivery in ("delivered", "read")
+            for r in self._by_phone.get(phone, ())
+            if r.code is not None and r.delivery in ("delivered", "read")
         ]
 
     async def _admin_inbox(self, request: web.Request) -> web.Response:
@@ -387,6 +390,7 @@ class TelegramEmulator:
     def _new_request(self, phone: str, call: _Call) -> RequestRecord:
         record = RequestRecord(request_id=secrets.token_hex(8), phone=phone, cost=self.price)
         self._requests[record.request_id] = record
+        self._by_phone.setdefault(phone, []).append(record)
         call.request_id = record.request_id
         return record
 

@@ -267,6 +267,8 @@ class TwilioEmulator:
         self.callback_backoff = callback_backoff
         self.log: list[SmsLogEntry] = []
         self.messages: dict[str, _Message] = {}
+        #: The same messages by ``To``, oldest first: an inbox read is not a scan of them all.
+        self._to: dict[str, list[_Message]] = {}
         self._url: str | None = None
         self._token = auth_token
         self._validator = RequestValidator(auth_token)
@@ -358,6 +360,7 @@ class TwilioEmulator:
         """Forget every message, the log and the scripted counters (the script is kept)."""
         self._cancel_all()
         self.messages.clear()
+        self._to.clear()
         self.log.clear()
         self._creates.clear()
         self._lost_answers.clear()
@@ -382,7 +385,7 @@ class TwilioEmulator:
 
     def inbox(self, phone: str) -> list[str]:
         """Bodies of the messages delivered to ``phone``, oldest first: what the user sees."""
-        return [m.body for m in self.messages.values() if m.to == phone and m.status == "delivered"]
+        return [m.body for m in self._to.get(phone, ()) if m.status == "delivered"]
 
     async def _admin_inbox(self, request: web.Request) -> web.Response:
         # The phone number rides in the query string: this is a local test tool only.
@@ -463,6 +466,7 @@ class TwilioEmulator:
             segments=sms_segments(body),
         )
         self.messages[message.sid] = message
+        self._to.setdefault(message.to, []).append(message)
         self._unsettled += 1
         self._schedule(message, behaviour)
         lost = self._lost_answers.get(to, 0)
