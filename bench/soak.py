@@ -212,6 +212,7 @@ class Soak:
             for n, (phone, kind) in enumerate(population(args.verifications, args.seed))
         ]
         self.enqueued = 0
+        self.lost_reasons: Counter[str] = Counter()
         self.behind_max = 0.0
         self.samples: list[Sample] = []
         self.kills: list[float] = []
@@ -431,6 +432,10 @@ class Soak:
                     out[user.vid] = (f"error {type(exc).__name__}", False)
                 else:
                     out[user.vid] = (str(v.status), v.paid_twice)
+                    if str(v.status) != "verified":
+                        self.lost_reasons.update(
+                            f"{f.from_channel}->{f.to_channel}:{f.reason}" for f in v.fallbacks
+                        )
 
         for i in range(0, len(self.users), 2000):
             await asyncio.gather(*(one(u) for u in self.users[i : i + 2000]))
@@ -499,6 +504,7 @@ class Soak:
             "dead_letters": dict(Counter(dead)),
             "queue_drained": drained,
             "worker_log_problems": logs,
+            "lost_fallback_reasons": dict(self.lost_reasons.most_common()),
             "reclaimed_messages": reclaimed,
         }
         counts["duplicated"] = (
@@ -662,6 +668,7 @@ def render(data: dict[str, Any]) -> str:
         f"| **lost** (not verified) | **{c['lost']}** |",
         f"| **duplicated sends** (numbers with 2+ accepted Telegram sends / 2+ SMS created) "
         f"| **{c['duplicated_telegram_sends']} / {c['duplicated_sms']}** |",
+        f"| fallbacks of the lost verifications | {_reasons(c.get('lost_fallback_reasons', {}))} |",
         f"| users who saw two different codes | {c['users_who_saw_two_codes']} |",
         f"| users who paid twice (Telegram delivered and kept, and an SMS; emulators / router) "
         f"| {c['paid_twice_emulators']} / {c['paid_twice_router']} |",
@@ -734,6 +741,10 @@ def render(data: dict[str, Any]) -> str:
         "(see `bench/README.md`).",
     ]
     return "\n".join(lines)
+
+
+def _reasons(reasons: dict[str, int]) -> str:
+    return ", ".join(f"`{k}` {n:,}" for k, n in reasons.items()) or "-"
 
 
 def _problems(logs: dict[str, dict[str, int]]) -> str:
