@@ -1,6 +1,6 @@
 """A local Telegram Gateway that speaks the real wire format.
 
-What it does, per ``provider-api-reference.md``:
+What it does, following the Telegram Gateway API's public documentation:
 
 * All four methods at ``/{method}``, case-insensitive, with parameters from the
   query string, a form body or a JSON body, and the token from
