@@ -270,6 +270,18 @@ async def test_worker_rides_out_a_store_outage(
             await eventually(
                 lambda: _all_sent(pair, phones), 60, "not every queued number got its Telegram message"
             )
+            # An ack that failed during the outage leaves its message pending: the worker takes
+            # it back after the visibility timeout and acks it (its idempotency key finds the
+            # verification, nothing is sent again). Wait for that before stopping the worker.
+            drained = open_queue(queue_url_for(settings))
+            try:
+
+                async def queue_drained() -> bool:
+                    return await drained.depth() == 0 and await drained.pending() == 0
+
+                await eventually(queue_drained, 30, "the worker did not drain the queue")
+            finally:
+                await drained.aclose()
     finally:
         await library.aclose()
         if worker.returncode is None:
