@@ -8,13 +8,13 @@ assertion is about order and state, never about how long something took.
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
+from test_worker import wait_until
 
 from otp_router.config import Settings
 from otp_router.core import Status, VerificationState
@@ -135,21 +135,6 @@ async def state_of(router: OtpRouter, vid: str) -> VerificationState:
     record = await router.store.get(vid)
     assert record is not None
     return VerificationState.model_validate_json(record.data)
-
-
-async def wait_until(condition: Callable[[], Any], *, within: float = 10.0) -> None:
-    """Poll ``condition`` (sync or async) until true; a safety net against hanging, not a timing check."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + within
-    while True:
-        result = condition()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if loop.time() > until:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.01)
 
 
 async def start_all(router: OtpRouter) -> dict[str, str]:
