@@ -57,7 +57,7 @@ from otp_router.providers.base import (
     StatusResult,
     SupportsLookup,
 )
-from otp_router.queue import enqueue
+from otp_router.queue import Enqueued, enqueue
 from otp_router.router import OtpRouter, ResendNotAllowed
 from otp_router.sync import SyncOtpRouter
 
@@ -74,6 +74,7 @@ __all__ = [
     "ConfigError",
     "CountryRule",
     "DeliveryState",
+    "Enqueued",
     "FakeChannel",
     "FallbackInfo",
     "FallbackReason",

@@ -2,7 +2,9 @@
 
 Each invocation opens the store at ``OTP_ROUTER_STORE_URL``, so separate
 invocations share state (the default SQLite file, or Redis). A bad input is a
-one-line message on stderr and exit status 1; nothing is sent or stored.
+one-line message on stderr and exit status 1; nothing is sent or stored. A
+``send`` that no channel could deliver is a one-line message on stderr naming
+the (stored, failed) verification and each channel's reason, exit status 3.
 """
 
 from __future__ import annotations
@@ -15,12 +17,23 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from otp_router.config import Settings
-from otp_router.errors import OtpRouterError, RateLimited
+from otp_router.errors import AllProvidersFailed, OtpRouterError, RateLimited
 from otp_router.router import OtpRouter
 
-__all__ = ["check_arguments", "run_check", "run_send", "run_status", "send_arguments", "status_arguments"]
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_NOT_SENT",
+    "check_arguments",
+    "run_check",
+    "run_send",
+    "run_status",
+    "send_arguments",
+    "status_arguments",
+]
 
 EXIT_FAILED = 1
+#: ``send``: no channel could send the code (the failed verification is stored).
+EXIT_NOT_SENT = 3
 
 
 def send_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +60,9 @@ def _run(settings: Settings, body: Callable[[OtpRouter], Awaitable[tuple[dict[st
         async with OtpRouter.from_settings(settings, run_deadlines=False) as router:
             try:
                 out, status = await body(router)
+            except AllProvidersFailed as exc:
+                print(f"otp-router: verification {exc.verification_id}: {exc}", file=sys.stderr)
+                return EXIT_NOT_SENT
             except RateLimited as exc:
                 print(f"otp-router: {exc} (retry after {exc.retry_after:.0f} s)", file=sys.stderr)
                 return EXIT_FAILED

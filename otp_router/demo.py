@@ -39,7 +39,7 @@ from otp_router.accounting import paid_twice, time_to_code
 from otp_router.config import RetrySettings, Settings
 from otp_router.core import Status, VerificationState
 from otp_router.emulators import EmulatorPair, serve_emulators
-from otp_router.errors import InputError
+from otp_router.errors import AllProvidersFailed, InputError
 from otp_router.harness import emulated_settings, read_code
 from otp_router.metrics import Metrics, NullMetrics
 from otp_router.policy import AutoDeadline, Policy, Step
@@ -339,6 +339,11 @@ async def _one_user(
         verification = await router.start(user.phone)
     except InputError:
         summary.refused_input += 1
+        return
+    except AllProvidersFailed as exc:
+        # Stored as failed: tallied with the rest, but no code to read.
+        if exc.verification_id is not None:
+            started.append(exc.verification_id)
         return
     started.append(verification.id)
     code = await read_code(pair, user.phone, wait=200 * scale + 2)

@@ -29,7 +29,7 @@ own types and no vendor exception reaches a caller::
     │       ├── ProviderRejected    account/configuration problem (bad token, no balance…)
     │       │   └── MessageAlreadySent  this request id already carried a message (the router: "sent")
     │       └── InvalidRecipient    the number cannot receive on this channel
-    └── AllProvidersFailed          every step of the workflow failed; has .causes
+    └── AllProvidersFailed          start(): no channel could send; has .causes, .verification_id
 
 Transient errors also say whether the request *cannot have been performed*
 (``not_performed``): only those are safe to retry for a send, because a send
@@ -39,6 +39,10 @@ that may have reached the provider could deliver a second message.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from otp_router.models import Verification
 
 __all__ = [
     "AllProvidersFailed",
@@ -249,13 +253,30 @@ class InvalidRecipient(ProviderPermanentError):
 
 
 class AllProvidersFailed(OtpRouterError):
-    """Every step of the workflow failed.
+    """No channel could send the code: the verification ended ``failed`` inside ``start()``.
+
+    The failed verification is stored (``get``/``check`` see it, its ledger is
+    kept); only the return of ``start()`` changes, so a caller cannot mistake
+    it for a code on its way. An idempotent repeat of such a ``start()``
+    raises it again.
 
     Args:
-        message: Summary.
-        causes: Reason per channel, in the order tried.
+        message: Summary (never the phone number).
+        causes: Reason per channel, in the order tried (``{"telegram": "ability_refused", …}``).
+        verification_id: The failed verification's id (for ``get`` and support), if one was stored.
+        verification: The failed verification itself (a
+            :class:`otp_router.models.Verification`), if one was stored.
     """
 
-    def __init__(self, message: str, causes: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        message: str,
+        causes: Mapping[str, str],
+        *,
+        verification_id: str | None = None,
+        verification: Verification | None = None,
+    ) -> None:
         super().__init__(message)
         self.causes = dict(causes)
+        self.verification_id = verification_id
+        self.verification = verification

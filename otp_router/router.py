@@ -65,6 +65,7 @@ from otp_router.core import (
 )
 from otp_router.crashpoints import crash_point
 from otp_router.errors import (
+    AllProvidersFailed,
     ConcurrentUpdate,
     ConfigError,
     IdempotencyConflict,
@@ -82,6 +83,7 @@ from otp_router.errors import (
     UnsupportedNumberType,
     VerificationNotFound,
 )
+from otp_router.ids import is_verification_id, keyed_id, random_id
 from otp_router.inputs import check_text
 from otp_router.instrument import InstrumentedChannel
 from otp_router.latency import LearnedDeadlines, observation, stale_cells
@@ -163,6 +165,27 @@ def _lookup_of(channel: Channel) -> SupportsLookup | None:
     if isinstance(channel, InstrumentedChannel):
         return channel if channel.supports_lookup else None
     return channel if isinstance(channel, SupportsLookup) else None
+
+
+def _sent_or_raise(verification: Verification) -> Verification:
+    """What ``start()`` returns: the verification, unless no channel could send its code.
+
+    Only ``failed`` raises: a verification that ended otherwise (verified,
+    canceled, expired) was sent, and an idempotent repeat reports it as it is.
+    """
+    if verification.status is not Status.FAILED:
+        return verification
+    causes: dict[str, str] = {}
+    for fallback in verification.fallbacks:
+        # In the order tried; a channel tried twice keeps its first reason.
+        causes.setdefault(fallback.from_channel, fallback.reason)
+    summary = ", ".join(f"{channel}: {reason}" for channel, reason in causes.items()) or "no channel"
+    raise AllProvidersFailed(
+        f"no channel could send the code ({summary})",
+        causes,
+        verification_id=verification.id,
+        verification=verification,
+    )
 
 
 class ResendNotAllowed(OtpRouterError):
@@ -369,18 +392,31 @@ class OtpRouter:
     # --- public API --------------------------------------------------------
 
     async def start(
-        self, phone: str, *, idempotency_key: str | None = None, default_region: str | None = None
+        self,
+        phone: str,
+        *,
+        idempotency_key: str | None = None,
+        default_region: str | None = None,
+        verification_id: str | None = None,
     ) -> Verification:
         """Send a code to ``phone``: Telegram first, falling back as the policy says.
 
-        Returns once the first channel accepted the message (or every channel
-        refused). ``created`` on the result tells a new verification from an
-        idempotent repeat. Deadline fallbacks happen later, in the deadline loop.
+        Returns once a channel accepted the message: the result is always a
+        verification whose code is on its way (``pending``) or already used.
+        When every channel refused it, the failed verification is stored and
+        :class:`AllProvidersFailed` is raised instead. ``created`` on the
+        result tells a new verification from an idempotent repeat. Deadline
+        fallbacks happen later, in the deadline loop.
 
         Args:
             phone: The number, international format unless ``default_region`` is given.
             idempotency_key: Same key, same verification: nothing is sent again.
             default_region: Region for national-format numbers.
+            verification_id: The id to give a new verification, with an
+                ``idempotency_key`` only: what a queue message carries, so the
+                producer that enqueued it knows the id in advance (see
+                :func:`otp_router.queue.enqueue`). A key already used keeps
+                the id it was first given.
 
         Raises:
             InvalidPhoneNumber: Unparseable or invalid number (nothing sent or stored).
@@ -390,6 +426,9 @@ class OtpRouter:
             RateLimited: Too many starts for this number, prefix or country, or
                 the conversion guard blocks its prefix or country (``scope`` says which).
             IdempotencyConflict: The key was used for another number.
+            AllProvidersFailed: No channel could send the code (also for an
+                idempotent repeat of such a start). The failed verification is
+                stored; the exception carries its id and each channel's reason.
         """
         if default_region is not None:
             check_text(default_region, name="default_region", max_length=8)
@@ -401,7 +440,7 @@ class OtpRouter:
         steps = self._steps_for_type(number, steps)
         steps = self._resolve_auto(steps, number.region)
         now = self.clock()
-        vid = self._new_id(idempotency_key)
+        vid = self._new_id(idempotency_key, verification_id)
         nonce = new_nonce()
         code = derive_code(self.secret, vid, nonce, self.settings.code_length)
         state = new_state(
@@ -453,15 +492,15 @@ class OtpRouter:
             existing = await self.store.get(vid) if idempotency_key is not None else None
             if existing is None:
                 raise
-            return self._same_phone(existing, number.e164)
+            return _sent_or_raise(self._same_phone(existing, number.e164))
         if not created:
-            return self._same_phone(record, number.e164)
+            return _sent_or_raise(self._same_phone(record, number.e164))
         self.metrics.verification_started(number.region)
         self.metrics.sms_only_cost(number.region, self.prices.sms(number.region))
         self._observe(state, first, now)
         _, latest = await self._carry_out(first, None, (record, first.state))
         self._wakeup.set()
-        return dataclasses.replace(Verification.from_state(latest), created=True)
+        return _sent_or_raise(dataclasses.replace(Verification.from_state(latest), created=True))
 
     async def check(self, verification_id: str, code: str) -> CheckResult:
         """Check an entered code.
@@ -1055,13 +1094,19 @@ class OtpRouter:
 
     # --- helpers -------------------------------------------------------------
 
-    def _new_id(self, idempotency_key: str | None) -> str:
+    def _new_id(self, idempotency_key: str | None, given: str | None = None) -> str:
         if idempotency_key is None:
-            return "v_" + secrets.token_urlsafe(16)
+            if given is not None:
+                # Without a key, a second start with this id could not find the first one.
+                raise InputError("verification_id needs an idempotency_key")
+            return random_id()
         check_text(idempotency_key, name="idempotency_key", max_length=200)
+        if given is not None:
+            if not is_verification_id(given):
+                raise InputError("verification_id must look like v_ and 16 to 64 of A-Z a-z 0-9 _ -")
+            return given
         # Deterministic id: a repeated key finds the first verification with one read.
-        digest = hashlib.sha256(self.secret + b"idem:" + idempotency_key.encode()).hexdigest()
-        return "v_" + digest[:32]
+        return keyed_id(self.secret, idempotency_key)
 
     def _same_phone(self, record: Record, e164: str) -> Verification:
         state = VerificationState.model_validate_json(record.data)

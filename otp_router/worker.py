@@ -30,6 +30,7 @@ What happened                                           What the worker does
 =====================================================  ==========================================
 ``start`` returned a new verification                   ack; ``processed``
 ``start`` returned an existing one (same key)           ack; ``duplicate``
+``start`` raised ``AllProvidersFailed`` (it is stored)  ack; ``processed`` (a repeat: ``duplicate``)
 unparsable/invalid message, bad or denied number,       dead letter with the reason, ack;
 idempotency conflict, rate limit, too many deliveries   ``dead_letter``
 store or connection failure, unexpected error           nothing: redelivered after the visibility
@@ -56,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 from otp_router.config import Settings
 from otp_router.errors import (
+    AllProvidersFailed,
     ConfigError,
     IdempotencyConflict,
     InputError,
@@ -365,7 +367,11 @@ class Worker:
             return _Outcome("dead_letter", exc.reason, exc.detail)
         try:
             verification = await self.router.start(
-                message.phone, idempotency_key=message.idempotency_key, default_region=message.default_region
+                message.phone,
+                idempotency_key=message.idempotency_key,
+                default_region=message.default_region,
+                # Messages enqueued before ids were carried have none: the router derives it.
+                verification_id=message.verification_id,
             )
         except InvalidPhoneNumber:
             return _Outcome("dead_letter", DeadLetterReason.INVALID_PHONE)
@@ -381,6 +387,15 @@ class Worker:
         except RateLimited as exc:
             # A definitive answer for this message: retrying later would send a code nobody waits for.
             return _Outcome("dead_letter", DeadLetterReason.RATE_LIMITED, f"scope={exc.scope}")
+        except AllProvidersFailed as exc:
+            # The failed verification is stored (check() and status see it): the message is done.
+            # A redelivery finds it by its key and raises the same again, so acking is safe.
+            created = exc.verification is not None and exc.verification.created
+            return _Outcome(
+                "processed" if created else "duplicate",
+                "all_providers_failed",
+                verification_id=exc.verification_id,
+            )
         except (StoreError, OSError) as exc:
             return _Outcome("retry", type(exc).__name__)
         except Exception as exc:

@@ -53,7 +53,7 @@ from otp_router.config import LimitSettings, RetrySettings, Settings
 from otp_router.core import Status
 from otp_router.demo import DemoSummary, make_population, run_demo
 from otp_router.emulators import Behaviour, Script, serve_emulators
-from otp_router.errors import RateLimited, UnsupportedNumberType
+from otp_router.errors import AllProvidersFailed, RateLimited, UnsupportedNumberType
 from otp_router.harness import emulated_settings, sample_numbers
 from otp_router.metrics import Metrics
 from otp_router.policy import Policy, Step
@@ -369,8 +369,10 @@ async def provoke_failures(metrics: Metrics) -> None:
         )
         policy = Policy(steps=(Step(ChannelName.TELEGRAM, 30, probe=True), Step(ChannelName.SMS, 120)))
         async with OtpRouter.from_settings(settings, policy=policy, metrics=metrics) as router:
-            verification = await router.start(phone)
-            assert verification.status is Status.FAILED, verification
+            with pytest.raises(AllProvidersFailed) as failed:
+                await router.start(phone)
+            assert failed.value.verification is not None
+            assert failed.value.verification.status is Status.FAILED, failed.value.verification
             with pytest.raises(RateLimited):
                 await router.start(phone)
             with pytest.raises(RateLimited, match="prefix"):

@@ -17,6 +17,7 @@ ids) go through the real web app served on loopback.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import time
@@ -35,6 +36,7 @@ from twilio.request_validator import RequestValidator
 from otp_router.config import CircuitSettings, RetrySettings, Settings
 from otp_router.core import Status
 from otp_router.emulators import EmulatorPair, Script
+from otp_router.errors import AllProvidersFailed
 from otp_router.harness import emulated_settings, read_code, sample_numbers
 from otp_router.metrics import Metrics
 from otp_router.models import Verification
@@ -352,14 +354,27 @@ async def test_sms_refusal_fails_the_verification(router: OtpRouter, pair: Emula
     failed with ``permanent_error`` and the code in the attempt, nothing created, nothing charged."""
     phone = sample_numbers("DE", 1, offset=code % 97)[0]
     pair.script.set(phone, telegram="absent", sms_error=code)
-    v = await router.start(phone)
-    assert v.status is Status.FAILED
+    with pytest.raises(AllProvidersFailed) as raised:
+        await router.start(phone)
+    assert raised.value.causes == {"telegram": "ability_refused", "sms": "permanent_error"}
+    assert raised.value.verification_id is not None
+    # Stored as failed: what get() returns is what the exception carried.
+    v = await router.get(raised.value.verification_id)
+    assert raised.value.verification is not None and raised.value.verification.created
+    assert v.status is Status.FAILED and v == dataclasses.replace(raised.value.verification, created=False)
     assert [f.reason for f in v.fallbacks] == ["ability_refused", "permanent_error"]
     assert v.fallbacks[-1].to_channel is None
     [refused] = [e for e in pair.twilio.log if e.to == phone]
     assert refused.outcome == f"error {code}" and refused.sid is None
     assert (telegram_messages(pair, phone), sms_messages(pair, phone)) == (0, 0)
     assert await router.ledger_total(v.id) == 0
+    # An idempotent repeat is no more a success than the first call.
+    key = f"refused-{code}"
+    with pytest.raises(AllProvidersFailed):
+        await router.start(phone, idempotency_key=key)
+    with pytest.raises(AllProvidersFailed) as again:
+        await router.start(phone, idempotency_key=key)
+    assert again.value.verification is not None and not again.value.verification.created
 
 
 async def test_probe_5xx_then_healthy_probe(router: OtpRouter, pair: EmulatorPair) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from otp_router.config import Settings
 from otp_router.errors import ConfigError, InputError, InvalidPhoneNumber, StoreError
+from otp_router.ids import producer_id
 from otp_router.queue import (
     DeadLetterReason,
     PoisonMessage,
@@ -219,6 +220,7 @@ async def test_enqueue_helper_validates_then_enqueues(queue_url: str) -> None:
         "idempotency_key": "k",
         "default_region": "GB",
         "metadata": {"u": 1},
+        "verification_id": producer_id("k"),
     }
 
 

@@ -21,6 +21,7 @@ The message schema and delivery semantics are described in
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,6 +29,7 @@ from pydantic import ValidationError
 
 from otp_router.config import Settings
 from otp_router.errors import ConfigError, InputError
+from otp_router.ids import producer_id
 from otp_router.inputs import check_text
 from otp_router.phone import parse_phone
 from otp_router.queue.base import (
@@ -49,6 +51,7 @@ __all__ = [
     "DeadLetter",
     "DeadLetterReason",
     "Delivery",
+    "Enqueued",
     "PoisonMessage",
     "Queue",
     "QueueMessage",
@@ -61,6 +64,21 @@ __all__ = [
 ]
 
 _VAR = "OTP_ROUTER_QUEUE_URL"
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueued:
+    """What :func:`enqueue` returns.
+
+    Attributes:
+        verification_id: The id the worker gives the verification: pass it to
+            ``check``/``get`` once the worker has started it (``get`` raises
+            ``VerificationNotFound`` until then).
+        message_id: The queue's id for the message (Redis stream entry id, SQLite row id).
+    """
+
+    verification_id: str
+    message_id: str
 
 
 def queue_url_for(settings: Settings) -> str:
@@ -123,7 +141,7 @@ async def enqueue(
     default_region: str | None = None,
     locale: str | None = None,
     metadata: Mapping[str, Any] | None = None,
-) -> str:
+) -> Enqueued:
     """Ask the worker to start a verification for ``phone``.
 
     Opens the queue, appends one message and closes it again; to enqueue
@@ -140,7 +158,12 @@ async def enqueue(
         metadata: Free-form JSON object, carried along.
 
     Returns:
-        The message id.
+        The verification id the worker will use and the message id. The id
+        is derived from ``idempotency_key`` (keyed with the code secret when
+        ``settings_or_url`` is settings that have one, see
+        :func:`otp_router.ids.producer_id`) and carried in the message, so
+        enqueueing the same key again yields the same id, and the worker
+        finds the first verification.
 
     Raises:
         InvalidPhoneNumber: The number cannot be parsed (checked here so a
@@ -163,6 +186,11 @@ async def enqueue(
         raise InputError(f"invalid queue message field(s): {', '.join(fields)}") from None
     # After the schema check, which has made sure every field is a string.
     check_text(idempotency_key, name="idempotency_key", max_length=200)
+    secret = None
+    if isinstance(settings_or_url, Settings) and settings_or_url.code_secret is not None:
+        secret = settings_or_url.code_secret.get_secret_value().encode()
+    verification_id = producer_id(idempotency_key, secret)
+    message = message.model_copy(update={"verification_id": verification_id})
     parse_phone(phone, default_region=default_region)
     try:
         data = message.to_json()
@@ -178,6 +206,7 @@ async def enqueue(
     url = queue_url_for(settings_or_url) if isinstance(settings_or_url, Settings) else settings_or_url
     queue = open_queue(url)
     try:
-        return await queue.enqueue(data)
+        message_id = await queue.enqueue(data)
     finally:
         await queue.aclose()
+    return Enqueued(verification_id=verification_id, message_id=message_id)

@@ -13,12 +13,18 @@ language needs nothing but its Redis or SQLite client::
       "idempotency_key": "login-42",     required; 1..200 characters
       "default_region": "GB",            optional; ISO 3166 alpha-2, for national numbers
       "locale": "en-GB",                 optional; accepted for forward compatibility, unused today
-      "metadata": {"user": 42}           optional; any JSON object, unused by the worker
+      "metadata": {"user": 42},          optional; any JSON object, unused by the worker
+      "verification_id": "v_…"           optional; the id the new verification gets
     }
 
 The same schema ships as JSON Schema in
 ``otp_router/data/queue-message.schema.json``. Unknown fields are refused
 (a typo such as ``"idempotencyKey"`` must not silently drop the key).
+
+``verification_id`` is what :func:`otp_router.queue.enqueue` adds so the
+producer knows the id before the worker runs (``v_`` and 16 to 64 of
+``A-Za-z0-9_-``). Without it the worker derives the id from the key, as
+before; a key already used keeps the id it was first given.
 
 ``idempotency_key`` is required because it is what makes redelivery safe:
 a message delivered twice (a worker died after sending but before
@@ -50,6 +56,7 @@ from typing import Any, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from otp_router.errors import InputError
+from otp_router.ids import VERIFICATION_ID_PATTERN
 from otp_router.inputs import JsonInputError, decode_json, has_lone_surrogate
 
 __all__ = [
@@ -98,6 +105,7 @@ class QueueMessage(BaseModel):
         default_region: Region for national-format numbers.
         locale: Accepted and kept for forward compatibility; not used yet.
         metadata: Free-form producer data; not used by the worker.
+        verification_id: The id for the new verification (optional; see the module docstring).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -107,6 +115,7 @@ class QueueMessage(BaseModel):
     default_region: str | None = Field(default=None, pattern=r"^[A-Za-z]{2}$")
     locale: str | None = Field(default=None, min_length=1, max_length=35)
     metadata: dict[str, Any] | None = None
+    verification_id: str | None = Field(default=None, pattern=VERIFICATION_ID_PATTERN)
 
     def to_json(self) -> str:
         """The ``data`` field value: compact JSON without unset optional fields."""

@@ -5,7 +5,9 @@ Every error the app returns has the same shape::
     {"error": {"code": "invalid_phone_number", "message": "phone number cannot be parsed: …"}}
 
 ``code`` is stable and meant for programs; ``message`` is for people and may
-change. Messages come from our own exceptions, which never contain a phone
+change. ``all_providers_failed`` (502) also carries the stored, failed
+verification's ``verification_id`` and ``causes`` (channel → reason, in the
+order tried). Messages come from our own exceptions, which never contain a phone
 number, a code or a secret.
 """
 
@@ -85,7 +87,11 @@ class ApiError(Exception):
 
 
 def json_error(
-    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+    status: int,
+    code: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, object] | None = None,
 ) -> JSONResponse:
     """Build an error response in the app's one error shape.
 
@@ -94,11 +100,13 @@ def json_error(
         code: Stable machine-readable error code.
         message: Human readable detail.
         headers: Extra response headers.
+        extra: More fields of the ``error`` object (never a phone number or secret).
 
     Returns:
         ``{"error": {"code": …, "message": …}}`` with that status.
     """
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    body = {"code": code, "message": message, **(extra or {})}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 def retry_after_header(seconds: float | None) -> dict[str, str]:
@@ -123,9 +131,14 @@ def error_response(exc: Exception) -> JSONResponse:
     for cls, status, code in ERROR_STATUS:
         if isinstance(exc, cls):
             headers: dict[str, str] = {}
+            extra: dict[str, object] = {}
             if isinstance(exc, RateLimited | ResendNotAllowed):
                 headers = retry_after_header(exc.retry_after)
-            return json_error(status, code, str(exc), headers)
+            if isinstance(exc, AllProvidersFailed):
+                extra = {"verification_id": exc.verification_id, "causes": exc.causes}
+                if exc.verification_id is not None:
+                    headers["Location"] = f"/v1/verifications/{exc.verification_id}"
+            return json_error(status, code, str(exc), headers, extra)
     log.error("unexpected %s while handling a request", type(exc).__name__)
     return json_error(500, "internal_error", "internal error")
 

@@ -60,7 +60,8 @@ def blocking(phone: str) -> str:
 
 async def producer() -> str:
     region: str = parse_phone("+447400123456").region
-    return region + await enqueue("redis://127.0.0.1:6379/0", "+447400123456", idempotency_key="login-1")
+    handle = await enqueue("redis://127.0.0.1:6379/0", "+447400123456", idempotency_key="login-1")
+    return region + handle.verification_id + handle.message_id
 
 
 def simulated_deadline(latencies: list[float | None], sms_price: float) -> float:
