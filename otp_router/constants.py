@@ -11,10 +11,24 @@ Layout (``P`` is the prefix)::
     P:dead-letters           stream  original fields + reason, failed_at, message_id, attempts, consumer
     P:heartbeat:<worker>     string  Unix time of the worker's last heartbeat; expires (TTL)
 
+On a Redis Cluster (``cluster=1`` on the queue URL) the stream and the
+dead-letter stream share the hash tag ``{queue}``, so the dead-letter script
+(and every other queue command) touches one slot::
+
+    P:{queue}:stream         P:{queue}:dead-letters      P:heartbeat:<worker>
+
+The queue is one stream, not several sharded ones: a consumer group hands
+each entry to one consumer in order, however many consumers read, and one
+stream's few commands per message (``XADD``, ``XREADGROUP``, one script to
+acknowledge) are far below what one cluster shard serves (the README's
+"Scale" section has the numbers). Sharding it would cost every consumer a
+read per shard and give up the order.
+
 The consumer group (default ``otp-router-workers``) is a name inside the
-``P:queue`` stream, not a key. Any program can enqueue::
+stream, not a key. Any program can enqueue::
 
     XADD otp-router:queue * data '{"phone": "+447400123456", "idempotency_key": "login-42"}'
+    XADD otp-router:{queue}:stream * data '…'      (on a cluster)
 """
 
 from __future__ import annotations
@@ -45,19 +59,21 @@ class QueueKeys:
 
     Args:
         prefix: Prepended, with ``:``, to every key; the same as the store's.
+        tagged: The Redis Cluster layout: the two streams share one hash tag.
     """
 
     prefix: str = DEFAULT_PREFIX
+    tagged: bool = False
 
     @property
     def stream(self) -> str:
         """The stream producers ``XADD`` to and workers read with ``XREADGROUP``."""
-        return f"{self.prefix}:queue"
+        return f"{self.prefix}:{{queue}}:stream" if self.tagged else f"{self.prefix}:queue"
 
     @property
     def dead_letters(self) -> str:
         """The stream of messages that could not be processed, with their reason."""
-        return f"{self.prefix}:dead-letters"
+        return f"{self.prefix}:{{queue}}:dead-letters" if self.tagged else f"{self.prefix}:dead-letters"
 
     def heartbeat(self, worker: str) -> str:
         """String holding a worker's last heartbeat time, expiring when the worker stops beating."""

@@ -37,11 +37,14 @@ def message(n: int) -> QueueMessage:
     return QueueMessage(phone=f"+4474001234{n:02d}", idempotency_key=f"key-{n}")
 
 
-@pytest.fixture(params=["redis", "sqlite"])
+@pytest.fixture(params=["redis", "redis-cluster", "sqlite"])
 def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "redis":
         url: str = request.getfixturevalue("redis_url")
         return url
+    if request.param == "redis-cluster":
+        cluster_url: str = request.getfixturevalue("redis_cluster_url")
+        return cluster_url
     return f"sqlite:///{tmp_path / 'q.db'}"
 
 
@@ -413,10 +416,30 @@ async def test_redis_url_params_are_ours_or_the_stores(redis_url: str) -> None:
         await queue.aclose()
 
 
-async def test_redis_queue_takes_the_store_layout_but_refuses_a_cluster() -> None:
-    """A shared URL: shards= is the store's, and the queue refuses cluster=1 (not yet supported)."""
+async def test_redis_queue_takes_the_store_layout_and_tags_its_keys_on_a_cluster() -> None:
+    """A shared URL: shards= is the store's; cluster=1 puts both streams under one hash tag."""
     queue = RedisStreamQueue("redis://127.0.0.1:1/0?prefix=p&shards=16")
-    assert queue.keys.stream == "p:queue"
+    assert (queue.keys.stream, queue.keys.dead_letters) == ("p:queue", "p:dead-letters")
     await queue.aclose()
-    with pytest.raises(ConfigError, match="OTP_ROUTER_QUEUE_URL"):
-        RedisStreamQueue("redis://127.0.0.1:1/0?prefix=p&cluster=1")
+    clustered = RedisStreamQueue("redis://127.0.0.1:1/0?prefix=p&cluster=1")
+    assert (clustered.keys.stream, clustered.keys.dead_letters) == (
+        "p:{queue}:stream",
+        "p:{queue}:dead-letters",
+    )
+    await clustered.aclose()
+
+
+async def test_a_cluster_queue_keeps_both_streams_in_one_slot(redis_cluster_url: str) -> None:
+    """On a real cluster, the dead-letter script's two keys hash to one slot, and it runs."""
+    from redis.crc import key_slot
+
+    queue = open_queue(redis_cluster_url)
+    assert isinstance(queue, RedisStreamQueue)
+    try:
+        assert key_slot(queue.keys.stream.encode()) == key_slot(queue.keys.dead_letters.encode())
+        await queue.enqueue("not json")
+        [delivery] = await queue.read("c", 1, 0)
+        await queue.dead_letter(delivery, "bad_json")
+        assert [d.message_id for d in await queue.dead_letters()] == [delivery.id]
+    finally:
+        await queue.aclose()

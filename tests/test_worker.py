@@ -164,12 +164,15 @@ async def otp_router_cli(*args: str, env: dict[str, str]) -> asyncio.subprocess.
 # --- the distributed guarantees ---------------------------------------------------
 
 
-@pytest.fixture(params=["redis", "sqlite"])
+@pytest.fixture(params=["redis", "redis-cluster", "sqlite"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A shared store (and, derived from it, queue) on Redis or on a SQLite file."""
+    """A shared store (and, derived from it, queue): Redis, a three-master Redis Cluster or a SQLite file."""
     if request.param == "redis":
         url: str = request.getfixturevalue("redis_url")
         return url
+    if request.param == "redis-cluster":
+        cluster_url: str = request.getfixturevalue("redis_cluster_url")
+        return cluster_url
     return f"sqlite:///{tmp_path / 'otp.db'}"
 
 

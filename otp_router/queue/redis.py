@@ -3,7 +3,7 @@
 * :meth:`RedisStreamQueue.read` is ``XREADGROUP … >``: each entry goes to one
   consumer of the group and stays in the group's pending entries list (PEL)
   under that consumer's name.
-* :meth:`RedisStreamQueue.ack` is ``XACK`` + ``XDEL`` in one transaction: a
+* :meth:`RedisStreamQueue.ack` is ``XACK`` + ``XDEL`` in one Lua script: a
   processed entry leaves the stream, so the stream's length is always the
   waiting plus the pending messages and never grows without bound.
 * :meth:`RedisStreamQueue.reclaim` is ``XAUTOCLAIM``: entries idle in a
@@ -20,7 +20,12 @@ The consumer group is created on first use (``XGROUP CREATE … 0 MKSTREAM``,
 worker ever ran are consumed too; if the stream is deleted under a running
 worker, the group is recreated on the next ``NOGROUP`` error.
 
-Key names are in :mod:`otp_router.constants`.
+Key names are in :mod:`otp_router.constants`. With ``cluster=1`` the queue
+talks to a Redis Cluster and its two streams share one hash tag, so every
+command and script touches one slot: the queue lives on one shard, which
+serves far more messages a second than the workers start verifications (see
+the README's "Scale" section). The store's keys are spread over the other
+slots; the heartbeat keys are single keys anywhere.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ __all__ = ["RedisStreamQueue"]
 _VAR = "OTP_ROUTER_QUEUE_URL"
 #: Query parameters the store reads from the same URL; the queue ignores them.
 _STORE_PARAMS = frozenset({"idempotency_ttl", "record_ttl", "shards"})
+#: Smallest per-node pool on a cluster, whose pools fail rather than wait when full.
+_CLUSTER_MIN_CONNECTIONS = 200
 #: Fields the dead-letter stream adds to the original ones.
 _DEAD_FIELDS = ("reason", "failed_at", "message_id", "attempts")
 
@@ -60,6 +67,46 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 return acked
 """
 
+# KEYS: stream. ARGV: group, id. Acknowledge and delete (a script, not MULTI: one slot, one round trip).
+_ACK = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: stream. ARGV: group. Returns {stream length, pending entries} read at one instant.
+_COUNTS = """
+local length = redis.call('XLEN', KEYS[1])
+local summary = redis.call('XPENDING', KEYS[1], ARGV[1])
+return {length, summary[1]}
+"""
+
+# KEYS: stream. ARGV: group. Returns {id of the first entry after the group's
+# last-delivered id or '', server seconds, microseconds}.
+_OLDEST_WAITING = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('NOGROUP the stream is gone')
+end
+local last = nil
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local name, delivered = nil, nil
+  for i = 1, #group, 2 do
+    if group[i] == 'name' then name = group[i + 1] end
+    if group[i] == 'last-delivered-id' then delivered = group[i + 1] end
+  end
+  if name == ARGV[1] then last = delivered end
+end
+if last == nil then
+  return redis.error_reply('NOGROUP no such consumer group')
+end
+local now = redis.call('TIME')
+local first = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)
+if #first == 0 then
+  return {'', now[1], now[2]}
+end
+return {first[1][1], now[1], now[2]}
+"""
+
 
 def _entry_time(entry_id: str) -> float:
     """Unix time encoded in a stream entry id (milliseconds before the dash)."""
@@ -75,12 +122,16 @@ class RedisStreamQueue(RedisConnection):
         url: ``redis://…``, ``rediss://…`` or ``unix://…``. Our query
             parameters are taken out before the rest goes to redis-py:
             ``prefix`` (shared with the store), ``group`` (consumer group
-            name) and ``dead_letter_maxlen``. The store's own parameters
-            (``idempotency_ttl``, ``record_ttl``) are ignored, so one URL can
-            serve both.
+            name), ``dead_letter_maxlen`` and ``cluster=1`` (a Redis
+            Cluster; the keys of :mod:`otp_router.constants`' cluster
+            layout). The store's own parameters (``idempotency_ttl``,
+            ``record_ttl``, ``shards``) are ignored, so one URL can serve both.
         prefix: Key prefix when the URL has none; default ``otp-router``.
         group: Consumer group when the URL has none; default ``otp-router-workers``.
         max_connections: Pool size. A blocking read holds one connection.
+            On a cluster it is per node and callers beyond it fail instead
+            of waiting (redis-py's cluster pools do not wait), so it is at
+            least 200 there: more than a worker's concurrent acknowledgements.
 
     Raises:
         ConfigError: The ``redis`` package is missing or a parameter is invalid.
@@ -101,13 +152,8 @@ class RedisStreamQueue(RedisConnection):
         client_url, params = split_redis_url(
             url, ours=("prefix", "group", "dead_letter_maxlen", "cluster"), ignored=_STORE_PARAMS
         )
-        if cluster_param(params, _VAR):
-            # The store runs on a cluster (cluster=1); the queue's keys are not hash-tagged yet.
-            raise ConfigError(
-                f"{_VAR}: the queue does not run on a Redis Cluster yet; set OTP_ROUTER_QUEUE_URL "
-                "to one Redis (or SQLite) when the store URL has cluster=1"
-            )
-        self.keys = QueueKeys(params.get("prefix", prefix or DEFAULT_PREFIX))
+        cluster = cluster_param(params, _VAR)
+        self.keys = QueueKeys(params.get("prefix", prefix or DEFAULT_PREFIX), tagged=cluster)
         self.group = params.get("group", group or DEFAULT_GROUP)
         if not self.keys.prefix or not self.group:
             raise ConfigError(f"{_VAR}: prefix and group must not be empty")
@@ -119,8 +165,16 @@ class RedisStreamQueue(RedisConnection):
         # program) reads as text with lone surrogates, which parse_message refuses
         # as bad_encoding, and dead-lettering writes the very same bytes back.
         # Strict decoding would fail every read that includes it, forever.
-        super().__init__(client_url, max_connections=max_connections, encoding_errors="surrogateescape")
+        super().__init__(
+            client_url,
+            max_connections=max(max_connections, _CLUSTER_MIN_CONNECTIONS) if cluster else max_connections,
+            encoding_errors="surrogateescape",
+            cluster=cluster,
+        )
         self._dead_letter: AsyncScript = self._client.register_script(_DEAD_LETTER)
+        self._ack: AsyncScript = self._client.register_script(_ACK)
+        self._counts: AsyncScript = self._client.register_script(_COUNTS)
+        self._oldest_waiting: AsyncScript = self._client.register_script(_OLDEST_WAITING)
         self._group_ready = False
 
     # -- plumbing ---------------------------------------------------------
@@ -181,12 +235,9 @@ class RedisStreamQueue(RedisConnection):
         return [Delivery(eid, dict(fields or {}), _entry_time(eid)) for eid, fields in entries]
 
     async def ack(self, delivery: Delivery) -> None:
-        """``XACK`` and ``XDEL`` in one transaction."""
+        """``XACK`` and ``XDEL`` in one script."""
         with self._mapped():
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.xack(self.keys.stream, self.group, delivery.id)
-                pipe.xdel(self.keys.stream, delivery.id)
-                await pipe.execute()
+            await self._ack(keys=[self.keys.stream], args=[self.group, delivery.id])
 
     async def reclaim(self, consumer: str, min_idle: float, count: int) -> list[Delivery]:
         """``XAUTOCLAIM`` entries idle for ``min_idle`` seconds, following the cursor."""
@@ -284,30 +335,21 @@ class RedisStreamQueue(RedisConnection):
 
     async def _length_and_pending(self) -> tuple[int, int]:
         async def call() -> Any:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.xlen(self.keys.stream)
-                pipe.xpending(self.keys.stream, self.group)
-                return await pipe.execute()
+            return await self._counts(keys=[self.keys.stream], args=[self.group])
 
-        length, summary = await self._grouped(call)
-        return int(length), int(summary["pending"])
+        length, pending = await self._grouped(call)
+        return int(length), int(pending)
 
     async def lag(self) -> float:
-        """Age of the first entry after the group's last-delivered id, by Redis's clock."""
+        """Age of the first entry after the group's last-delivered id, by Redis's clock (one script)."""
 
         async def call() -> Any:
-            return await self._client.xinfo_groups(self.keys.stream)
+            return await self._oldest_waiting(keys=[self.keys.stream], args=[self.group])
 
-        groups: list[dict[str, Any]] = await self._grouped(call)
-        last = next((str(g["last-delivered-id"]) for g in groups if g["name"] == self.group), "0-0")
-        with self._mapped():
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.xrange(self.keys.stream, f"({last}", "+", count=1)
-                pipe.time()
-                first, (seconds, micros) = await pipe.execute()
+        first, seconds, micros = await self._grouped(call)
         if not first:
             return 0.0
-        return max(0.0, int(seconds) + int(micros) / 1e6 - _entry_time(str(first[0][0])))
+        return max(0.0, int(seconds) + int(micros) / 1e6 - _entry_time(str(first)))
 
     async def heartbeat(self, worker: str, ttl: float) -> None:
         """``SET <prefix>:heartbeat:<worker> <now> PX <ttl>``."""
