@@ -30,6 +30,7 @@ series names that appear in PromQL.
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 import time
@@ -37,7 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -218,6 +219,20 @@ _UNSET_UNTIL_REPORTED = frozenset(
     {"otp_router_telegram_balance_credits", "otp_router_worker_heartbeat_timestamp_seconds"}
 )
 
+#: How a gauge's per-process values combine when several worker processes share one
+#: ``PROMETHEUS_MULTIPROC_DIR`` (``otp-router worker --processes N``; prometheus-client's
+#: modes: ``live*`` count processes still running only). Gauges absent here are only ever
+#: set by one process's own reports (see :data:`_UNSET_UNTIL_REPORTED`).
+_MULTIPROCESS_MODES: Mapping[str, str] = MappingProxyType(
+    {
+        "otp_router_learned_deadline_seconds": "mostrecent",  # every process learns the same cells
+        "otp_router_circuit_state": "livemax",  # the worst state any live process is in
+        "otp_router_queue_depth": "livemostrecent",  # one queue, read by every process
+        "otp_router_queue_lag_seconds": "livemostrecent",
+        "otp_router_inflight": "livesum",  # messages in flight across the processes
+    }
+)
+
 #: Family name -> type, for every exported metric.
 METRIC_NAMES: Mapping[str, MetricType] = MappingProxyType({spec.name: spec.type for spec in METRICS})
 
@@ -330,6 +345,13 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        #: Labelled children by (family, label values), so the hot path skips prometheus-client's
+        #: own label validation and lookup lock (a labelled child never changes once created).
+        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+        #: Set when prometheus-client writes samples to per-process files (several worker
+        #: processes): ``/metrics`` then reads every process's files, not this registry.
+        self._multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        self._exposition: CollectorRegistry | None = None
         self._counters: dict[str, Counter] = {}
         self._gauges: dict[str, Gauge] = {}
         self._histograms: dict[str, Histogram] = {}
@@ -342,7 +364,14 @@ class Metrics:
             elif spec.type == "counter":
                 self._counters[spec.name] = Counter(spec.name, spec.doc, spec.labels, registry=self.registry)
             elif spec.type == "gauge":
-                self._gauges[spec.name] = Gauge(spec.name, spec.doc, spec.labels, registry=self.registry)
+                mode = _MULTIPROCESS_MODES.get(spec.name, "all")
+                self._gauges[spec.name] = Gauge(
+                    spec.name,
+                    spec.doc,
+                    spec.labels,
+                    registry=self.registry,
+                    multiprocess_mode=cast("Any", mode),
+                )
             else:
                 self._histograms[spec.name] = Histogram(
                     spec.name, spec.doc, spec.labels, registry=self.registry, buckets=spec.buckets
@@ -354,22 +383,30 @@ class Metrics:
         for outcome in QUEUE_OUTCOMES:
             self._counters["otp_router_queue_messages"].labels(outcome=outcome)
 
+    def _child(self, family: Any, name: str, labels: dict[str, str]) -> Any:
+        """``family.labels(**labels)``, cached; label values are already cleaned by the callers."""
+        key = (name, tuple(labels.values()))
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(**labels)
+        return child
+
     def _inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         counter = self._counters[name]
-        (counter.labels(**labels) if labels else counter).inc(amount)
+        (self._child(counter, name, labels) if labels else counter).inc(amount)
 
     def _observe(self, name: str, seconds: float, **labels: str) -> None:
         value = _seconds(seconds)
         if value is not None:
             histogram = self._histograms[name]
-            (histogram.labels(**labels) if labels else histogram).observe(value)
+            (self._child(histogram, name, labels) if labels else histogram).observe(value)
 
     def _set(self, name: str, value: float, **labels: str) -> None:
         if name in self._reported:
             self._reported[name].set(value)
             return
         gauge = self._gauges[name]
-        (gauge.labels(**labels) if labels else gauge).set(value)
+        (self._child(gauge, name, labels) if labels else gauge).set(value)
 
     def render(self) -> tuple[bytes, str]:
         """Render this recorder's registry for a ``/metrics`` endpoint.
@@ -380,7 +417,28 @@ class Metrics:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         assert self.registry is not None  # always set by __init__
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self._multiprocess_registry() or self.registry), CONTENT_TYPE_LATEST
+
+    def _multiprocess_registry(self) -> CollectorRegistry | None:
+        """In multiprocess mode, a registry reading every process's sample files (built once).
+
+        Counters and histograms are summed over the processes (including
+        exited ones, so totals never go back); gauges combine per
+        :data:`_MULTIPROCESS_MODES`. The two report-only gauges (Telegram
+        balance, worker heartbeat) are this serving process's own.
+        """
+        if self._multiprocess_dir is None:
+            return None
+        if self._exposition is None:
+            from prometheus_client import CollectorRegistry
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            exposition = CollectorRegistry()
+            MultiProcessCollector(exposition, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+            for gauge in self._reported.values():
+                exposition.register(cast("Collector", gauge))
+            self._exposition = exposition
+        return self._exposition
 
     # -- verifications -------------------------------------------------
 

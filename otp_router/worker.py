@@ -51,6 +51,7 @@ import os
 import signal
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Worker",
     "check_health",
+    "configure_logging",
     "create_worker",
     "default_worker_name",
     "run_worker",
@@ -226,6 +228,8 @@ class Worker:
         self._force = asyncio.Event()
         self._http: uvicorn.Server | None = None
         self._exit_code = 0
+        #: Messages this process handled, by outcome (for the stop log line).
+        self.handled: Counter[str] = Counter()
 
     # -- lifetime -------------------------------------------------------------
 
@@ -284,7 +288,15 @@ class Worker:
                         await self.queue.clear_heartbeat(self.name)
         finally:
             await self.queue.aclose()
-        log.info(_kv("worker_stopped", name=self.name, uptime_s=time.monotonic() - started))
+        log.info(
+            _kv(
+                "worker_stopped",
+                name=self.name,
+                consumer=self.consumer,
+                uptime_s=time.monotonic() - started,
+                **{kind: self.handled[kind] for kind in ("processed", "duplicate", "dead_letter", "retry")},
+            )
+        )
         return self._exit_code
 
     # -- consuming ------------------------------------------------------------
@@ -417,6 +429,7 @@ class Worker:
             await self.queue.dead_letter(delivery, reason)
             self.metrics.queue_message("dead_letter")
             self.metrics.dead_letter(reason)
+        self.handled[outcome.kind] += 1  # after the ack: an ack that failed counts nothing
         level = logging.WARNING if outcome.kind in ("dead_letter", "retry") else logging.INFO
         log.log(
             level,
@@ -560,7 +573,7 @@ def run_worker(settings: Settings | None = None, **kwargs: Any) -> int:
         The exit status: 0 after a clean stop, 1 when start-up failed.
     """
     settings = settings or Settings.load()
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
 
     async def main() -> int:
         worker = create_worker(settings, **kwargs)
@@ -635,6 +648,14 @@ def worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-http", action="store_true", help="do not serve webhooks, the API, /metrics and /healthz"
     )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N worker processes in one consumer group under a supervisor; the first serves HTTP "
+        "(default: %(default)s)",
+    )
 
 
 def run_worker_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -647,12 +668,20 @@ def run_worker_command(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigError(str(exc)) from None
     if args.check:
         return asyncio.run(check_health(settings, name=args.name))
+    if args.processes < 1:
+        raise ConfigError("--processes must be at least 1")
     # A burst run ends as soon as the queue is drained: serving webhooks for that long is pointless.
     serve_http = not (args.no_http or args.burst)
+    if args.processes > 1:
+        from otp_router.supervisor import run_processes
+
+        return run_processes(
+            settings, args.processes, burst=args.burst, name=args.name, serve_http=serve_http
+        )
     return run_worker(settings, burst=args.burst, name=args.name, serve_http=serve_http)
 
 
-def _configure_logging(level: str) -> None:
+def configure_logging(level: str) -> None:
     """Log to stderr at ``level`` unless the application configured logging already."""
     if logging.getLogger().handlers:
         return
