@@ -47,6 +47,7 @@ from otp_router.models import CheckResult, FallbackInfo, Verification
 from otp_router.phone import PhoneNumber, parse_phone
 from otp_router.policy import AutoDeadline, CountryRule, Policy, Step
 from otp_router.providers.base import (
+    Capabilities,
     Channel,
     ChannelName,
     DeliveryState,
@@ -57,6 +58,7 @@ from otp_router.providers.base import (
     StatusResult,
     SupportsLookup,
 )
+from otp_router.providers.registry import AdapterContext, register_adapter
 from otp_router.queue import Enqueued, enqueue
 from otp_router.router import OtpRouter, ResendNotAllowed
 from otp_router.sync import SyncOtpRouter
@@ -64,8 +66,10 @@ from otp_router.sync import SyncOtpRouter
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterContext",
     "AllProvidersFailed",
     "AutoDeadline",
+    "Capabilities",
     "Channel",
     "ChannelName",
     "CheckOutcome",
@@ -119,4 +123,5 @@ __all__ = [
     "choose_deadline",
     "enqueue",
     "parse_phone",
+    "register_adapter",
 ]

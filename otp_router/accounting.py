@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from otp_router.core import Attempt, VerificationState
-from otp_router.providers.base import ChannelName
 
 __all__ = ["PaidTwice", "paid_twice", "time_to_code"]
 
@@ -36,15 +35,20 @@ class PaidTwice:
     extra: Decimal
 
 
-def _kept_telegram(attempt: Attempt) -> bool:
-    """A Telegram charge that will not be refunded any more.
+def _refunding(state: VerificationState, attempt: Attempt) -> bool:
+    """The attempt's route refunds a message not delivered within its ttl (Telegram)."""
+    return state.steps[attempt.step].capabilities.refunds_undelivered
+
+
+def _kept_telegram(state: VerificationState, attempt: Attempt) -> bool:
+    """A refundable charge (Telegram's) that will not be refunded any more.
 
     A charged message is refunded when it is not delivered within its ttl; so
     the charge is kept once the message is delivered, or once the provider's
     final cost says so. Before either, a charge may still turn into a refund
     and the verification is not (yet) counted.
     """
-    if attempt.channel is not ChannelName.TELEGRAM or attempt.cost <= 0 or attempt.refunded:
+    if not _refunding(state, attempt) or attempt.cost <= 0 or attempt.refunded:
         return False
     return attempt.delivered_at is not None or attempt.cost_final
 
@@ -56,10 +60,10 @@ def paid_twice(state: VerificationState) -> PaidTwice | None:
         The amounts, or None when the verification paid for at most one channel
         (or its Telegram charge may still be refunded).
     """
-    kept = [a for a in state.attempts if _kept_telegram(a)]
+    kept = [a for a in state.attempts if _kept_telegram(state, a)]
     if not kept:
         return None
-    others = [a for a in state.attempts if a.channel is not ChannelName.TELEGRAM and a.cost > 0]
+    others = [a for a in state.attempts if not _refunding(state, a) and a.cost > 0]
     if not others:
         return None
     return PaidTwice(

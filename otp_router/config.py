@@ -39,7 +39,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from otp_router.errors import ConfigError
 from otp_router.inputs import is_text
 from otp_router.phone import NUMBER_TYPES
-from otp_router.providers.base import ChannelName
+from otp_router.providers.base import route_name
+from otp_router.providers.registry import DEFAULT_ROUTES
 
 __all__ = [
     "CircuitSettings",
@@ -248,10 +249,9 @@ class FraudSettings(_Section):
     @classmethod
     def _known_types(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
         out: dict[str, tuple[str, ...]] = {}
-        channels = {c.value for c in ChannelName}
         for channel, types in value.items():
-            if channel.strip().lower() not in channels:
-                raise ValueError(f"unknown channel {channel!r}; known: {', '.join(sorted(channels))}")
+            # Routes are open names: any well-formed one (a route not configured is never used).
+            route_name(channel.strip().lower())
             names = tuple(dict.fromkeys(t.strip().lower() for t in types))
             unknown = sorted(set(names) - NUMBER_TYPES)
             if unknown:
@@ -296,6 +296,10 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
     )
 
+    #: Route name -> adapter (a built-in or registered name, or ``"package.module:Class"``), e.g.
+    #: ``{"telegram": "telegram", "sms": "twilio_sms", "push": "myapp.push:PushChannel"}``. A route
+    #: whose adapter's section is disabled is left out. See ``otp_router.providers.registry``.
+    routes: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ROUTES))
     telegram: TelegramSettings = TelegramSettings()
     twilio: TwilioSettings = TwilioSettings()
     retry: RetrySettings = RetrySettings()
@@ -351,6 +355,25 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     _checked = field_validator("*")(_checked)
+
+    @field_validator("routes")
+    @classmethod
+    def _route_names(cls, value: dict[str, str]) -> dict[str, str]:
+        return {route_name(route): adapter for route, adapter in value.items()}
+
+    @field_validator("fraud")
+    @classmethod
+    def _fraud_routes(cls, value: FraudSettings, info: ValidationInfo) -> FraudSettings:
+        # A misspelt route must not silently leave a channel on its defaults. The
+        # default routes are always known (their entries are the defaults).
+        routes = {*info.data.get("routes", {}), *DEFAULT_ROUTES}
+        unknown = sorted(set(value.allowed_number_types) - routes)
+        if unknown:
+            raise ValueError(
+                f"{ENV_PREFIX}FRAUD__ALLOWED_NUMBER_TYPES: unknown route {unknown[0]!r};"
+                f" configured: {', '.join(sorted(routes))}"
+            )
+        return value
 
     @field_validator("public_url")
     @classmethod

@@ -17,17 +17,23 @@ later and the core decides what is safe:
   lost with its ``request_id``, but Telegram charged it in advance if the
   number is reachable: when the repeat says reachable, the lost one is booked
   too, as an estimate at the same fee (the lost id cannot be asked about);
-* an interrupted Telegram send that had a probe ``request_id`` is re-issued
-  with the same ``request_id``: Telegram allows one message per request id
-  (``MESSAGE_ALREADY_SENT``), so this cannot produce a second message, and
-  that answer means the first send went through (:class:`SendOk`, keep
-  waiting for delivery on Telegram);
-* an interrupted send without such an id (SMS) may or may not have left, so
-  it is *not* repeated: the attempt is treated as sent with an unknown
-  reference and the user can ask for a resend.
+* an interrupted send through a route whose sends are idempotent per probe
+  reference (``Capabilities.idempotent_ref``: Telegram's ``request_id``) is
+  re-issued with the same reference: the provider allows one message per
+  reference, so this cannot produce a second message, and its "already
+  sent" answer (:class:`~otp_router.errors.MessageAlreadySent`) means the
+  first send went through (:class:`SendOk`, keep waiting for delivery);
+* an interrupted send without such a reference (SMS) may or may not have
+  left, so it is *not* repeated: the attempt is treated as sent with an
+  unknown reference and the user can ask for a resend.
 
-An ambiguous SMS send (a 5xx or a timeout after the request was written, or a
-crash during the call) is then resolved by *lookups*: at the delays in
+The core knows channels only by their capabilities (:class:`~otp_router.providers.base.Capabilities`,
+carried by each :class:`~otp_router.policy.Step`), never by a route's or a
+provider's name.
+
+An ambiguous send through a route that can look messages up
+(``Capabilities.lookup``: a 5xx or a timeout after the request was written,
+or a crash during the call) is then resolved by *lookups*: at the delays in
 ``lookup_delays`` after the send began the core emits :class:`Lookup`, the
 shell asks the provider whether the message exists and feeds the answer back
 as :class:`LookupDone`. Found: its reference is recorded and the attempt
@@ -42,11 +48,12 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from otp_router.policy import Step
-from otp_router.providers.base import ChannelName, DeliveryState
+from otp_router.providers.base import DeliveryState, route_name
 from otp_router.store.base import LedgerEntry
 
 __all__ = [
@@ -92,7 +99,8 @@ SETTLE_DELAY = 15.0
 #: How many times to ask; after that the estimate stands (and is logged).
 SETTLE_TRIES = 5
 
-PROVIDER_OF = {ChannelName.TELEGRAM: "telegram", ChannelName.SMS: "twilio"}
+#: A route name as stored: the default routes come back as their ``ChannelName`` constants.
+RouteName = Annotated[str, AfterValidator(route_name)]
 
 
 class Status(enum.StrEnum):
@@ -169,7 +177,7 @@ class Attempt(_Model):
     """One step's attempt; at most one per step."""
 
     step: int
-    channel: ChannelName
+    channel: RouteName
     provider: str
     phase: AttemptPhase
     started_at: float
@@ -208,8 +216,8 @@ class Attempt(_Model):
 class FallbackRecord(_Model):
     """A move from one step to the next, with its reason."""
 
-    from_channel: ChannelName
-    to_channel: ChannelName | None
+    from_channel: RouteName
+    to_channel: RouteName | None
     reason: FallbackReason
     at: float
 
@@ -253,7 +261,7 @@ class VerificationState(_Model):
         return self.attempts[-1] if self.attempts and self.attempts[-1].step == self.step else None
 
     @property
-    def channel(self) -> ChannelName | None:
+    def channel(self) -> str | None:
         """Channel in use (the current attempt's), or None before the first attempt."""
         return self.attempts[-1].channel if self.attempts else None
 
@@ -417,7 +425,7 @@ class Probe:
     """Ask ``channel`` whether the number can receive."""
 
     step: int
-    channel: ChannelName
+    channel: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,7 +433,7 @@ class Send:
     """Send the code through ``channel``; ``resume`` re-issues an interrupted send by probe id."""
 
     step: int
-    channel: ChannelName
+    channel: str
     ttl: int
     probe_ref: str | None
     attempt: int
@@ -437,7 +445,7 @@ class Revoke:
     """Withdraw an undelivered message."""
 
     step: int
-    channel: ChannelName
+    channel: str
     ref: str
 
 
@@ -445,7 +453,7 @@ class Revoke:
 class ReportCode:
     """Tell the provider which code the user entered (the shell holds the code)."""
 
-    channel: ChannelName
+    channel: str
     ref: str
 
 
@@ -454,7 +462,7 @@ class Settle:
     """Ask the provider for the final state and cost of an attempt no longer in play."""
 
     step: int
-    channel: ChannelName
+    channel: str
     ref: str
 
 
@@ -467,7 +475,7 @@ class Lookup:
     """
 
     step: int
-    channel: ChannelName
+    channel: str
     since: float
 
 
@@ -475,8 +483,8 @@ class Lookup:
 class FellBack:
     """Informational: the workflow moved on (for metrics and logs)."""
 
-    from_channel: ChannelName
-    to_channel: ChannelName | None
+    from_channel: str
+    to_channel: str | None
     reason: FallbackReason
 
 
@@ -499,7 +507,7 @@ class Checked:
 class CodeDelivered:
     """Informational: a channel reported the code delivered ``seconds`` after the start."""
 
-    channel: ChannelName
+    channel: str
     seconds: float
 
 
@@ -512,7 +520,7 @@ class LatencyObserved:
     when the outcome happened.
     """
 
-    channel: ChannelName
+    channel: str
     seconds: float | None
     at: float
 

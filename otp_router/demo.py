@@ -388,7 +388,7 @@ async def _tally(router: OtpRouter, ids: list[str], summary: DemoSummary, prices
             summary.fallbacks[f.reason.value] += 1
         for attempt in state.attempts:
             if attempt.delivered_at is not None:
-                summary.delivered[attempt.channel.value] += 1
+                summary.delivered[str(attempt.channel)] += 1
         seconds = time_to_code(state)
         if seconds is not None:
             summary.time_to_code.append(seconds)

@@ -9,13 +9,13 @@ by the retry hook (``otp_router_provider_retries_total``).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from otp_router.metrics import Metrics, NullMetrics, provider_outcome
 from otp_router.providers.base import (
+    Capabilities,
     Channel,
-    ChannelName,
     ProbeResult,
     SendRequest,
     SendResult,
@@ -27,21 +27,16 @@ __all__ = ["InstrumentedChannel", "method_names"]
 
 _T = TypeVar("_T")
 
-_METHODS: dict[str, dict[str, str]] = {
-    "telegram": {
-        "probe": "checkSendAbility",
-        "send": "sendVerificationMessage",
-        "status": "checkVerificationStatus",
-        "revoke": "revokeVerificationMessage",
-        "report_code": "checkVerificationStatus",
-    },
-    "twilio": {"send": "messages.create", "status": "messages.fetch", "find_sent": "messages.list"},
-}
 
+def method_names(channel: object) -> Mapping[str, str]:
+    """Provider API method per channel verb, as the adapter declares them in ``methods``.
 
-def method_names(provider: str) -> dict[str, str]:
-    """Provider API method per channel verb (unknown providers keep the verb)."""
-    return _METHODS.get(provider, {})
+    A verb the adapter leaves out keeps its own name when it is recorded; the
+    calls with no remote counterpart (``probe``, ``revoke``, ``report_code``)
+    are recorded only when listed.
+    """
+    methods = getattr(channel, "methods", None)
+    return methods if isinstance(methods, Mapping) else {}
 
 
 class InstrumentedChannel:
@@ -54,10 +49,22 @@ class InstrumentedChannel:
 
     def __init__(self, inner: Channel, metrics: Metrics | NullMetrics) -> None:
         self.inner = inner
-        self.name: ChannelName = inner.name
+        self.name: str = inner.name
         self.provider: str = inner.provider
         self._metrics = metrics
-        self._methods = method_names(inner.provider)
+        self._methods = method_names(inner)
+        caps = getattr(inner, "capabilities", None)
+        if not isinstance(caps, Capabilities):
+            # An adapter written before capabilities existed: those of its default route.
+            from otp_router.providers.registry import route_capabilities
+
+            caps = route_capabilities(inner.name)
+        self.capabilities: Capabilities = caps
+
+    def callback_url(self, base: str, payload: str) -> str | None:
+        """The wrapped channel's delivery-report URL under ``base``, if it takes callbacks."""
+        make = getattr(self.inner, "callback_url", None)
+        return make(base, payload) if callable(make) else None
 
     async def _timed(self, verb: str, call: Callable[[], Awaitable[_T]], *, remote: bool = True) -> _T:
         if not remote:

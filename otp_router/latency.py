@@ -362,7 +362,7 @@ class LearnedDeadlines:
                 sms.delivered_mean() if sms is not None and sms.count >= policy.auto_min_samples else None
             )
             seconds = choose_deadline(
-                self._estimate.get((step.channel.value, region)),
+                self._estimate.get((str(step.channel), region)),
                 bounds=step.auto,
                 ttl=step.ttl,
                 telegram_price=float(prices.telegram),

@@ -13,7 +13,6 @@ from decimal import Decimal
 
 from otp_router.core import (
     IO_LEASE,
-    PROVIDER_OF,
     SETTLE_DELAY,
     SETTLE_TRIES,
     Attempt,
@@ -52,7 +51,7 @@ from otp_router.core import (
     VerificationState,
 )
 from otp_router.policy import Step
-from otp_router.providers.base import ChannelName, DeliveryState
+from otp_router.providers.base import Capabilities, DeliveryState
 from otp_router.store.base import LedgerEntry, LedgerKind
 
 __all__ = ["apply", "new_state"]
@@ -175,7 +174,7 @@ class _Builder:
                 # A replayed event that lost its CAS race produces the same key and is dropped.
                 key=f"{self.state.id}/{attempt.step}/{attempt.entries}",
                 verification_id=self.state.id,
-                channel=attempt.channel.value,
+                channel=str(attempt.channel),
                 provider=attempt.provider,
                 region=self.state.region,
                 kind=kind,
@@ -210,7 +209,7 @@ class _Builder:
         attempt = Attempt(
             step=index,
             channel=step.channel,
-            provider=PROVIDER_OF[step.channel],
+            provider=step.provider,
             phase=AttemptPhase.PROBING if step.probe else AttemptPhase.SENDING,
             started_at=now,
             io_since=now,
@@ -284,12 +283,7 @@ def _dispatch(state: VerificationState, event: Event, now: float) -> Transition:
         case Cancel():
             if state.status is Status.PENDING:
                 cur = state.current
-                if (
-                    cur
-                    and cur.ref
-                    and cur.phase is AttemptPhase.AWAITING
-                    and cur.channel is ChannelName.TELEGRAM
-                ):
+                if cur and cur.ref and cur.phase is AttemptPhase.AWAITING and _caps(state, cur).revoke:
                     b.effects.append(Revoke(cur.step, cur.channel, cur.ref))
                 b.finish(Status.CANCELED, now)
         case Resend():
@@ -538,8 +532,9 @@ def _deadline_reached(b: _Builder, now: float) -> None:
             # probe is booked once the new answer says whether it was charged.
             b.put_attempt(cur.model_copy(update={"io_since": now, "lost_probes": cur.lost_probes + 1}))
             b.effects.append(Probe(cur.step, cur.channel))
-        case AttemptPhase.SENDING if cur.channel is ChannelName.TELEGRAM and cur.probe_ref:
-            # Same request_id: Telegram sends at most one message per id, so this is safe.
+        case AttemptPhase.SENDING if _caps(state, cur).idempotent_ref and cur.probe_ref:
+            # Same probe reference: the provider sends at most one message per reference
+            # (Telegram's request_id), so this is safe.
             cur = cur.model_copy(update={"io_since": now})
             b.put_attempt(cur)
             b.effects.append(b.send_effect(cur, resume=True))
@@ -548,8 +543,8 @@ def _deadline_reached(b: _Builder, now: float) -> None:
             sent = cur.model_copy(
                 update={"phase": AttemptPhase.AWAITING, "sent_at": cur.io_since, "reason": "send_unconfirmed"}
             )
-            if cur.channel is ChannelName.SMS:
-                # Twilio can be asked whether the message exists (see _lookup_done).
+            if _caps(state, cur).lookup:
+                # The provider can be asked whether the message exists (see _lookup_done).
                 sent = sent.model_copy(update={"lookup_at": _next_lookup(state, sent)})
             b.put_attempt(sent)
         case AttemptPhase.AWAITING if cur.ref is None and cur.lookup_at is not None and now >= cur.lookup_at:
@@ -585,7 +580,7 @@ def _code_entered(b: _Builder, matches: bool, now: float) -> None:
         b.effects.append(Checked(CheckOutcome.EXPIRED, state.checks_left))
         return
     for attempt in state.attempts:
-        if attempt.channel is ChannelName.TELEGRAM and attempt.ref and attempt.sent_at is not None:
+        if _caps(state, attempt).report_code and attempt.ref and attempt.sent_at is not None:
             b.effects.append(ReportCode(attempt.channel, attempt.ref))
     if matches:
         b.finish(Status.VERIFIED, now)
@@ -624,6 +619,11 @@ def _resend(b: _Builder, now: float) -> None:
         # Last step: repeat it as a new step, so each step still sends at most once.
         b.state = b.state.model_copy(update={"steps": (*state.steps, state.steps[cur.step])})
     b.fall_back(cur, FallbackReason.USER_RESEND, now, None)
+
+
+def _caps(state: VerificationState, attempt: Attempt) -> Capabilities:
+    """What the adapter of the attempt's step can do."""
+    return state.steps[attempt.step].capabilities
 
 
 def _out_of_steps(state: VerificationState) -> bool:

@@ -69,7 +69,7 @@ class Verification:
         return cls(
             id=state.id,
             status=state.status,
-            channel=state.channel.value if state.channel else None,
+            channel=str(state.channel) if state.channel else None,
             region=state.region,
             created_at=state.created_at,
             expires_at=state.expires_at,
@@ -78,7 +78,7 @@ class Verification:
             delivered=any(a.delivered_at is not None for a in state.attempts),
             fallbacks=tuple(
                 FallbackInfo(
-                    f.from_channel.value, f.to_channel.value if f.to_channel else None, f.reason.value, f.at
+                    str(f.from_channel), str(f.to_channel) if f.to_channel else None, f.reason.value, f.at
                 )
                 for f in state.fallbacks
             ),

@@ -84,20 +84,16 @@ fall back to a default.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from otp_router.errors import ConfigError, UnsupportedCountry
-from otp_router.providers.base import ChannelName
+from otp_router.providers.base import Capabilities, ChannelName, route_name
 
 __all__ = ["AutoDeadline", "CountryRule", "Policy", "Step"]
 
-TELEGRAM_TTL_MIN = 30
-TELEGRAM_TTL_MAX = 3600
-#: Longest SMS validity period we ask for (Twilio's ``ValidityPeriod`` caps lower; its adapter clamps).
-SMS_TTL_MAX = 36000
 #: The ``deliver_within`` value that asks for a learned deadline.
 AUTO = "auto"
 #: Default bounds of a learned (``"auto"``) deadline, seconds.
@@ -105,17 +101,20 @@ AUTO_MIN = 3.0
 AUTO_MAX = 30.0
 
 
-def default_ttl(channel: ChannelName, deliver_within: float) -> int:
-    """The ttl a step gets when none is configured.
+def _default_binding(route: str) -> tuple[str, Capabilities]:
+    """Provider and capabilities of the adapter the default configuration binds to ``route``."""
+    from otp_router.providers.registry import route_binding
 
-    Telegram: ``max(30, deliver_within)`` within 30..3600, so that by default
-    an undelivered message is refunded no earlier than the fallback. SMS:
-    ``deliver_within`` (at least 1 s).
+    return route_binding(route)
+
+
+def default_ttl(caps: Capabilities, deliver_within: float) -> int:
+    """The ttl a step gets when none is configured: ``deliver_within`` within the channel's range.
+
+    For Telegram (30..3600 s) that is ``max(30, deliver_within)``, so that by
+    default an undelivered message is refunded no earlier than the fallback.
     """
-    seconds = max(1, round(deliver_within))
-    if channel is ChannelName.TELEGRAM:
-        return min(max(seconds, TELEGRAM_TTL_MIN), TELEGRAM_TTL_MAX)
-    return min(seconds, SMS_TTL_MAX)
+    return caps.clamp_ttl(max(1, round(deliver_within)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +140,7 @@ class Step:
     """One step of the workflow.
 
     Attributes:
-        channel: Channel to send through.
+        channel: Route to send through (an open name bound to an adapter in configuration).
         deliver_within: Seconds to wait for a delivery report before falling
             back. For an ``auto`` step: the deadline used until one is learned.
         probe: Ask the channel first whether the number can receive (Telegram's
@@ -155,21 +154,42 @@ class Step:
             None for a fixed one. The router replaces an ``auto`` step by a
             fixed one (the learned deadline) when a verification starts, so a
             stored verification always holds concrete times.
+        provider: Provider of the adapter bound to the route ("" when building:
+            that of the default binding, see
+            :func:`otp_router.providers.registry.route_binding`).
+        caps: Capabilities of that adapter (None when building: those of the
+            default binding). The router binds both to the channel configured
+            for the route when a verification starts, and the stored
+            verification keeps them: crash recovery of an attempt follows what
+            the adapter that sent it can do, whatever the configuration says later.
     """
 
-    channel: ChannelName
+    channel: str
     deliver_within: float
     probe: bool = False
     ttl: int = 0
     auto: AutoDeadline | None = None
+    provider: str = ""
+    caps: Capabilities | None = None
 
     def __post_init__(self) -> None:
+        # Frozen dataclass: fill in the derived defaults once, at construction.
+        object.__setattr__(self, "channel", route_name(self.channel))
+        if self.caps is None or not self.provider:
+            provider, caps = _default_binding(self.channel)
+            object.__setattr__(self, "provider", self.provider or provider)
+            object.__setattr__(self, "caps", self.caps or caps)
         if not self.ttl:
             longest = (
                 self.deliver_within if self.auto is None else max(self.deliver_within, self.auto.maximum)
             )
-            # Frozen dataclass: fill in the derived default once, at construction.
-            object.__setattr__(self, "ttl", default_ttl(self.channel, longest))
+            object.__setattr__(self, "ttl", default_ttl(self.capabilities, longest))
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The bound adapter's capabilities (always set after construction)."""
+        assert self.caps is not None
+        return self.caps
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,17 +197,24 @@ class CountryRule:
     """Overrides for one ISO region.
 
     Attributes:
-        order: Channels to use, in this order (a subset of the workflow's channels).
-        skip: Channels never used for this country.
+        order: Routes to use, in this order (a subset of the workflow's routes).
+        skip: Routes never used for this country.
         blocked: No verification at all for numbers of this country.
         steps: Replacement steps by channel (``[countries.XX.<channel>]``):
             the workflow's step of that channel with this country's times.
     """
 
-    order: tuple[ChannelName, ...] | None = None
-    skip: frozenset[ChannelName] = frozenset()
+    order: tuple[str, ...] | None = None
+    skip: frozenset[str] = frozenset()
     blocked: bool = False
-    steps: Mapping[ChannelName, Step] = field(default_factory=dict)
+    steps: Mapping[str, Step] = field(default_factory=dict)
+
+
+def _known_routes() -> set[str]:
+    """Routes of the default configuration, and every registered adapter's name."""
+    from otp_router.providers.registry import known_routes
+
+    return known_routes()
 
 
 def _default_steps() -> tuple[Step, ...]:
@@ -200,7 +227,7 @@ def _default_steps() -> tuple[Step, ...]:
 
 def _raw_step(step: Step) -> dict[str, Any]:
     """A built step as the TOML table it could come from (for country overrides of defaults)."""
-    raw: dict[str, Any] = {"channel": step.channel.value, "probe": step.probe, "ttl": step.ttl}
+    raw: dict[str, Any] = {"channel": step.channel, "probe": step.probe, "ttl": step.ttl}
     if step.auto is None:
         raw["deliver_within"] = step.deliver_within
     else:
@@ -218,7 +245,6 @@ _TOP_KEYS = frozenset({"steps", "countries", "resend_cooldown", "max_resends"}) 
 _STEP_TIME_KEYS = frozenset({"deliver_within", "deliver_within_min", "deliver_within_max", "ttl"})
 _STEP_KEYS = frozenset({"channel", "probe"}) | _STEP_TIME_KEYS
 _COUNTRY_KEYS = frozenset({"order", "skip", "blocked"})
-_CHANNELS = frozenset(c.value for c in ChannelName)
 
 
 def _refuse_unknown(raw: Mapping[str, Any], known: frozenset[str], where: str) -> None:
@@ -259,12 +285,11 @@ def _count(value: Any, where: str) -> int:
     return value
 
 
-def _ttl(value: Any, channel: ChannelName, where: str) -> int:
+def _ttl(value: Any, channel: str, caps: Capabilities, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{where}.ttl must be a whole number of seconds")
-    low, high = (TELEGRAM_TTL_MIN, TELEGRAM_TTL_MAX) if channel is ChannelName.TELEGRAM else (1, SMS_TTL_MAX)
-    if not low <= value <= high:
-        raise ValueError(f"{where}.ttl must be {low}..{high} seconds for {channel.value}")
+    if not caps.ttl_min <= value <= caps.ttl_max:
+        raise ValueError(f"{where}.ttl must be {caps.ttl_min}..{caps.ttl_max} seconds for {channel}")
     return value
 
 
@@ -272,13 +297,14 @@ def _step(raw: Mapping[str, Any], where: str) -> Step:
     """Build one step from its TOML table (unknown keys already refused)."""
     if "channel" not in raw:
         raise ValueError(f"{where}: missing key 'channel'")
-    channel = ChannelName(raw["channel"])
-    ttl = _ttl(raw["ttl"], channel, where) if "ttl" in raw else 0
-    probe = raw.get("probe", channel is ChannelName.TELEGRAM)
+    channel = route_name(raw["channel"])
+    _, caps = _default_binding(channel)
+    ttl = _ttl(raw["ttl"], channel, caps, where) if "ttl" in raw else 0
+    probe = raw.get("probe", caps.probe)
     if not isinstance(probe, bool):
         raise ValueError(f"{where}.probe must be true or false")
     if raw.get("deliver_within") == AUTO:
-        auto = _auto(raw, channel, ttl, where)
+        auto = _auto(raw, channel, caps, ttl, where)
         return Step(channel=channel, deliver_within=auto.maximum, probe=probe, ttl=ttl, auto=auto)
     for key in ("deliver_within_min", "deliver_within_max"):
         if key in raw:
@@ -287,11 +313,14 @@ def _step(raw: Mapping[str, Any], where: str) -> Step:
     return Step(channel=channel, deliver_within=deliver_within, probe=probe, ttl=ttl)
 
 
-def _auto(raw: Mapping[str, Any], channel: ChannelName, ttl: int, where: str) -> AutoDeadline:
+def _auto(raw: Mapping[str, Any], channel: str, caps: Capabilities, ttl: int, where: str) -> AutoDeadline:
     """The bounds of a learned deadline; ``ttl`` 0 means "not given"."""
-    if channel is not ChannelName.TELEGRAM:
-        # The rule prices Telegram's refund window; no other channel has one.
-        raise ValueError(f"{where}.deliver_within = {AUTO!r} is only for telegram steps")
+    if not caps.refunds_undelivered:
+        # The rule prices a refund window (a message not delivered within its ttl is refunded).
+        raise ValueError(
+            f"{where}.deliver_within = {AUTO!r} is only for routes that refund undelivered"
+            f" messages, which {channel} does not"
+        )
     minimum = _seconds(raw.get("deliver_within_min", AUTO_MIN), f"{where}.deliver_within_min")
     maximum = _seconds(raw.get("deliver_within_max", ttl or AUTO_MAX), f"{where}.deliver_within_max")
     if minimum > maximum:
@@ -302,18 +331,18 @@ def _auto(raw: Mapping[str, Any], channel: ChannelName, ttl: int, where: str) ->
     return AutoDeadline(minimum, maximum)
 
 
-def _country(
-    region: str, raw: Mapping[str, Any], steps: Mapping[ChannelName, Mapping[str, Any]]
-) -> CountryRule:
+def _country(region: str, raw: Mapping[str, Any], steps: Mapping[str, Mapping[str, Any]]) -> CountryRule:
     """Build one ``[countries.XX]`` rule; ``steps`` are the workflow's raw step tables by channel."""
     where = f"countries.{region}"
     if len(region) != 2 or not region.isalpha() or not region.isupper():
         raise ValueError(f"country {region!r} is not an ISO 3166-1 alpha-2 code")
-    _refuse_unknown(raw, _COUNTRY_KEYS | _CHANNELS, where)
+    # Any other key is a route's step table (routes are open names); a scalar there is a typo.
+    tables = {k for k, v in raw.items() if isinstance(v, Mapping) or k in steps}
+    _refuse_unknown(raw, _COUNTRY_KEYS | tables, where)
     order = raw.get("order")
-    overrides: dict[ChannelName, Step] = {}
-    for name in _CHANNELS & set(raw):
-        channel = ChannelName(name)
+    overrides: dict[str, Step] = {}
+    for name in sorted(set(raw) - _COUNTRY_KEYS):
+        channel = route_name(name)
         table = _table(raw[name], f"{where}.{name}")
         _refuse_unknown(table, _STEP_TIME_KEYS, f"{where}.{name}")
         if channel not in steps:
@@ -328,8 +357,8 @@ def _country(
             base.pop("deliver_within_max", None)
         overrides[channel] = _step({**base, **table}, f"{where}.{name}")
     return CountryRule(
-        order=tuple(ChannelName(c) for c in order) if order is not None else None,
-        skip=frozenset(ChannelName(c) for c in raw.get("skip", [])),
+        order=tuple(route_name(c) for c in order) if order is not None else None,
+        skip=frozenset(route_name(c) for c in raw.get("skip", [])),
         blocked=bool(raw.get("blocked", False)),
         steps=overrides,
     )
@@ -383,22 +412,33 @@ class Policy:
         return steps
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Policy:
+    def from_dict(cls, data: Mapping[str, Any], *, routes: Collection[str] | None = None) -> Policy:
         """Build from parsed TOML/JSON.
 
+        Args:
+            data: The parsed policy.
+            routes: The route names a step may use (those configured); default:
+                the default configuration's routes and every registered adapter's name.
+
         Raises:
-            ConfigError: Unknown channel, bad number, or unknown key (named, with where it is).
+            ConfigError: Unknown route, bad number, or unknown key (named, with where it is).
         """
+        known = set(routes) if routes is not None else _known_routes()
         try:
             _refuse_unknown(data, _TOP_KEYS, "")
             raw_steps = [_table(raw, f"steps[{i}]") for i, raw in enumerate(data.get("steps", []))]
             for i, raw in enumerate(raw_steps):
                 _refuse_unknown(raw, _STEP_KEYS, f"steps[{i}]")
+                if "channel" in raw and raw["channel"] not in known:
+                    configured = ", ".join(sorted(known))
+                    raise ValueError(
+                        f"steps[{i}].channel: unknown route {raw['channel']!r}; configured: {configured}"
+                    )
             steps = tuple(_step(raw, f"steps[{i}]") for i, raw in enumerate(raw_steps)) or _default_steps()
             # Country step tables override the *first* step of their channel.
-            by_channel: dict[ChannelName, Mapping[str, Any]] = {}
+            by_channel: dict[str, Mapping[str, Any]] = {}
             for raw in raw_steps:
-                by_channel.setdefault(ChannelName(raw["channel"]), raw)
+                by_channel.setdefault(route_name(raw["channel"]), raw)
             if not raw_steps:
                 by_channel = {s.channel: _raw_step(s) for s in steps}
             countries = {
@@ -416,8 +456,11 @@ class Policy:
             raise ConfigError(f"invalid routing policy (OTP_ROUTER_POLICY_FILE): {exc}") from None
 
     @classmethod
-    def load(cls, path: Path | None) -> Policy:
-        """Load a TOML policy file, or the default policy when ``path`` is None."""
+    def load(cls, path: Path | None, *, routes: Collection[str] | None = None) -> Policy:
+        """Load a TOML policy file, or the default policy when ``path`` is None.
+
+        ``routes``: as for :meth:`from_dict`.
+        """
         if path is None:
             return cls()
         try:
@@ -428,4 +471,4 @@ class Policy:
             raise ConfigError(
                 f"cannot read routing policy OTP_ROUTER_POLICY_FILE={path}: not UTF-8, or nested too deeply"
             ) from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, routes=routes)

@@ -67,7 +67,6 @@ from otp_router.crashpoints import crash_point
 from otp_router.errors import (
     AllProvidersFailed,
     ConcurrentUpdate,
-    ConfigError,
     IdempotencyConflict,
     InputError,
     InvalidRecipient,
@@ -93,7 +92,7 @@ from otp_router.models import CheckResult, Verification
 from otp_router.phone import PhoneNumber, number_prefix, parse_phone
 from otp_router.policy import Policy, Step
 from otp_router.prices import SmsPrices
-from otp_router.providers.base import Channel, ChannelName, SendRequest, StatusResult, SupportsLookup
+from otp_router.providers.base import Channel, SendRequest, StatusResult, SupportsLookup, route_name
 from otp_router.store.base import (
     ConversionCheck,
     ConversionRule,
@@ -210,7 +209,8 @@ class OtpRouter:
 
     Args:
         store: Where verifications, deadlines and the ledger live.
-        channels: Adapters by channel name.
+        channels: Adapters by route name (open names a policy's steps use:
+            ``"telegram"``, ``"sms"``, ``"sms_backup"``, a user's own).
         settings: Code length/ttl, attempt limits, rate limits, public URL.
         policy: The routing workflow.
         prices: Price table, for the SMS-only comparison metric.
@@ -224,7 +224,7 @@ class OtpRouter:
         self,
         *,
         store: Store,
-        channels: Mapping[ChannelName, Channel],
+        channels: Mapping[str, Channel],
         settings: Settings | None = None,
         policy: Policy | None = None,
         prices: SmsPrices | None = None,
@@ -235,11 +235,13 @@ class OtpRouter:
     ) -> None:
         self.store = store
         self.settings = settings or Settings()
-        self.policy = policy or Policy.load(self.settings.policy_file)
+        self.policy = policy or Policy.load(
+            self.settings.policy_file, routes={*self.settings.routes, *map(str, channels)}
+        )
         self.prices = prices or SmsPrices.load(self.settings.prices_file)
         self.metrics = metrics if metrics is not None else get_metrics()
-        self.channels: dict[ChannelName, Channel] = {
-            name: InstrumentedChannel(channel, self.metrics) for name, channel in channels.items()
+        self.channels: dict[str, Channel] = {
+            route_name(name): InstrumentedChannel(channel, self.metrics) for name, channel in channels.items()
         }
         self.clock = clock
         self._http = http_client
@@ -250,7 +252,7 @@ class OtpRouter:
         self._circuits = {name: self._breaker(name) for name in self.channels}
         for name in self._circuits:
             # Export "closed" from the start, so a healthy channel is visible on dashboards.
-            self.metrics.circuit_state(name.value, int(CircuitState.CLOSED))
+            self.metrics.circuit_state(name, int(CircuitState.CLOSED))
         self._background: set[asyncio.Task[None]] = set()
         #: Deadline handlers in flight (each also in ``_background``).
         self._deadline_tasks: set[asyncio.Task[None]] = set()
@@ -264,9 +266,9 @@ class OtpRouter:
 
     # --- construction and lifetime --------------------------------------
 
-    def _breaker(self, name: ChannelName) -> CircuitBreaker:
+    def _breaker(self, name: str) -> CircuitBreaker:
         def on_change(state: CircuitState) -> None:
-            self.metrics.circuit_state(name.value, int(state))
+            self.metrics.circuit_state(name, int(state))
 
         return CircuitBreaker(
             failures=self.settings.circuit.failures,
@@ -282,32 +284,15 @@ class OtpRouter:
             ConfigError: A setting is invalid (the message names the variable).
         """
         from otp_router.http import create_http_client
-        from otp_router.providers.telegram import TelegramChannel
-        from otp_router.providers.twilio_sms import TwilioSmsChannel
+        from otp_router.providers.registry import AdapterContext, build_channels
         from otp_router.store import open_store
 
         settings = settings or Settings.load()
         metrics = kwargs.pop("metrics", None) or get_metrics()
         prices = kwargs.pop("prices", None) or SmsPrices.load(settings.prices_file)
-        if settings.telegram.enabled and not settings.telegram.token.get_secret_value():
-            raise ConfigError(
-                "OTP_ROUTER_TELEGRAM__TOKEN is empty: set it, "
-                "or OTP_ROUTER_TELEGRAM__ENABLED=false for SMS only"
-            )
         client = create_http_client(settings.http)
-        channels: dict[ChannelName, Channel] = {}
-        if settings.telegram.enabled:
-            channels[ChannelName.TELEGRAM] = TelegramChannel(
-                settings.telegram, settings.retry, client, on_retry=metrics.retry_hook("telegram", "call")
-            )
-        if settings.twilio.enabled:
-            channels[ChannelName.SMS] = TwilioSmsChannel(
-                settings.twilio,
-                settings.retry,
-                client,
-                prices=prices,
-                on_retry=metrics.retry_hook("twilio", "call"),
-            )
+        context = AdapterContext(client, prices, lambda provider: metrics.retry_hook(provider, "call"))
+        channels = build_channels(settings.routes, settings, context)
         return cls(
             store=open_store(settings.store_url),
             channels=channels,
@@ -434,7 +419,7 @@ class OtpRouter:
             check_text(default_region, name="default_region", max_length=8)
         number = parse_phone(phone, default_region=default_region)
         steps = self.policy.steps_for(number.region)
-        steps = tuple(s for s in steps if s.channel in self.channels)
+        steps = tuple(self._bind(s) for s in steps if s.channel in self.channels)
         if not steps:
             raise InputError(f"no configured channel can reach region {number.region}")
         steps = self._steps_for_type(number, steps)
@@ -670,7 +655,7 @@ class OtpRouter:
         except Exception:  # the loop must survive any single verification's failure
             log.exception("deadline handling failed for one verification")
 
-    async def _poll(self, snap: _Snap, channel_name: ChannelName, ref: str) -> _Snap:
+    async def _poll(self, snap: _Snap, channel_name: str, ref: str) -> _Snap:
         """Read a message's status from its provider and apply it as a delivery report."""
         channel = self.channels.get(channel_name)
         if channel is None:
@@ -782,15 +767,15 @@ class OtpRouter:
         for effect in t.effects:
             match effect:
                 case FellBack():
-                    to = effect.to_channel.value if effect.to_channel else "none"
-                    self.metrics.fallback(effect.from_channel.value, to, effect.reason.value)
+                    to = str(effect.to_channel) if effect.to_channel else "none"
+                    self.metrics.fallback(str(effect.from_channel), to, effect.reason.value)
                 case Finished(status=status):
-                    channel = state.channel.value if state.channel else "none"
+                    channel = str(state.channel) if state.channel else "none"
                     self.metrics.verification_finished(status.value, channel, state.region)
                     if status is Status.VERIFIED:
                         self.metrics.time_to_verify(channel, now - state.created_at)
                 case CodeDelivered():
-                    self.metrics.time_to_code(effect.channel.value, effect.seconds, state.region)
+                    self.metrics.time_to_code(str(effect.channel), effect.seconds, state.region)
                 case Checked():
                     self.metrics.code_check(effect.outcome.value)
                 case _:
@@ -800,7 +785,7 @@ class OtpRouter:
         old = {a.step: a.delivery for a in before.attempts}
         for attempt in state.attempts:
             if attempt.delivery is not None and old.get(attempt.step) != attempt.delivery:
-                self.metrics.delivery(attempt.channel.value, attempt.delivery.value)
+                self.metrics.delivery(str(attempt.channel), attempt.delivery.value)
         # Counted on the one written transition that makes the verification pay
         # twice (a replayed event that lost its CAS race is not observed twice).
         twice = paid_twice(state)
@@ -890,7 +875,7 @@ class OtpRouter:
                 if result.remaining_balance is not None:
                     self.metrics.telegram_balance(result.remaining_balance)
                 if not result.reachable:
-                    self.metrics.send(effect.channel.value, channel.provider, "unreachable", state.region)
+                    self.metrics.send(str(effect.channel), channel.provider, "unreachable", state.region)
                 event = ProbeDone(effect.step, result.reachable, result.ref, result.cost, result.reason)
         _, latest = await self._feed(state.id, event, snap=snap, hold=True)
         return latest
@@ -912,10 +897,10 @@ class OtpRouter:
         if not circuit.allow():
             event = SendFailed(effect.step, FallbackReason.CIRCUIT_OPEN)
         else:
-            crash_point(f"send.{effect.channel.value}")
+            crash_point(f"send.{effect.channel}")
             try:
                 result = await self._bounded(channel.send(request), channel.provider)
-                crash_point(f"send.{effect.channel.value}.accepted")
+                crash_point(f"send.{effect.channel}.accepted")
             except ProviderTransientError as exc:
                 circuit.failure()
                 event = await self._unconfirmed_send(effect, exc, channel, request)
@@ -934,7 +919,7 @@ class OtpRouter:
                 if result.remaining_balance is not None:
                     self.metrics.telegram_balance(result.remaining_balance)
                 event = SendOk(effect.step, result.ref, result.cost, estimate=result.cost_is_estimate)
-        self.metrics.send(effect.channel.value, channel.provider, outcome, state.region)
+        self.metrics.send(str(effect.channel), channel.provider, outcome, state.region)
         _, latest = await self._feed(state.id, event, snap=snap, hold=True)
         return latest
 
@@ -1014,7 +999,7 @@ class OtpRouter:
         between loses this one observation (a blur, not an error), and a
         replayed report cannot count it twice (the stored state already has it).
         """
-        cell, weight = observation(effect.channel.value, region, effect.seconds, effect.at)
+        cell, weight = observation(str(effect.channel), region, effect.seconds, effect.at)
         try:
             await self.store.add_latency(cell, weight)
         except (StoreError, OSError) as exc:
@@ -1043,7 +1028,7 @@ class OtpRouter:
         resolved = self._learned.resolve(steps, region, self.policy, self.prices)
         for step, chosen in zip(steps, resolved, strict=True):
             if step.auto is not None:
-                self.metrics.learned_deadline(chosen.channel.value, region, chosen.deliver_within)
+                self.metrics.learned_deadline(str(chosen.channel), region, chosen.deliver_within)
         return resolved
 
     async def _lookup(self, snap: _Snap, effect: Lookup) -> _Snap:
@@ -1083,14 +1068,13 @@ class OtpRouter:
         with contextlib.suppress(ProviderError):
             await self.channels[effect.channel].report_code(effect.ref, code)
 
-    def _callback_url(self, channel: ChannelName, vid: str) -> str | None:
+    def _callback_url(self, channel: str, vid: str) -> str | None:
+        """The adapter's delivery-report URL under the public base (None: the router polls)."""
         base = self.settings.public_url
         if not base:
             return None
-        if channel is ChannelName.TELEGRAM:
-            return f"{base}/webhooks/telegram"
-        # The id rides in the query string, which Twilio's signature covers.
-        return f"{base}/webhooks/twilio?vid={vid}"
+        make: Callable[[str, str], str | None] | None = getattr(self.channels[channel], "callback_url", None)
+        return make(base, vid) if make is not None else None
 
     # --- helpers -------------------------------------------------------------
 
@@ -1114,6 +1098,19 @@ class OtpRouter:
             raise IdempotencyConflict("idempotency_key was already used for another phone number")
         return Verification.from_state(state)
 
+    def _bind(self, step: Step) -> Step:
+        """``step`` with the provider and capabilities of the channel configured for its route.
+
+        The stored verification keeps them, so its crash recovery follows what
+        the adapter that sent it can do. A ttl outside the adapter's range is
+        brought into it (the adapter would clamp it anyway).
+        """
+        channel = self.channels[step.channel]
+        caps = channel.capabilities
+        if step.provider == channel.provider and step.caps == caps:
+            return step
+        return dataclasses.replace(step, provider=channel.provider, caps=caps, ttl=caps.clamp_ttl(step.ttl))
+
     def _steps_for_type(self, number: PhoneNumber, steps: tuple[Step, ...]) -> tuple[Step, ...]:
         """The steps whose channel may send to this type of number (toll-fraud policy).
 
@@ -1121,7 +1118,7 @@ class OtpRouter:
             UnsupportedNumberType: No step is left; nothing was sent or stored.
         """
         fraud = self.settings.fraud
-        allowed = tuple(s for s in steps if number.number_type in fraud.number_types_for(s.channel.value))
+        allowed = tuple(s for s in steps if number.number_type in fraud.number_types_for(str(s.channel)))
         if not allowed:
             self.metrics.fraud_block("number_type")
             raise UnsupportedNumberType(
@@ -1211,6 +1208,6 @@ class OtpRouter:
             log.warning("conversion guard: could not count a verification: %s", type(exc).__name__)
 
     @property
-    def circuits(self) -> Mapping[ChannelName, CircuitState]:
+    def circuits(self) -> Mapping[str, CircuitState]:
         """Current circuit state per channel."""
         return {name: breaker.state for name, breaker in self._circuits.items()}

@@ -138,7 +138,7 @@ def test_country_override_on_the_default_workflow() -> None:
         ({"countries": {"GB": {"telegram": 5}}}, "countries.GB.telegram must be a table"),
         (
             {"steps": [{"channel": "sms", "deliver_within": "auto"}]},
-            "steps[0].deliver_within = 'auto' is only for telegram steps",
+            "steps[0].deliver_within = 'auto' is only for routes that refund undelivered messages",
         ),
         (
             {"steps": [{"channel": "telegram", "deliver_within": 10, "deliver_within_max": 20}]},

@@ -1,6 +1,7 @@
 """Channel adapters: one small protocol, one module per provider."""
 
 from otp_router.providers.base import (
+    Capabilities,
     Channel,
     ChannelName,
     DeliveryState,
@@ -10,9 +11,11 @@ from otp_router.providers.base import (
     SendResult,
     StatusResult,
     SupportsLookup,
+    route_name,
 )
 
 __all__ = [
+    "Capabilities",
     "Channel",
     "ChannelName",
     "DeliveryState",
@@ -22,4 +25,5 @@ __all__ = [
     "SendResult",
     "StatusResult",
     "SupportsLookup",
+    "route_name",
 ]

@@ -8,12 +8,14 @@ wrap a channel by composition (see :mod:`otp_router.retry`).
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "Capabilities",
     "Channel",
     "ChannelName",
     "DeliveryState",
@@ -23,14 +25,88 @@ __all__ = [
     "SendResult",
     "StatusResult",
     "SupportsLookup",
+    "route_name",
 ]
 
 
 class ChannelName(enum.StrEnum):
-    """The channels the router can route to."""
+    """The route names of the default configuration.
+
+    Routes are open names (any ``route_name``); these two are the ones the
+    default workflow uses, kept as constants for readability.
+    """
 
     TELEGRAM = "telegram"
     SMS = "sms"
+
+
+_ROUTE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+
+def route_name(value: str) -> str:
+    """Check a route name and return it, as the :class:`ChannelName` member when it is one.
+
+    Routes are open names chosen in configuration (``sms_backup``,
+    ``whatsapp``, a user's own). The default ones come back as enum members,
+    so a name read back from the store is the same object as the constant.
+
+    Raises:
+        ValueError: Not 1 to 32 lowercase letters, digits or ``_``, starting with a letter.
+    """
+    if not isinstance(value, str) or not _ROUTE_NAME.fullmatch(value):
+        raise ValueError(f"route name {value!r} must be lowercase letters, digits or _ (a letter first)")
+    try:
+        return ChannelName(value)
+    except ValueError:
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What an adapter can do: the only thing the lifecycle core knows about a channel.
+
+    The core never branches on a route's or a provider's name; it reads these.
+
+    Attributes:
+        probe: The channel can check reachability before sending (a step
+            probes by default when it can).
+        probe_charged: A positive probe is charged in advance and makes the
+            following send free (its fee is booked with the probe).
+        idempotent_ref: A send carrying the probe's reference cannot create a
+            second message, so an interrupted send is safely re-issued with it.
+        revoke: An undelivered message can be withdrawn (done on cancel).
+        report_code: The provider wants the entered code back (conversion statistics).
+        refunds_undelivered: A message not delivered within its ttl is refunded;
+            only such a step may have a learned (``auto``) deadline, and only its
+            kept charge can make a user "paid twice".
+        ttl_min: Shortest validity the provider accepts, seconds.
+        ttl_max: Longest validity the provider accepts (or we ask for), seconds.
+        timeout_maybe_sent: A timeout or dropped answer after the request was
+            written may have sent the message (never re-sent blindly).
+        lookup: The adapter can find the message an ambiguous send may have
+            created (implements :class:`SupportsLookup`).
+    """
+
+    probe: bool = False
+    probe_charged: bool = False
+    idempotent_ref: bool = False
+    revoke: bool = False
+    report_code: bool = False
+    refunds_undelivered: bool = False
+    ttl_min: int = 1
+    ttl_max: int = 36000
+    timeout_maybe_sent: bool = True
+    lookup: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.ttl_min <= self.ttl_max:
+            raise ValueError("capabilities need 1 <= ttl_min <= ttl_max")
+        if self.idempotent_ref and not self.probe:
+            raise ValueError("idempotent_ref needs a probe: the reference comes from it")
+
+    def clamp_ttl(self, seconds: float) -> int:
+        """``seconds`` rounded and brought into ``ttl_min..ttl_max``."""
+        return min(max(round(seconds), self.ttl_min), self.ttl_max)
 
 
 class DeliveryState(enum.StrEnum):
@@ -165,10 +241,12 @@ class StatusResult:
 class Channel(Protocol):
     """What the router needs from a delivery channel."""
 
-    #: The channel this adapter serves.
-    name: ChannelName
+    #: The route this adapter serves by default (configuration may bind it to another name).
+    name: str
     #: Provider name for metrics and errors (``"telegram"``, ``"twilio"``).
     provider: str
+    #: What the channel can do (read by the core through the workflow's steps).
+    capabilities: Capabilities
 
     async def probe(self, phone: str) -> ProbeResult:
         """Check whether ``phone`` can receive on this channel (may be free or charged)."""
@@ -226,15 +304,28 @@ class FakeChannel:
     plain async function instead of patching.
 
     Args:
-        name: Channel it pretends to be.
+        name: Route it serves.
         handler: ``async (method, arg) -> result`` where method is one of
             ``probe``, ``send``, ``status``, ``revoke``, ``report_code``.
         provider: Provider name for metrics.
+        capabilities: What it claims to do; default: those of the adapter the
+            default configuration binds to ``name`` (see
+            :func:`otp_router.providers.registry.route_capabilities`).
     """
 
-    def __init__(self, name: ChannelName, handler: Handler, *, provider: str = "fake") -> None:
-        self.name = name
+    def __init__(
+        self,
+        name: str,
+        handler: Handler,
+        *,
+        provider: str = "fake",
+        capabilities: Capabilities | None = None,
+    ) -> None:
+        from otp_router.providers.registry import route_capabilities
+
+        self.name = route_name(name)
         self.provider = provider
+        self.capabilities = capabilities if capabilities is not None else route_capabilities(self.name)
         self.handler = handler
         self.calls: list[tuple[str, Any]] = []
 
@@ -264,6 +355,12 @@ class FakeChannel:
     async def report_code(self, ref: str, code: str) -> None:
         """Delegate to the handler."""
         await self._call("report_code", (ref, code))
+
+    def callback_url(self, base: str, payload: str) -> str | None:
+        """The callback URL of the adapter the default configuration binds to this route."""
+        from otp_router.providers.registry import route_callback_url
+
+        return route_callback_url(self.name, base, payload)
 
     async def aclose(self) -> None:
         """Nothing to release."""

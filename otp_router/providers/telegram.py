@@ -30,14 +30,16 @@ import json
 import logging
 import time
 from decimal import Decimal
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from otp_router.config import RetrySettings, TelegramSettings
+from otp_router.config import RetrySettings, Settings, TelegramSettings
 from otp_router.errors import (
+    ConfigError,
     InputError,
     InvalidCode,
     InvalidRecipient,
@@ -47,13 +49,14 @@ from otp_router.errors import (
     ProviderRateLimited,
     ProviderRejected,
     ProviderResponseError,
-    ProviderTimeout,
     ProviderUnavailable,
     StaleWebhook,
     WebhookError,
 )
 from otp_router.inputs import JsonInputError, decode_json
+from otp_router.providers import transport
 from otp_router.providers.base import (
+    Capabilities,
     ChannelName,
     DeliveryState,
     ProbeResult,
@@ -62,6 +65,9 @@ from otp_router.providers.base import (
     StatusResult,
 )
 from otp_router.retry import CallKind, RetryHook, retrying
+
+if TYPE_CHECKING:
+    from otp_router.providers.registry import AdapterContext
 
 __all__ = [
     "DeliveryStatus",
@@ -238,11 +244,7 @@ def error_from_string(error: str, *, method: str, http_status: int = 200) -> Pro
 
 
 def map_transport_error(exc: Exception, *, method: str) -> ProviderError:
-    """Map an httpx/aiohttp failure to our exception, deciding ``not_performed``.
-
-    Only a failure to *connect* proves the request was never written (safe to
-    retry a send). A read timeout or a dropped connection after writing may
-    have sent the message.
+    """Map an httpx/aiohttp failure of one Gateway call (see :mod:`otp_router.providers.transport`).
 
     Args:
         exc: An ``httpx.HTTPError``/``httpx.InvalidURL`` or ``aiohttp.ClientError``.
@@ -254,22 +256,7 @@ def map_transport_error(exc: Exception, *, method: str) -> ProviderError:
     # First line only: enough to debug, and bodies or headers never ride along.
     detail = str(exc).split("\n", 1)[0][:200]
     message = f"Telegram Gateway {method}: {type(exc).__name__} {detail}".rstrip()
-    # httpx-aiohttp maps *every* aiohttp ClientConnectionError (even "server
-    # disconnected" after the request was written) to httpx.ConnectTimeout,
-    # so the aiohttp cause, when there is one, is the more precise witness.
-    cause = exc.__cause__ if isinstance(exc.__cause__, aiohttp.ClientError) else exc
-    if isinstance(cause, httpx.UnsupportedProtocol | httpx.InvalidURL | aiohttp.InvalidURL):
-        # A bad base_url: a configuration problem that retrying cannot fix.
-        return ProviderRejected(message, provider=PROVIDER, code="INVALID_URL")
-    if isinstance(cause, aiohttp.ConnectionTimeoutError | httpx.ConnectTimeout | httpx.PoolTimeout):
-        return ProviderTimeout(message, provider=PROVIDER, not_performed=True)
-    if isinstance(cause, TimeoutError | httpx.TimeoutException):
-        return ProviderTimeout(message, provider=PROVIDER, not_performed=False)
-    if isinstance(cause, aiohttp.ClientConnectorError | httpx.ConnectError):
-        return ProviderUnavailable(message, provider=PROVIDER, not_performed=True)
-    if isinstance(cause, aiohttp.ClientResponseError | httpx.DecodingError | httpx.RemoteProtocolError):
-        return ProviderResponseError(message, provider=PROVIDER)
-    return ProviderUnavailable(message, provider=PROVIDER, not_performed=False)
+    return transport.map_transport_error(exc, provider=PROVIDER, message=message)
 
 
 def _parse_envelope(method: str, response: httpx.Response) -> Any:
@@ -517,6 +504,31 @@ class TelegramChannel:
 
     name = ChannelName.TELEGRAM
     provider = PROVIDER
+    capabilities = Capabilities(
+        # checkSendAbility: free when the number cannot receive, charged in advance when it can.
+        probe=True,
+        probe_charged=True,
+        # One message per request_id (MESSAGE_ALREADY_SENT): a repeat with it is safe.
+        idempotent_ref=True,
+        revoke=True,
+        report_code=True,
+        # Not delivered within the ttl: refunded.
+        refunds_undelivered=True,
+        ttl_min=TTL_MIN,
+        ttl_max=TTL_MAX,
+        timeout_maybe_sent=True,
+        lookup=False,
+    )
+    #: Gateway API method per channel verb (metrics label calls by them).
+    methods = MappingProxyType(
+        {
+            "probe": "checkSendAbility",
+            "send": "sendVerificationMessage",
+            "status": "checkVerificationStatus",
+            "revoke": "revokeVerificationMessage",
+            "report_code": "checkVerificationStatus",
+        }
+    )
     #: Parse a delivery report body (see :func:`parse_report`).
     parse_report = staticmethod(parse_report)
 
@@ -530,6 +542,27 @@ class TelegramChannel:
     ) -> None:
         self._settings = settings
         self.client = TelegramGatewayClient(settings, retry, client, on_retry=on_retry)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, context: AdapterContext) -> TelegramChannel | None:
+        """The adapter for ``settings.telegram``, or None when it is disabled.
+
+        Raises:
+            ConfigError: Enabled without a token.
+        """
+        if not settings.telegram.enabled:
+            return None
+        if not settings.telegram.token.get_secret_value():
+            raise ConfigError(
+                "OTP_ROUTER_TELEGRAM__TOKEN is empty: set it, "
+                "or OTP_ROUTER_TELEGRAM__ENABLED=false for SMS only"
+            )
+        return cls(settings.telegram, settings.retry, context.client, on_retry=context.on_retry(PROVIDER))
+
+    @staticmethod
+    def callback_url(base: str, payload: str) -> str:
+        """Where the Gateway posts delivery reports (they carry our payload in the body)."""
+        return f"{base}/webhooks/telegram"
 
     async def probe(self, phone: str) -> ProbeResult:
         """``checkSendAbility``. A number that cannot receive is a result, not an error.

@@ -47,9 +47,9 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any, TypeVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
 import httpx
 from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
 from twilio.http import AsyncHttpClient
@@ -57,7 +57,7 @@ from twilio.http.response import Response
 from twilio.request_validator import RequestValidator
 from twilio.rest import Client
 
-from otp_router.config import RetrySettings, TwilioSettings
+from otp_router.config import RetrySettings, Settings, TwilioSettings
 from otp_router.errors import (
     ConfigError,
     InvalidRecipient,
@@ -66,14 +66,13 @@ from otp_router.errors import (
     ProviderRateLimited,
     ProviderRejected,
     ProviderResponseError,
-    ProviderTimeout,
-    ProviderTransientError,
     ProviderUnavailable,
     WebhookError,
 )
 from otp_router.phone import parse_phone
 from otp_router.prices import SmsPrices
 from otp_router.providers.base import (
+    Capabilities,
     ChannelName,
     DeliveryState,
     ProbeResult,
@@ -81,7 +80,11 @@ from otp_router.providers.base import (
     SendResult,
     StatusResult,
 )
+from otp_router.providers.transport import map_transport_error
 from otp_router.retry import CallKind, RetryHook, retrying
+
+if TYPE_CHECKING:
+    from otp_router.providers.registry import AdapterContext
 
 __all__ = [
     "HttpxTwilioClient",
@@ -142,28 +145,14 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _map_transport(exc: httpx.TransportError) -> ProviderTransientError:
-    """Map a transport failure; ``not_performed`` only when nothing can have been sent."""
-    detail = f"twilio transport error: {type(exc).__name__}"
-    cause = exc.__cause__
-    if isinstance(cause, aiohttp.ClientError):
-        # httpx-aiohttp's mapping is coarse: a refused connection and a server
-        # closing the connection after reading the request both arrive as
-        # httpx.ConnectTimeout. The original aiohttp error tells them apart.
-        if isinstance(cause, aiohttp.ConnectionTimeoutError):
-            return ProviderTimeout(detail, provider=PROVIDER, not_performed=True)
-        if isinstance(cause, aiohttp.ClientConnectorError):
-            return ProviderUnavailable(detail, provider=PROVIDER, not_performed=True)
-        if isinstance(cause, TimeoutError):
-            return ProviderTimeout(detail, provider=PROVIDER, not_performed=False)
-        return ProviderUnavailable(detail, provider=PROVIDER, not_performed=False)
-    if isinstance(exc, httpx.ConnectError):
-        return ProviderUnavailable(detail, provider=PROVIDER, not_performed=True)
-    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-        return ProviderTimeout(detail, provider=PROVIDER, not_performed=True)
-    if isinstance(exc, httpx.TimeoutException):
-        return ProviderTimeout(detail, provider=PROVIDER, not_performed=False)
-    return ProviderUnavailable(detail, provider=PROVIDER, not_performed=False)
+def _map_transport(exc: httpx.TransportError) -> ProviderError:
+    """Map a transport failure (see :mod:`otp_router.providers.transport`).
+
+    The message names only the exception class: an httpx error's text may hold the URL.
+    """
+    return map_transport_error(
+        exc, provider=PROVIDER, message=f"twilio transport error: {type(exc).__name__}"
+    )
 
 
 class HttpxTwilioClient(AsyncHttpClient):  # type: ignore[misc]  # twilio is untyped
@@ -338,6 +327,19 @@ class TwilioSmsChannel:
 
     name = ChannelName.SMS
     provider = PROVIDER
+    capabilities = Capabilities(
+        probe=False,
+        ttl_min=VALIDITY_MIN,
+        ttl_max=VALIDITY_MAX,
+        # A 5xx or a timeout after the request was written may have queued the message.
+        timeout_maybe_sent=True,
+        # The message list can tell whether an ambiguous send created one (find_sent).
+        lookup=True,
+    )
+    #: SDK call per channel verb (metrics label calls by them).
+    methods = MappingProxyType(
+        {"send": "messages.create", "status": "messages.fetch", "find_sent": "messages.list"}
+    )
 
     def __init__(
         self,
@@ -376,6 +378,28 @@ class TwilioSmsChannel:
         self.client.edge = None
         self.client.region = None
         self.client.api.base_url = settings.base_url
+
+    @classmethod
+    def from_settings(cls, settings: Settings, context: AdapterContext) -> TwilioSmsChannel | None:
+        """The adapter for ``settings.twilio``, or None when it is disabled.
+
+        Raises:
+            ConfigError: Enabled without credentials or a sender.
+        """
+        if not settings.twilio.enabled:
+            return None
+        return cls(
+            settings.twilio,
+            settings.retry,
+            context.client,
+            prices=context.prices,
+            on_retry=context.on_retry(PROVIDER),
+        )
+
+    @staticmethod
+    def callback_url(base: str, payload: str) -> str:
+        """Where Twilio posts status callbacks; the id rides in the query, which the signature covers."""
+        return f"{base}/webhooks/twilio?vid={payload}"
 
     async def probe(self, phone: str) -> ProbeResult:
         """SMS has no free reachability check: always reachable, no I/O."""

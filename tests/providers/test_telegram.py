@@ -614,7 +614,8 @@ def _chained(outer: Exception, cause: BaseException) -> Exception:
         (httpx.ReadTimeout("slow answer"), ProviderTimeout, False),
         (httpx.WriteTimeout("slow write"), ProviderTimeout, False),
         (httpx.ReadError("reset"), ProviderUnavailable, False),
-        (httpx.RemoteProtocolError("bad"), ProviderResponseError, False),
+        (httpx.RemoteProtocolError("bad"), ProviderUnavailable, False),
+        (httpx.DecodingError("garbled"), ProviderResponseError, False),
         # httpx-aiohttp labels a server disconnect "ConnectTimeout"; the aiohttp cause wins.
         (_chained(httpx.ConnectTimeout("x"), aiohttp.ServerDisconnectedError()), ProviderUnavailable, False),
         (_chained(httpx.ReadTimeout("x"), aiohttp.SocketTimeoutError()), ProviderTimeout, False),
