@@ -260,10 +260,20 @@ def _closed(value: object, allowed: frozenset[str]) -> str:
     return text if text in allowed else OTHER
 
 
+#: Values :func:`_token` accepted (provider, method and error names: a few dozen in practice).
+_TOKENS: set[str] = set()
+#: Most values remembered; past it each value is checked again (bounded memory whatever comes in).
+_MAX_TOKENS = 4096
+
+
 def _token(value: object) -> str:
     text = str(value)
+    if text in _TOKENS:
+        return text
     # An identifier with a handful of digits at most: a phone number cannot pass.
     if _TOKEN.fullmatch(text) and sum(ch.isdigit() for ch in text) < 7:
+        if len(_TOKENS) < _MAX_TOKENS:
+            _TOKENS.add(text)
         return text
     return OTHER
 

@@ -81,11 +81,14 @@ def parse_phone(raw: str, *, default_region: str | None = None) -> PhoneNumber:
         raise InvalidPhoneNumber("phone number has an extension; a code cannot reach one")
     if not phonenumbers.is_possible_number(parsed):
         raise InvalidPhoneNumber("phone number has an impossible length for its country")
-    if not phonenumbers.is_valid_number(parsed):
+    # number_type() matches the number against its region's patterns once; is_valid_number()
+    # is exactly "that match found a type" and would run the same matching a second time.
+    kind = phonenumbers.number_type(parsed)
+    if kind == phonenumbers.PhoneNumberType.UNKNOWN:
         raise InvalidPhoneNumber("phone number is not a valid number in its country")
     region = phonenumbers.region_code_for_number(parsed) or "ZZ"
     e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-    number_type = _TYPE_NAMES.get(phonenumbers.number_type(parsed), "unknown")
+    number_type = _TYPE_NAMES.get(kind, "unknown")
     code = parsed.country_code or 0
     return PhoneNumber(e164=e164, region=region, number_type=number_type, country_code=code)
 
