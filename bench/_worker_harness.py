@@ -19,7 +19,7 @@ import secrets
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,13 +35,17 @@ __all__ = [
     "Sampler",
     "code_version",
     "emulator_process",
+    "machine_busy_seconds",
     "process_cpu_seconds",
     "process_memory_kib",
+    "process_tree",
     "redis_available",
     "redis_cleanup",
     "settings_env",
     "start_worker",
     "stop_process",
+    "tree_cpu_seconds",
+    "tree_peak_rss_kib",
     "unique_prefix",
 ]
 
@@ -108,6 +112,65 @@ def process_memory_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant (``/proc/<pid>/task/<tid>/children``), parents first."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{current}/task/{tid}/children", encoding="ascii") as children:
+                    todo += [int(child) for child in children.read().split()]
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds of ``pid`` and its live descendants (a supervisor and its worker processes).
+
+    None once ``pid`` is gone. A descendant that has exited is no longer
+    counted, so read it over a window in which they all run.
+    """
+    total = process_cpu_seconds(pid)
+    if total is None:
+        return None
+    for child in process_tree(pid)[1:]:
+        total += process_cpu_seconds(child) or 0.0
+    return total
+
+
+def tree_peak_rss_kib(pid: int) -> dict[str, int]:
+    """Memory of ``pid`` and its live descendants: the largest ``VmHWM`` and ``VmRSS`` of any one of
+    them (a per-process budget), ``VmRSS_total`` over all, and ``processes``."""
+    peaks, now = [], []
+    for member in process_tree(pid):
+        memory = process_memory_kib(member)
+        if memory:
+            peaks.append(memory.get("VmHWM", 0))
+            now.append(memory.get("VmRSS", 0))
+    if not peaks:
+        return {}
+    return {"VmHWM": max(peaks), "VmRSS": max(now), "VmRSS_total": sum(now), "processes": len(peaks)}
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds every core of the machine has spent busy (``/proc/stat``: all but idle and iowait)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 class Sampler:
     """Samples a process's CPU seconds every ``interval`` seconds, in the background.
 
@@ -117,11 +180,17 @@ class Sampler:
     Args:
         pid: The process.
         interval: Seconds between samples.
+        read: What to sample instead of the process's own CPU seconds, e.g.
+            :func:`tree_cpu_seconds` for a supervisor and its children or
+            :func:`machine_busy_seconds`; sampling ends when it returns None.
     """
 
-    def __init__(self, pid: int, interval: float = 0.01) -> None:
+    def __init__(
+        self, pid: int, interval: float = 0.01, read: Callable[[int], float | None] | None = None
+    ) -> None:
         self.pid = pid
         self.interval = interval
+        self._read = read or process_cpu_seconds
         self.samples: list[tuple[float, float]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -137,7 +206,7 @@ class Sampler:
 
     async def _run(self) -> None:
         while True:
-            cpu = process_cpu_seconds(self.pid)
+            cpu = self._read(self.pid)
             if cpu is None:
                 return
             self.samples.append((time.time(), cpu))

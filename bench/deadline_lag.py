@@ -23,15 +23,20 @@ back from the store and checked before the worker starts. The creating router
 has no deadline loop.
 
 Measured: one ``otp-router worker`` child process (its deadline loop; HTTP
-served on a free port; empty queue) fires the deadlines with the real clock.
+served on a free port; empty queue) fires the deadlines with the real clock,
+or ``otp-router worker --processes N`` (a run ``STORE:SPREAD:N``): N worker
+processes whose deadline loops claim from the one store, each claim atomic.
 For each verification, the lag is the Twilio emulator's log time of its SMS
 create minus its stored deadline (``time.time()`` on one machine on both
 sides), split into *deadline → status poll* (the Telegram emulator's log time
 of ``checkVerificationStatus``: claiming the deadline and loading the state)
 and *status poll → SMS create* (the poll's round trip, applying it, the
 fallback's store write and the Twilio SDK call). Also reported: the worker's
-peak resident memory (``VmHWM`` from ``/proc/<pid>/status``) and its CPU per
-deadline. The run repeats on the Redis store and on the SQLite store.
+peak resident memory (``VmHWM`` from ``/proc/<pid>/status``; with several
+processes the largest), its CPU per deadline (summed over its processes), and
+the emulator's and Redis's CPU per deadline, from which the report derives
+the cores the deadline rate needs. The run repeats on the Redis store and on
+the SQLite store.
 """
 
 from __future__ import annotations
@@ -56,11 +61,13 @@ from _worker_harness import (
     Sampler,
     code_version,
     emulator_process,
-    process_memory_kib,
+    process_cpu_seconds,
     redis_available,
     redis_cleanup,
     start_worker,
     stop_process,
+    tree_cpu_seconds,
+    tree_peak_rss_kib,
     unique_prefix,
 )
 from pydantic import SecretStr
@@ -200,18 +207,33 @@ async def stored_deadlines(settings: Settings, ids: Sequence[str]) -> tuple[dict
     return out, wrong
 
 
-def _contains(path: Path, text: str) -> bool:
+def _count(path: Path, text: str) -> int:
     # A small log file read a few times at start-up: blocking for it is harmless.
-    return path.exists() and text in path.read_text(encoding="utf-8", errors="replace")
+    return path.read_text(encoding="utf-8", errors="replace").count(text) if path.exists() else 0
 
 
-async def wait_for_line(path: Path, text: str, process: asyncio.subprocess.Process, within: float) -> float:
-    """Wait until ``text`` appears in the log file ``path``; return when it was seen."""
+async def _redis_pid() -> int | None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        info: dict[str, Any] = await client.info("server")
+        return int(info["process_id"])
+    except (KeyError, ValueError):
+        return None
+    finally:
+        await client.aclose()
+
+
+async def wait_for_line(
+    path: Path, text: str, process: asyncio.subprocess.Process, within: float, count: int = 1
+) -> float:
+    """Wait until ``text`` appears ``count`` times in the log file ``path``; return when it was seen."""
     until = time.monotonic() + within
     while time.monotonic() < until:
         if process.returncode is not None:
             raise RuntimeError(f"the worker exited ({process.returncode}); see {path}")
-        if _contains(path, text):
+        if _count(path, text) >= count:
             return time.time()
         await asyncio.sleep(0.05)
     raise RuntimeError(f"the worker did not log {text!r} within {within} s")
@@ -223,6 +245,7 @@ async def wait_for_line(path: Path, text: str, process: asyncio.subprocess.Proce
 async def run_store(
     store: str,
     spread: float,
+    processes: int,
     args: argparse.Namespace,
     emulator: Emulator,
     admin: aiohttp.ClientSession,
@@ -275,17 +298,29 @@ async def run_store(
         expected = dict(zip(phones, deadlines, strict=True))
         mismatched = sum(1 for p, d in stored.items() if abs(d - expected[p]) > 1e-3)
 
-        log_file = workdir / f"worker-{store}.log"
+        log_file = workdir / f"worker-{store}-{processes}.log"
         spawned = time.time()
         process = await start_worker(
-            settings, "--name", f"bench-deadlines-{store}", workdir=workdir, log_file=log_file
+            settings,
+            "--name",
+            f"bench-deadlines-{store}",
+            *(("--processes", str(processes)) if processes > 1 else ()),
+            workdir=workdir,
+            log_file=log_file,
         )
+        redis_pid = await _redis_pid() if store == "redis" else None
         try:
-            ready = await wait_for_line(log_file, "event=worker_started", process, within=30)
-            rss_ready = process_memory_kib(process.pid)
+            ready = await wait_for_line(log_file, "event=worker_started", process, within=60, count=processes)
+            rss_ready = tree_peak_rss_kib(process.pid)
             if ready > first:
                 print(f"  {store}: WARNING the worker was ready {ready - first:.1f} s late", file=sys.stderr)
-            async with Sampler(process.pid, interval=0.05) as sampler:
+            async with (
+                Sampler(process.pid, interval=0.05, read=tree_cpu_seconds) as sampler,
+                Sampler(emulator.process.pid, interval=0.05) as emulator_samples,
+                Sampler(
+                    redis_pid or 0, interval=0.05, read=process_cpu_seconds if redis_pid else _none
+                ) as redis,
+            ):
                 await asyncio.sleep(max(0.0, first + spread - time.time()))
                 sms_log: list[dict[str, Any]] = []
                 wanted = set(stored)
@@ -299,8 +334,10 @@ async def run_store(
                         break
                     await asyncio.sleep(args.check_every)
                 finished = time.time()
-            memory = process_memory_kib(process.pid)
+            memory = tree_peak_rss_kib(process.pid)
             worker_cpu = sampler.cpu_between(first, finished)
+            emulator_cpu = emulator_samples.cpu_between(first, finished)
+            redis_cpu = redis.cpu_between(first, finished)
         finally:
             status = await stop_process(process)
         telegram_log = await emulator.telegram_log(admin)
@@ -310,6 +347,7 @@ async def run_store(
     return measure(
         store=store,
         spread=spread,
+        processes=processes,
         stored=stored,
         wrong=wrong,
         mismatched=mismatched,
@@ -325,14 +363,21 @@ async def run_store(
         },
         memory={"ready": rss_ready, "end": memory},
         worker_cpu_s=worker_cpu,
+        emulator_cpu_s=emulator_cpu,
+        redis_cpu_s=redis_cpu,
         worker_exit=status,
     )
+
+
+def _none(_pid: int) -> float | None:
+    return None
 
 
 def measure(
     *,
     store: str,
     spread: float,
+    processes: int,
     stored: dict[str, float],
     wrong: int,
     mismatched: int,
@@ -341,6 +386,8 @@ def measure(
     timing: dict[str, Any],
     memory: dict[str, dict[str, int]],
     worker_cpu_s: float | None,
+    emulator_cpu_s: float | None,
+    redis_cpu_s: float | None,
     worker_exit: int,
 ) -> dict[str, Any]:
     """Lags from the emulators' logs against the stored deadlines."""
@@ -367,9 +414,19 @@ def measure(
     end, ready = memory["end"], memory["ready"]
     peak_mib = end["VmHWM"] / 1024 if "VmHWM" in end else None
     p99 = percentile(lags, 99)
+
+    def per_deadline(seconds: float | None) -> float | None:
+        return round(1000 * seconds / len(lags), 3) if seconds is not None and lags else None
+
+    rate = (len(stored) + wrong) / spread
+    parts = [per_deadline(worker_cpu_s), per_deadline(emulator_cpu_s)]
+    if store == "redis":
+        parts.append(per_deadline(redis_cpu_s))
+    all_ms = None if any(p is None for p in parts) else sum(p or 0.0 for p in parts)
     return {
         "store": store,
         "spread_s": spread,
+        "processes": processes,
         "deadlines_per_s": round((len(stored) + wrong) / spread, 1),
         "verifications": len(stored) + wrong,
         "deadlines_checked": len(stored),
@@ -385,9 +442,12 @@ def measure(
         "poll_to_sms_ms": distribution_ms(poll_to_sms),
         "sms_per_s_while_firing": round(len(fired) / firing_s, 1) if firing_s else None,
         "worker_cpu_s": None if worker_cpu_s is None else round(worker_cpu_s, 2),
-        "worker_cpu_ms_per_deadline": (
-            round(1000 * worker_cpu_s / len(lags), 3) if worker_cpu_s is not None and lags else None
-        ),
+        "worker_cpu_ms_per_deadline": per_deadline(worker_cpu_s),
+        "emulator_cpu_ms_per_deadline": per_deadline(emulator_cpu_s),
+        "redis_cpu_ms_per_deadline": per_deadline(redis_cpu_s) if store == "redis" else None,
+        # CPU of worker + emulator (+ Redis) per deadline, and the cores the run's deadline rate needs.
+        "all_cpu_ms_per_deadline": None if all_ms is None else round(all_ms, 3),
+        "cores_needed": None if all_ms is None else round(rate * all_ms / 1000, 2),
         "worker_rss_ready_mib": round(ready["VmRSS"] / 1024, 1) if "VmRSS" in ready else None,
         "worker_peak_rss_mib": None if peak_mib is None else round(peak_mib, 1),
         "worker_exit": worker_exit,
@@ -422,15 +482,17 @@ def render(data: dict[str, Any]) -> str:
         f"Each run: {cfg['verifications']} open verifications whose Telegram step deadlines are spread "
         "evenly over the run's spread, policy "
         f"`telegram(deliver_within={cfg['deliver_within_s']:g}s)` then `sms`, every number scripted so "
-        "Telegram never delivers; one `otp-router worker` child process fires them. Emulators in a separate "
+        "Telegram never delivers; one `otp-router worker` child process fires them (`--processes N` for the "
+        "runs with several). Emulators in a separate "
         f"process. Targets: p99 lag ≤ {TARGET_P99_MS:g} ms, worker peak RSS ≤ {TARGET_RSS_MIB:g} MiB "
         "(the issue's load is the 10 s spread, 1,000 deadlines/s; a longer spread, if present, is a "
         "lighter load for comparison).",
         "",
-        "| store | spread (deadlines/s) | SMS sent | lag p50 | lag p90 | lag p99 | lag max "
+        "| store | worker processes | spread (deadlines/s) | SMS sent "
+        "| lag p50 | lag p90 | lag p99 | lag max "
         "| deadline → poll p50 / p99 | poll → SMS p50 / p99 | SMS/s while firing "
         "| worker CPU ms/deadline | worker peak RSS | targets |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for run in data["runs"]:
         lag, a, b = run["lag_ms"], run["deadline_to_poll_ms"], run["poll_to_sms_ms"]
@@ -439,7 +501,8 @@ def render(data: dict[str, Any]) -> str:
             f"RSS {'met' if run['target_rss_met'] else 'not met'}",
         ]
         lines.append(
-            f"| {run['store']} | {run['spread_s']:g} s ({run['deadlines_per_s']:.0f}/s) "
+            f"| {run['store']} | {run.get('processes', 1)} "
+            f"| {run['spread_s']:g} s ({run['deadlines_per_s']:.0f}/s) "
             f"| {run['sms_sent']}/{run['verifications']} | {_fmt(lag['p50'], '.0f')} ms "
             f"| {_fmt(lag['p90'], '.0f')} ms | {_fmt(lag['p99'], '.0f')} ms | {_fmt(lag['max'], '.0f')} ms "
             f"| {_fmt(a['p50'], '.0f')} / {_fmt(a['p99'], '.0f')} ms | {_fmt(b['p50'], '.0f')} / "
@@ -460,13 +523,35 @@ def render(data: dict[str, Any]) -> str:
         "come due, the backlog, not the per-deadline work, makes the lag: compare *SMS/s while firing* "
         "with the deadline rate above.",
         "",
+        "What the deadline rate costs in CPU (per deadline, from `/proc` in the firing window; the worker's "
+        "summed over its processes), and the cores that rate needs on this machine's 2, where the "
+        "worker, the emulator and Redis all run:",
+        "",
+        "| store | worker processes | deadlines/s | worker | emulator | Redis | all | cores needed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {run['store']} | {run.get('processes', 1)} | {run['deadlines_per_s']:.0f} "
+            f"| {_fmt(run['worker_cpu_ms_per_deadline'], '.2f')} ms "
+            f"| {_fmt(run.get('emulator_cpu_ms_per_deadline'), '.2f')} ms "
+            f"| {_fmt(run.get('redis_cpu_ms_per_deadline'), '.2f')} ms "
+            f"| {_fmt(run.get('all_cpu_ms_per_deadline'), '.2f')} ms "
+            f"| {_fmt(run.get('cores_needed'), '.2f')} |"
+            for run in data["runs"]
+        ),
+        "",
+        "When *cores needed* is near or above the cores the machine has (less what other programs use: "
+        f"load average {mach['load_average_1min']} at the start), the deadlines come due faster than "
+        "this machine can fire them, however many worker processes share the work, and the backlog "
+        "makes the lag.",
+        "",
         "Checks per run:",
         "",
     ]
     for run in data["runs"]:
         t = run["timing"]
         lines.append(
-            f"- {run['store']}, {run['spread_s']:g} s: {run['deadlines_checked']} deadlines read back "
+            f"- {run['store']}, {run['spread_s']:g} s, {run.get('processes', 1)} process(es): "
+            f"{run['deadlines_checked']} deadlines read back "
             "from the store "
             f"({run['deadline_mismatches']} off the planned time, "
             f"{run['not_awaiting_telegram']} not awaiting Telegram); {run['status_polls']} status polls; "
@@ -475,7 +560,8 @@ def render(data: dict[str, Any]) -> str:
             f"deadline; creation {t['creation_s']} s ({t['rate_created_per_s']}/s, not timed); worker "
             f"start-up {t['worker_startup_s']} s, ready {t['worker_ready_before_first_deadline_s']} s before "
             f"the first deadline; RSS {_fmt(run['worker_rss_ready_mib'], '.0f')} MiB when ready, peak "
-            f"{_fmt(run['worker_peak_rss_mib'], '.0f')} MiB (`VmHWM`); worker CPU {run['worker_cpu_s']} s "
+            f"{_fmt(run['worker_peak_rss_mib'], '.0f')} MiB (`VmHWM`, the largest process); "
+            f"worker CPU {run['worker_cpu_s']} s "
             f"from the first deadline until all SMS were seen (checked every {cfg['check_every_s']:g} s, so "
             f"it includes up to that much idle time); exit status {run['worker_exit']}."
         )
@@ -502,17 +588,26 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             await emulator.script(
                 admin, {p: never for p in (*phones, *sample_numbers("BE", args.calibration))}
             )
-            for store, spread in args.runs:
-                result = await run_store(store, spread, args, emulator, admin, phones, workdir)
+            for store, spread, processes in args.runs:
+                result = await run_store(store, spread, processes, args, emulator, admin, phones, workdir)
                 lag = result["lag_ms"]
                 print(
-                    f"  {store} over {spread:g} s: lag p50 {lag['p50']} ms, p99 {lag['p99']} ms, "
+                    f"  {store} over {spread:g} s, {processes} process(es): "
+                    f"lag p50 {lag['p50']} ms, p99 {lag['p99']} ms, "
                     f"max {lag['max']} ms; "
                     f"peak RSS {result['worker_peak_rss_mib']} MiB; SMS {result['sms_sent']}",
                     file=sys.stderr,
                 )
                 runs.append(result)
     return runs
+
+
+def _run_spec(text: str) -> tuple[str, float, int]:
+    """``STORE:SECONDS[:PROCESSES]`` as a tuple (one process unless given)."""
+    store, spread, *rest = text.split(":")
+    if len(rest) > 1:
+        raise ValueError(text)
+    return store.strip(), float(spread), int(rest[0]) if rest else 1
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -529,9 +624,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--runs",
-        default="redis:10,sqlite:10,redis:40",
-        help="comma-separated STORE:SPREAD runs, STORE redis or sqlite, SPREAD the seconds the deadlines "
-        "spread over (default: %(default)s; the last one is a lighter load, for comparison)",
+        default="redis:10,redis:10:2,sqlite:10,redis:40",
+        help="comma-separated STORE:SPREAD[:PROCESSES] runs, STORE redis or sqlite, SPREAD the seconds the "
+        "deadlines spread over, PROCESSES the worker processes (--processes; default 1) (default: "
+        "%(default)s; the last one is a lighter load, for comparison)",
     )
     parser.add_argument(
         "--in-flight", type=int, default=100, help="concurrent starts while creating (default: %(default)s)"
@@ -569,15 +665,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.verifications, args.calibration, args.drain_timeout, args.start_margin = 100, 30, 20.0, 1.5
-        args.runs, args.check_every = "redis:1,sqlite:1", 0.2
+        args.runs, args.check_every = "redis:1,redis:1:2,sqlite:1", 0.2
     try:
-        args.runs = [
-            (store.strip(), float(spread)) for store, spread in (r.split(":") for r in args.runs.split(","))
-        ]
+        args.runs = [_run_spec(r) for r in args.runs.split(",")]
     except ValueError:
-        parser.error("--runs takes STORE:SECONDS pairs, e.g. redis:10,sqlite:10")
-    if not args.runs or any(store not in ("redis", "sqlite") or spread <= 0 for store, spread in args.runs):
-        parser.error("--runs: STORE is redis or sqlite, SECONDS is positive")
+        parser.error("--runs takes STORE:SECONDS[:PROCESSES], e.g. redis:10,redis:10:2,sqlite:10")
+    if not args.runs or any(
+        store not in ("redis", "sqlite") or spread <= 0 or processes < 1
+        for store, spread, processes in args.runs
+    ):
+        parser.error("--runs: STORE is redis or sqlite, SECONDS is positive, PROCESSES at least 1")
     if min(args.verifications, args.in_flight, args.calibration) < 1:
         parser.error("--verifications, --in-flight and --calibration must be positive")
     if args.deliver_within < 30:
@@ -588,14 +685,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and write the results; exit status 1 if an SMS was missing or early."""
     args = parse_args(argv)
-    if any(store == "redis" for store, _ in args.runs) and not redis_available():
+    if any(store == "redis" for store, _, _ in args.runs) and not redis_available():
         print(
             f"{NAME}: a redis run needs Redis at 127.0.0.1:6379 (or pass --runs sqlite:10)", file=sys.stderr
         )
         return 2
     config = {
         "verifications": args.verifications,
-        "runs": [{"store": store, "spread_s": spread} for store, spread in args.runs],
+        "runs": [{"store": s, "spread_s": spread, "processes": n} for s, spread, n in args.runs],
         "deliver_within_s": args.deliver_within,
         "check_every_s": args.check_every,
         "in_flight_while_creating": args.in_flight,

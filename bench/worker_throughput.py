@@ -21,6 +21,14 @@ worker's ``settings.concurrency``):
   empty (every message acknowledged); its CPU in that window is read from
   ``/proc`` (start-up and shutdown left out; the whole child's CPU from
   ``getrusage(RUSAGE_CHILDREN)`` is reported too).
+* ``worker_2p``: the same with ``otp-router worker --burst --processes 2``:
+  a supervisor and two worker processes in one consumer group, each with
+  ``settings.concurrency`` in flight; their CPU is the sum over the process
+  tree. From its CPU per verification and the emulator's and Redis's, the
+  report computes the ceiling the machine's cores allow
+  (cores * 1000 / (worker + emulator + Redis CPU ms per verification)) and,
+  because other programs share the machine, the ceiling after the CPU they
+  used in the same window (``/proc/stat`` busy time minus ours).
 * ``httpx_aiohttp``: the same two calls per number through
   ``otp_router.http.create_http_client()`` (httpx over httpx-aiohttp, the
   router's HTTP stack) in this process, with no router around them:
@@ -47,6 +55,7 @@ import contextlib
 import cProfile
 import json
 import logging
+import os
 import pstats
 import re
 import resource
@@ -71,11 +80,13 @@ from _worker_harness import (
     Sampler,
     code_version,
     emulator_process,
+    machine_busy_seconds,
     process_cpu_seconds,
     redis_available,
     redis_cleanup,
     start_worker,
     stop_process,
+    tree_cpu_seconds,
     unique_prefix,
 )
 from pydantic import SecretStr
@@ -89,7 +100,11 @@ from otp_router.store.redis import RedisStore
 from otp_router.worker import Worker
 
 NAME = "worker_throughput"
-SIDES = ("worker", "httpx_aiohttp", "aiohttp")
+SIDES = ("worker", "worker_2p", "httpx_aiohttp", "aiohttp")
+#: Worker processes per worker side.
+PROCESSES = {"worker": 1, "worker_2p": 2}
+#: Share of the cores' ceiling two processes should reach.
+TARGET_OF_CEILING = 0.9
 BASELINE_A, BASELINE_B = "httpx_aiohttp", "aiohttp"
 #: The issue's target: the worker reaches at least this share of baseline (a).
 TARGET = 0.5
@@ -97,6 +112,8 @@ TARGET = 0.5
 EXIT_WITHIN = 30.0
 DESCRIPTIONS = {
     "worker": "`otp-router worker --burst` child process draining the Redis queue (the router's full path)",
+    "worker_2p": "`otp-router worker --burst --processes 2`: a supervisor and two worker processes in one "
+    "consumer group (CPU summed over the process tree)",
     "httpx_aiohttp": "baseline (a): the two Gateway calls via `create_http_client()` "
     "(httpx over httpx-aiohttp), no router",
     "aiohttp": "baseline (b): the two Gateway calls via a bare `aiohttp.ClientSession`, no router",
@@ -126,6 +143,9 @@ class Round:
     process_cpu_s: float | None = None
     #: Worker only: Redis commands the server counted while the child ran (INFO commandstats).
     redis_commands: dict[str, int] = field(default_factory=dict)
+    #: Worker only: busy CPU seconds of the whole machine, and of this process, in the window.
+    machine_busy_s: float | None = None
+    own_cpu_s: float | None = None
     error_types: dict[str, int] = field(default_factory=dict)
 
     def per_verification_ms(self, seconds: float | None) -> float | None:
@@ -144,7 +164,16 @@ class Round:
         data["cpu_ms_per_verification"] = self.per_verification_ms(self.cpu_s)
         data["emulator_cpu_ms_per_verification"] = self.per_verification_ms(self.emulator_cpu_s)
         data["redis_cpu_ms_per_verification"] = self.per_verification_ms(self.redis_cpu_s)
+        data["others_cores"] = self.others_cores()
         return data
+
+    def others_cores(self) -> float | None:
+        """Cores other programs kept busy during the window (machine busy time minus ours)."""
+        parts = (self.machine_busy_s, self.cpu_s, self.emulator_cpu_s, self.redis_cpu_s, self.own_cpu_s)
+        if any(part is None for part in parts) or self.wall_s <= 0:
+            return None
+        machine_s, worker_s, emulator_s, redis_s, own_s = (float(part or 0.0) for part in parts)
+        return round(max(0.0, machine_s - worker_s - emulator_s - redis_s - own_s) / self.wall_s, 3)
 
 
 # --------------------------------------------------------------------------- sides
@@ -269,8 +298,10 @@ async def worker_round(
     emulator: Emulator,
     admin: aiohttp.ClientSession,
     workdir: Path,
+    side: str = "worker",
 ) -> Round:
     """Enqueue one message per number, then time an ``otp-router worker --burst`` child draining them."""
+    processes = PROCESSES[side]
     prefix = unique_prefix("throughput")
     url = f"{REDIS_URL}?prefix={prefix}"
     round_settings = settings.model_copy(update={"store_url": url})
@@ -288,11 +319,18 @@ async def worker_round(
             "--burst",
             "--name",
             f"bench-{index}",
+            *(("--processes", str(processes)) if processes > 1 else ()),
             workdir=workdir,
             log_file=workdir / "worker.log",
         )
         redis_samples = Sampler(redis_pid) if redis_pid else None
-        async with Sampler(process.pid) as sampler, redis_samples or contextlib.nullcontext():
+        read = tree_cpu_seconds if processes > 1 else process_cpu_seconds
+        async with (
+            Sampler(process.pid, read=read) as sampler,
+            Sampler(process.pid, read=lambda _pid: machine_busy_seconds()) as busy,
+            Sampler(os.getpid()) as own,
+            redis_samples or contextlib.nullcontext(),
+        ):
             drained: float | None = None
             polls = 0
             hung = False
@@ -338,7 +376,7 @@ async def worker_round(
     first = min((e["time"] for e in probes), default=spawned)
     emu = None if emu_before is None or emu_after is None else emu_after - emu_before
     return Round(
-        "worker",
+        side,
         index,
         done,
         sum(errors.values()),
@@ -349,6 +387,8 @@ async def worker_round(
         process_wall_s=exited - spawned,
         process_cpu_s=children_cpu,
         redis_commands=dict(commands),
+        machine_busy_s=busy.cpu_between(first, drained),
+        own_cpu_s=own.cpu_between(first, drained),
         error_types=dict(errors),
     )
 
@@ -519,8 +559,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 async def one(side: str, index: int, numbers: Sequence[str]) -> Round:
                     await emulator.reset(admin)
-                    if side == "worker":
-                        return await worker_round(index, settings, numbers, emulator, admin, workdir)
+                    if side in PROCESSES:
+                        return await worker_round(index, settings, numbers, emulator, admin, workdir, side)
                     return await baseline_round(
                         side, index, posts[side], numbers, args.concurrency, emulator.process.pid
                     )
@@ -555,6 +595,7 @@ KEYS = (
     "cpu_ms_per_verification",
     "emulator_cpu_ms_per_verification",
     "redis_cpu_ms_per_verification",
+    "others_cores",
 )
 
 
@@ -564,7 +605,7 @@ def summarize(results: Sequence[Round]) -> dict[str, Any]:
     for side in SIDES:
         rows = [r.to_dict() for r in results if r.side == side]
         med = {key: median([row[key] for row in rows]) for key in KEYS}
-        if side == "worker":
+        if side in PROCESSES:
             med["process_cpu_ms_per_verification"] = median(
                 [1000 * r["process_cpu_s"] / r["verifications"] if r["verifications"] else None for r in rows]
             )
@@ -583,7 +624,62 @@ def summarize(results: Sequence[Round]) -> dict[str, Any]:
         }
         for base in (BASELINE_A, BASELINE_B)
     }
-    return {"sides": sides, "ratios": ratios}
+    return {"sides": sides, "ratios": ratios, "scaling": scaling(sides)}
+
+
+def _ceiling(row: dict[str, Any], cores: int) -> dict[str, float | None]:
+    """One round's ceiling: what ``cores`` allow at its CPU per verification, then after others' use."""
+    parts = [
+        row.get(k)
+        for k in (
+            "cpu_ms_per_verification",
+            "emulator_cpu_ms_per_verification",
+            "redis_cpu_ms_per_verification",
+        )
+    ]
+    if any(p is None for p in parts) or not sum(float(p or 0) for p in parts):
+        return {"all_cpu_ms": None, "ceiling": None, "ceiling_after_others": None}
+    total = sum(float(p or 0) for p in parts)
+    others = row.get("others_cores")
+    free = None if others is None else max(0.0, cores - float(others))
+    return {
+        "all_cpu_ms": round(total, 4),
+        "ceiling": round(cores * 1000 / total, 1),
+        "ceiling_after_others": None if free is None else round(free * 1000 / total, 1),
+    }
+
+
+def scaling(sides: dict[str, Any]) -> dict[str, Any]:
+    """Two processes against one, and against the ceiling the machine's cores allow (per round, medians)."""
+    cores = os.cpu_count() or 1
+    one, two = sides["worker"]["median"], sides["worker_2p"]["median"]
+    rows = sides["worker_2p"]["rounds"]
+    ceilings = [_ceiling(row, cores) for row in rows]
+    of_ceiling = [
+        ratio(row["verifications_per_s"], c["ceiling"]) if c["ceiling"] else None
+        for row, c in zip(rows, ceilings, strict=True)
+    ]
+    of_free = [
+        ratio(row["verifications_per_s"], c["ceiling_after_others"]) if c["ceiling_after_others"] else None
+        for row, c in zip(rows, ceilings, strict=True)
+    ]
+    speedup = ratio(two["verifications_per_s"], one["verifications_per_s"])
+    med_of_ceiling = median(of_ceiling)
+    return {
+        "cores": cores,
+        "one_process_vps": one["verifications_per_s"],
+        "two_process_vps": two["verifications_per_s"],
+        "speedup": speedup,
+        "scaling_efficiency": None if speedup is None else round(speedup / 2, 3),
+        "all_cpu_ms_per_verification": median([c["all_cpu_ms"] for c in ceilings]),
+        "ceiling_vps": median([c["ceiling"] for c in ceilings]),
+        "ceiling_after_others_vps": median([c["ceiling_after_others"] for c in ceilings]),
+        "others_cores": two["others_cores"],
+        "of_ceiling": med_of_ceiling,
+        "of_ceiling_after_others": median(of_free),
+        "target_of_ceiling": TARGET_OF_CEILING,
+        "target_met": med_of_ceiling is not None and med_of_ceiling >= TARGET_OF_CEILING,
+    }
 
 
 #: Commands the worker sends as their own round trip (the rest run inside scripts or MULTI blocks).
@@ -684,7 +780,12 @@ def render(data: dict[str, Any]) -> str:
         med = info["median"]
         vps = [r["verifications_per_s"] for r in info["rounds"]]
         rng = f"{min(vps):.0f}–{max(vps):.0f}" if vps else "-"
-        rat = "1" if side == "worker" else _fmt(ratios[f"worker/{side}"]["verifications_per_s"], ".2f")
+        if side in PROCESSES:
+            rat = _fmt(
+                ratio(sides["worker"]["median"]["verifications_per_s"], med["verifications_per_s"]), ".2f"
+            )
+        else:
+            rat = _fmt(ratios[f"worker/{side}"]["verifications_per_s"], ".2f")
         lines.append(
             f"| `{side}` | {_fmt(med['verifications_per_s'], '.0f')} | {rng} "
             f"| {_fmt(med['cpu_ms_per_verification'], '.3f')} "
@@ -733,6 +834,7 @@ def render(data: dict[str, Any]) -> str:
             for name, count in sides["worker"].get("redis_commands_per_verification", {}).items()
         ),
     ]
+    lines += ["", *render_scaling(data["scaling"], sides)]
     if data.get("before"):
         lines += ["", *render_before(data["before"], data)]
     lines += ["", *render_breakdown(data["breakdown"], met)]
@@ -740,6 +842,35 @@ def render(data: dict[str, Any]) -> str:
         lines += ["", *render_profile(data["profile"])]
     lines += ["", "Rerun: `python bench/worker_throughput.py` (see `bench/README.md`)."]
     return "\n".join(lines)
+
+
+def render_scaling(sc: dict[str, Any], sides: dict[str, Any]) -> list[str]:
+    """Two processes: speed-up over one, and the share of the ceiling the cores allow."""
+    two = sides["worker_2p"]["median"]
+    lines = [
+        "## Two processes, and the ceiling of this machine's cores",
+        "",
+        f"`--processes 2` drained the queue at {_fmt(sc['two_process_vps'], '.0f')} verifications/s against "
+        f"{_fmt(sc['one_process_vps'], '.0f')} for one process: **{_fmt(sc['speedup'], '.2f')}×, a scaling "
+        f"efficiency of {_fmt(sc['scaling_efficiency'], '.2f')}** (speed-up ÷ 2).",
+        "",
+        "Two processes cannot go faster than the cores allow. Per verification, in the two-process rounds "
+        f"(medians): worker processes {_fmt(two['cpu_ms_per_verification'], '.3f')} ms, emulator "
+        f"{_fmt(two['emulator_cpu_ms_per_verification'], '.3f')} ms, Redis "
+        f"{_fmt(two['redis_cpu_ms_per_verification'], '.3f')} ms of CPU: "
+        f"{_fmt(sc['all_cpu_ms_per_verification'], '.3f')} ms in all, so {sc['cores']} cores allow at most "
+        f"**{_fmt(sc['ceiling_vps'], '.0f')} verifications/s**. Two processes reached "
+        f"**{_fmt(sc['of_ceiling'], '.2f')} of that ceiling** (target ≥ {sc['target_of_ceiling']}: "
+        f"{'met' if sc['target_met'] else 'not met'}; each round against its own ceiling, median).",
+        "",
+        "Other programs shared the machine: in the same windows they kept a median "
+        f"{_fmt(sc['others_cores'], '.2f')} cores busy (`/proc/stat` busy time minus the worker, emulator, "
+        "Redis and this script). The ceiling on what was left is "
+        f"{_fmt(sc['ceiling_after_others_vps'], '.0f')} verifications/s, of which two processes reached "
+        f"{_fmt(sc['of_ceiling_after_others'], '.2f')}. The two-process rows above also include this "
+        "script's own polling and the supervisor process; the ceiling leaves them out.",
+    ]
+    return lines
 
 
 #: Commands the store sends per state change in one Lua script: their count is the writes' round trips.

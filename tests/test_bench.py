@@ -164,7 +164,7 @@ def test_worker_throughput_quick(tmp_path: Path) -> None:
     assert_common(data, "worker_throughput")
     assert data["errors"] == 0
     cfg = data["config"]
-    assert set(data["sides"]) == {"worker", "httpx_aiohttp", "aiohttp"}
+    assert set(data["sides"]) == {"worker", "worker_2p", "httpx_aiohttp", "aiohttp"}
     for side, info in data["sides"].items():
         rounds = info["rounds"]
         assert len(rounds) == cfg["rounds"], side
@@ -172,6 +172,14 @@ def test_worker_throughput_quick(tmp_path: Path) -> None:
         assert info["median"]["verifications_per_s"] > 0
         assert info["median"]["cpu_ms_per_verification"] > 0
     assert set(data["ratios"]) == {"worker/httpx_aiohttp", "worker/aiohttp"}
+    # Two processes: compared with one, and with the ceiling computed from the measured CPU per verification.
+    scaling = data["scaling"]
+    assert scaling["speedup"] > 0 and scaling["ceiling_vps"] > 0 and scaling["of_ceiling"] > 0
+    assert (
+        scaling["all_cpu_ms_per_verification"]
+        >= data["sides"]["worker_2p"]["median"]["cpu_ms_per_verification"]
+    )
+    assert "## Two processes" in markdown
     # Every verification writes to the store through Lua scripts (its start, then its
     # compare-and-set writes) and acknowledges its message.
     commands = data["sides"]["worker"]["redis_commands_per_verification"]
@@ -193,7 +201,11 @@ def test_deadline_lag_quick(tmp_path: Path) -> None:
     assert_common(data, "deadline_lag")
     assert data["errors"] == 0
     n = data["config"]["verifications"]
-    assert [run["store"] for run in data["runs"]] == ["redis", "sqlite"]
+    assert [(run["store"], run["processes"]) for run in data["runs"]] == [
+        ("redis", 1),
+        ("redis", 2),
+        ("sqlite", 1),
+    ]
     for run in data["runs"]:
         assert run["deadlines_checked"] == run["sms_sent"] == run["status_polls"] == n
         assert run["sms_missing"] == run["sms_duplicates"] == run["sms_before_deadline"] == 0
@@ -201,7 +213,8 @@ def test_deadline_lag_quick(tmp_path: Path) -> None:
         assert 0 <= lag["p50"] <= lag["p99"] <= lag["max"]
         assert run["worker_peak_rss_mib"] >= run["worker_rss_ready_mib"] > 0
         assert run["worker_exit"] == 0
-    assert "| redis |" in markdown and "| sqlite |" in markdown
+        assert run["cores_needed"] > 0 and run["all_cpu_ms_per_deadline"] >= run["worker_cpu_ms_per_deadline"]
+    assert "| redis | 2 |" in markdown and "| sqlite | 1 |" in markdown
 
 
 @pytest.mark.timeout(330)
