@@ -146,6 +146,8 @@ class Round:
     #: Worker only: busy CPU seconds of the whole machine, and of this process, in the window.
     machine_busy_s: float | None = None
     own_cpu_s: float | None = None
+    #: Worker only: bytes the run left in Redis (records, ledger, idempotency and rate keys), estimated.
+    redis_bytes: int | None = None
     error_types: dict[str, int] = field(default_factory=dict)
 
     def per_verification_ms(self, seconds: float | None) -> float | None:
@@ -165,6 +167,9 @@ class Round:
         data["emulator_cpu_ms_per_verification"] = self.per_verification_ms(self.emulator_cpu_s)
         data["redis_cpu_ms_per_verification"] = self.per_verification_ms(self.redis_cpu_s)
         data["others_cores"] = self.others_cores()
+        data["redis_bytes_per_verification"] = (
+            round(self.redis_bytes / self.verifications) if self.redis_bytes and self.verifications else None
+        )
         return data
 
     def others_cores(self) -> float | None:
@@ -280,6 +285,28 @@ async def _command_counts(client: aioredis.Redis) -> Counter[str]:
     return Counter({name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()})
 
 
+#: Keys per kind whose ``MEMORY USAGE`` is read to estimate what a run left in Redis.
+MEMORY_SAMPLE = 50
+
+
+async def stored_bytes(client: aioredis.Redis, prefix: str) -> int:
+    """Bytes the run's keys take in Redis: per kind of key, their count times a sample's ``MEMORY USAGE``.
+
+    Read from the keys themselves, so other clients of the same Redis do not
+    change it (``used_memory`` is server-wide).
+    """
+    kinds: dict[str, list[bytes]] = {}
+    async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        kind = key.decode(errors="replace").removeprefix(f"{prefix}:").split(":", 1)[0]
+        kinds.setdefault(kind, []).append(key)
+    total = 0.0
+    for keys in kinds.values():
+        sample = keys[:: max(1, len(keys) // MEMORY_SAMPLE)][:MEMORY_SAMPLE]
+        sizes = [int(await client.memory_usage(key) or 0) for key in sample]
+        total += len(keys) * sum(sizes) / len(sizes)
+    return round(total)
+
+
 async def _redis_pid() -> int | None:
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
@@ -356,6 +383,7 @@ async def worker_round(
         emu_after = process_cpu_seconds(emulator.process.pid)
         log = await emulator.telegram_log(admin)
         left = int(await watcher.xlen(stream))
+        redis_bytes = await stored_bytes(watcher, prefix)
     finally:
         await watcher.aclose()
         await redis_cleanup(prefix)
@@ -389,6 +417,7 @@ async def worker_round(
         redis_commands=dict(commands),
         machine_busy_s=busy.cpu_between(first, drained),
         own_cpu_s=own.cpu_between(first, drained),
+        redis_bytes=redis_bytes,
         error_types=dict(errors),
     )
 
@@ -596,6 +625,7 @@ KEYS = (
     "emulator_cpu_ms_per_verification",
     "redis_cpu_ms_per_verification",
     "others_cores",
+    "redis_bytes_per_verification",
 )
 
 
@@ -821,7 +851,11 @@ def render(data: dict[str, Any]) -> str:
         "cores), so it is bounded by whichever process saturates a core first; CPU per verification "
         "is the more stable figure.",
         "",
-        f"Failed verifications: {data['errors']}.",
+        f"Failed verifications: {data['errors']}. What one verification leaves in Redis once its message is "
+        "acknowledged (record, ledger entry and indexes, idempotency key, rate-limit events; `MEMORY USAGE` "
+        "of the round's keys, sampled by kind): "
+        f"{_fmt(worker_med.get('redis_bytes_per_verification'), '.0f')} bytes "
+        "(median over one-process rounds).",
         "",
         "Redis commands the server counted per verification while the worker ran (`INFO commandstats`, "
         "smallest over rounds; commands run inside Lua scripts and `MULTI` blocks are counted too, "
