@@ -146,8 +146,8 @@ class Round:
     #: Worker only: busy CPU seconds of the whole machine, and of this process, in the window.
     machine_busy_s: float | None = None
     own_cpu_s: float | None = None
-    #: Worker only: bytes the run left in Redis (records, ledger, idempotency and rate keys), estimated.
-    redis_bytes: int | None = None
+    #: Worker only: bytes the run left in Redis by kind of key (``rec``, ``ledger``, ``idem``...), estimated.
+    redis_bytes: dict[str, int] = field(default_factory=dict)
     error_types: dict[str, int] = field(default_factory=dict)
 
     def per_verification_ms(self, seconds: float | None) -> float | None:
@@ -167,8 +167,9 @@ class Round:
         data["emulator_cpu_ms_per_verification"] = self.per_verification_ms(self.emulator_cpu_s)
         data["redis_cpu_ms_per_verification"] = self.per_verification_ms(self.redis_cpu_s)
         data["others_cores"] = self.others_cores()
+        total = sum(self.redis_bytes.values())
         data["redis_bytes_per_verification"] = (
-            round(self.redis_bytes / self.verifications) if self.redis_bytes and self.verifications else None
+            round(total / self.verifications) if total and self.verifications else None
         )
         return data
 
@@ -289,7 +290,7 @@ async def _command_counts(client: aioredis.Redis) -> Counter[str]:
 MEMORY_SAMPLE = 50
 
 
-async def stored_bytes(client: aioredis.Redis, prefix: str) -> int:
+async def stored_bytes(client: aioredis.Redis, prefix: str) -> dict[str, int]:
     """Bytes the run's keys take in Redis: per kind of key, their count times a sample's ``MEMORY USAGE``.
 
     Read from the keys themselves, so other clients of the same Redis do not
@@ -299,12 +300,12 @@ async def stored_bytes(client: aioredis.Redis, prefix: str) -> int:
     async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         kind = key.decode(errors="replace").removeprefix(f"{prefix}:").split(":", 1)[0]
         kinds.setdefault(kind, []).append(key)
-    total = 0.0
-    for keys in kinds.values():
+    out: dict[str, int] = {}
+    for kind, keys in sorted(kinds.items()):
         sample = keys[:: max(1, len(keys) // MEMORY_SAMPLE)][:MEMORY_SAMPLE]
         sizes = [int(await client.memory_usage(key) or 0) for key in sample]
-        total += len(keys) * sum(sizes) / len(sizes)
-    return round(total)
+        out[kind] = round(len(keys) * sum(sizes) / len(sizes))
+    return out
 
 
 async def _redis_pid() -> int | None:
@@ -855,7 +856,7 @@ def render(data: dict[str, Any]) -> str:
         "acknowledged (record, ledger entry and indexes, idempotency key, rate-limit events; `MEMORY USAGE` "
         "of the round's keys, sampled by kind): "
         f"{_fmt(worker_med.get('redis_bytes_per_verification'), '.0f')} bytes "
-        "(median over one-process rounds).",
+        f"(median over one-process rounds){_bytes_by_kind(sides['worker']['rounds'])}.",
         "",
         "Redis commands the server counted per verification while the worker ran (`INFO commandstats`, "
         "smallest over rounds; commands run inside Lua scripts and `MULTI` blocks are counted too, "
@@ -876,6 +877,21 @@ def render(data: dict[str, Any]) -> str:
         lines += ["", *render_profile(data["profile"])]
     lines += ["", "Rerun: `python bench/worker_throughput.py` (see `bench/README.md`)."]
     return "\n".join(lines)
+
+
+def _bytes_by_kind(rounds: Sequence[dict[str, Any]]) -> str:
+    """``; by kind of key: rec 1568, ...`` bytes per verification, from the median round."""
+    known = sorted(
+        (r for r in rounds if r.get("redis_bytes_per_verification")),
+        key=lambda r: r["redis_bytes_per_verification"],
+    )
+    if not known:
+        return ""
+    row = known[len(known) // 2]
+    parts = sorted(row["redis_bytes"].items(), key=lambda item: -item[1])
+    return "; by kind of key in the median round: " + ", ".join(
+        f"`{kind}` {size / row['verifications']:.0f}" for kind, size in parts if size >= row["verifications"]
+    )
 
 
 def render_scaling(sc: dict[str, Any], sides: dict[str, Any]) -> list[str]:
