@@ -122,25 +122,27 @@ class _Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.stopping = False
         self.failed = False
+        #: Signals received, appended by the handler and logged by the loop.
+        self.signals: list[str] = []
+        self._logged_signals = 0
         self.metrics_dir = ""
 
     # -- signals ----------------------------------------------------------------
 
     def on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # Forwarded as SIGTERM every time: the first drains, a second stops at once.
-        log.info("event=stopping signal=%s children=%d", signal.Signals(signum).name, self.alive())
+        # Forwarded as SIGTERM every time: the first drains, a second stops at once. Only flags
+        # and kill() here: logging (or reaping) inside a signal handler could deadlock the loop.
+        self.signals.append(signal.Signals(signum).name)
         self.stopping = True
         self.forward()
 
     def forward(self) -> None:
         for slot in self.slots:
             process = slot.process
-            if process is not None and process.pid is not None and process.exitcode is None:
-                with contextlib.suppress(ProcessLookupError):  # exited meanwhile; reaped by the loop
+            if process is not None and process.pid is not None:
+                # A child that exited meanwhile is gone (ProcessLookupError) or a zombie (kill is a no-op).
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGTERM)
-
-    def alive(self) -> int:
-        return sum(1 for s in self.slots if s.process is not None and s.process.exitcode is None)
 
     # -- children -----------------------------------------------------------------
 
@@ -220,6 +222,9 @@ class _Supervisor:
 
     def loop(self) -> None:
         while True:
+            while self._logged_signals < len(self.signals):
+                log.info("event=stopping signal=%s", self.signals[self._logged_signals])
+                self._logged_signals += 1
             now = time.monotonic()
             for slot in self.slots:
                 if slot.process is not None and slot.process.exitcode is not None:
