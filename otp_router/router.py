@@ -891,6 +891,7 @@ class OtpRouter:
             callback_url=self._callback_url(effect.channel, state.id),
             payload=state.id,
             attempt=effect.attempt,
+            region=state.region,
         )
         event: Event
         outcome = "failed"

@@ -172,6 +172,8 @@ class SendRequest:
         callback_url: Where the provider should report delivery, if we have a public URL.
         payload: Opaque value echoed back in reports (the verification id).
         attempt: 1 for the first send of this verification, counted across channels.
+        region: The number's ISO region when the caller knows it (the router parsed the
+            number at start); a channel that prices by region then need not parse it again.
     """
 
     phone: str
@@ -181,6 +183,7 @@ class SendRequest:
     callback_url: str | None = None
     payload: str | None = None
     attempt: int = 1
+    region: str | None = None
 
     def __repr__(self) -> str:
         return f"SendRequest(ttl={self.ttl}, probe_ref={self.probe_ref!r}, payload={self.payload!r})"

