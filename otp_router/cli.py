@@ -51,7 +51,7 @@ class Command:
 
 
 def _emulate_arguments(parser: argparse.ArgumentParser) -> None:
-    from otp_router.emulators import DEFAULT_TELEGRAM_PORT, DEFAULT_TWILIO_PORT
+    from otp_router.emulators import DEFAULT_TELEGRAM_PORT, DEFAULT_TWILIO_PORT, DEFAULT_VONAGE_PORT
 
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
     parser.add_argument(
@@ -65,6 +65,12 @@ def _emulate_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_TWILIO_PORT,
         help="Twilio emulator port, 0 for any free port (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--vonage-port",
+        type=int,
+        default=DEFAULT_VONAGE_PORT,
+        help="Vonage SMS emulator port, 0 for any free port (default: %(default)s)",
     )
     parser.add_argument(
         "--script", type=Path, help='JSON behaviour script, e.g. {"+15550001": {"telegram": "absent"}}'
@@ -82,7 +88,12 @@ def _emulate(args: argparse.Namespace, settings: Settings) -> int:
 
     if not (math.isfinite(args.time_scale) and args.time_scale > 0):
         raise ConfigError("--time-scale must be a finite number greater than 0")
-    for option, port in (("--telegram-port", args.telegram_port), ("--twilio-port", args.twilio_port)):
+    ports = (
+        ("--telegram-port", args.telegram_port),
+        ("--twilio-port", args.twilio_port),
+        ("--vonage-port", args.vonage_port),
+    )
+    for option, port in ports:
         if not 0 <= port <= 65535:
             raise ConfigError(f"{option} must be 0..65535")
     try:
@@ -102,7 +113,12 @@ def _emulate(args: argparse.Namespace, settings: Settings) -> int:
 
     def ready(pair: EmulatorPair) -> None:
         # One JSON line on stdout: scripts and tests wait for it before connecting.
-        print(json.dumps({"telegram_url": pair.telegram_url, "twilio_url": pair.twilio_url}), flush=True)
+        urls = {
+            "telegram_url": pair.telegram_url,
+            "twilio_url": pair.twilio_url,
+            "vonage_url": pair.vonage_url,
+        }
+        print(json.dumps(urls), flush=True)
 
     asyncio.run(
         run_emulators(
@@ -112,6 +128,7 @@ def _emulate(args: argparse.Namespace, settings: Settings) -> int:
             twilio_port=args.twilio_port,
             script=script,
             on_ready=ready,
+            vonage_port=args.vonage_port,
         )
     )
     return 0
@@ -214,7 +231,7 @@ COMMANDS: dict[str, Command] = {
         run=_demo,
     ),
     "emulate": Command(
-        help="serve the Telegram Gateway and Twilio emulators until SIGTERM/SIGINT",
+        help="serve the Telegram Gateway, Twilio and Vonage emulators until SIGTERM/SIGINT",
         add_arguments=_emulate_arguments,
         run=_emulate,
     ),

@@ -52,11 +52,13 @@ __all__ = [
     "SmsLookupSettings",
     "TelegramSettings",
     "TwilioSettings",
+    "VonageSettings",
 ]
 
 ENV_PREFIX = "OTP_ROUTER_"
 TELEGRAM_BASE_URL = "https://gatewayapi.telegram.org"
 TWILIO_BASE_URL = "https://api.twilio.com"
+VONAGE_BASE_URL = "https://rest.nexmo.com"
 
 
 #: Settings whose text may hold line breaks and tabs (an SMS body can have several lines).
@@ -155,6 +157,48 @@ class TwilioSettings(_Section):
     def _has_code(cls, value: str) -> str:
         if "{code}" not in value:
             raise ValueError("must contain {code}")
+        return value
+
+
+class VonageSettings(_Section):
+    """Vonage SMS API access (a second SMS carrier; off unless enabled and routed to).
+
+    Bind it to a route with ``OTP_ROUTER_ROUTES`` (e.g. ``"sms_backup": "vonage_sms"``).
+    """
+
+    enabled: bool = False
+    api_key: str = ""
+    api_secret: SecretStr = SecretStr("")
+    #: Signature secret: checks signed delivery receipts (and signs sends when set).
+    signature_secret: SecretStr = SecretStr("")
+    #: HMAC digest the account's signatures use (the dashboard setting; see docs/providers.md).
+    signature_method: str = "sha256"
+    #: Sender: a number in E.164 without the ``+``, or an alphanumeric sender id.
+    from_number: str = ""
+    base_url: str = VONAGE_BASE_URL
+    #: Whole seconds per request (the SDK takes an integer).
+    timeout: int = Field(default=10, ge=1, le=300)
+    message_template: str = "Your login code is {code}"
+    #: Vonage reports prices in the account's currency (UNCONFIRMED which one): multiply by this
+    #: to book USD.
+    price_to_usd: float = Field(default=1.0, gt=0)
+    #: Seconds a signed delivery receipt's ``timestamp`` may be off our clock (replay).
+    callback_max_age: float = Field(default=300.0, gt=0)
+
+    _norm = field_validator("base_url")(_http_url)
+
+    @field_validator("message_template")
+    @classmethod
+    def _has_code(cls, value: str) -> str:
+        if "{code}" not in value:
+            raise ValueError("must contain {code}")
+        return value
+
+    @field_validator("signature_method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in ("md5", "sha1", "sha256", "sha512"):
+            raise ValueError("must be md5, sha1, sha256 or sha512 (HMAC digests)")
         return value
 
 
@@ -302,6 +346,7 @@ class Settings(BaseSettings):
     routes: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ROUTES))
     telegram: TelegramSettings = TelegramSettings()
     twilio: TwilioSettings = TwilioSettings()
+    vonage: VonageSettings = VonageSettings()
     retry: RetrySettings = RetrySettings()
     limits: LimitSettings = LimitSettings()
     fraud: FraudSettings = FraudSettings()

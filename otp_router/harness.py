@@ -12,8 +12,8 @@ import asyncio
 import re
 from typing import Any
 
-from otp_router.config import Settings, TelegramSettings, TwilioSettings
-from otp_router.emulators import EmulatorPair, emulator_credentials
+from otp_router.config import Settings, TelegramSettings, TwilioSettings, VonageSettings
+from otp_router.emulators import EmulatorPair, emulator_credentials, vonage_credentials
 
 __all__ = ["emulated_settings", "read_code", "sample_numbers"]
 
@@ -44,7 +44,22 @@ def emulated_settings(pair: EmulatorPair, base: Settings | None = None, **overri
             "from_number": base.twilio.from_number or FROM_NUMBER,
         }
     )
-    data = {**base.model_dump(), "telegram": telegram, "twilio": twilio, **overrides}
+    data: dict[str, Any] = {**base.model_dump(), "telegram": telegram, "twilio": twilio}
+    if pair.vonage_url is not None:
+        # Credentials and URL only: whether Vonage is used stays the caller's choice
+        # (OTP_ROUTER_VONAGE__ENABLED and a route bound to vonage_sms).
+        key, secret, signature = vonage_credentials(base)
+        data["vonage"] = VonageSettings(
+            **{
+                **base.vonage.model_dump(),
+                "api_key": key,
+                "api_secret": secret,
+                "signature_secret": signature,
+                "base_url": pair.vonage_url,
+                "from_number": base.vonage.from_number or "otp-router",
+            }
+        )
+    data |= overrides
     return Settings(**data)
 
 
@@ -60,7 +75,8 @@ async def read_code(pair: EmulatorPair, phone: str, *, wait: float = 10.0, poll:
         codes = pair.telegram.inbox(phone)
         if codes:
             return codes[-1]
-        for body in reversed(pair.twilio.inbox(phone)):
+        bodies = pair.twilio.inbox(phone) + (pair.vonage.inbox(phone) if pair.vonage is not None else [])
+        for body in reversed(bodies):
             match = _DIGITS.search(body)
             if match:
                 return match.group(1)

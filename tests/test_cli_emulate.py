@@ -52,7 +52,7 @@ def test_emulate_serves_both_until_sigterm(tmp_path: Path) -> None:
     try:
         assert process.stdout is not None
         ready = json.loads(process.stdout.readline())
-        assert set(ready) == {"telegram_url", "twilio_url"}
+        assert set(ready) == {"telegram_url", "twilio_url", "vonage_url"}
         auth = (DEFAULT_ACCOUNT_SID, DEFAULT_AUTH_TOKEN)
         url = f"{ready['twilio_url']}/2010-04-01/Accounts/{DEFAULT_ACCOUNT_SID}/Messages.json"
         with httpx.Client(timeout=5) as client:

@@ -1,4 +1,4 @@
-"""Local Telegram Gateway and Twilio servers that speak the real wire formats.
+"""Local Telegram Gateway, Twilio and Vonage servers that speak the real wire formats.
 
 They power the demo, the tests, the benchmarks and users' own CI. Both accept
 the credentials the router itself reads from :class:`~otp_router.config.Settings`
@@ -23,6 +23,7 @@ from otp_router.prices import SmsPrices
 if TYPE_CHECKING:
     from otp_router.emulators.telegram import TelegramEmulator
     from otp_router.emulators.twilio import TwilioEmulator
+    from otp_router.emulators.vonage import VonageEmulator
 
 __all__ = [
     "DEFAULT_ACCOUNT_SID",
@@ -30,12 +31,17 @@ __all__ = [
     "DEFAULT_TELEGRAM_PORT",
     "DEFAULT_TELEGRAM_TOKEN",
     "DEFAULT_TWILIO_PORT",
+    "DEFAULT_VONAGE_KEY",
+    "DEFAULT_VONAGE_PORT",
+    "DEFAULT_VONAGE_SECRET",
+    "DEFAULT_VONAGE_SIGNATURE_SECRET",
     "Behaviour",
     "EmulatorPair",
     "Script",
     "emulator_credentials",
     "run_emulators",
     "serve_emulators",
+    "vonage_credentials",
 ]
 
 #: Telegram Gateway token the emulator accepts when ``OTP_ROUTER_TELEGRAM__TOKEN`` is empty.
@@ -47,6 +53,11 @@ DEFAULT_AUTH_TOKEN = "emulator-auth-token"
 #: Ports ``otp-router emulate`` uses unless told otherwise.
 DEFAULT_TELEGRAM_PORT = 8801
 DEFAULT_TWILIO_PORT = 8802
+DEFAULT_VONAGE_PORT = 8803
+#: Vonage credentials the emulator accepts when ``OTP_ROUTER_VONAGE__*`` are empty.
+DEFAULT_VONAGE_KEY = "emulator-key"
+DEFAULT_VONAGE_SECRET = "emulator-secret"
+DEFAULT_VONAGE_SIGNATURE_SECRET = "emulator-signature-secret"
 
 
 def emulator_credentials(settings: Settings) -> tuple[str, str, str]:
@@ -91,13 +102,30 @@ class EmulatorPair:
     telegram_url: str
     twilio_url: str
     script: Script
+    #: The Vonage SMS emulator, when started (``vonage_port`` not None).
+    vonage: VonageEmulator | None = None
+    vonage_url: str | None = None
 
     async def aclose(self) -> None:
-        """Stop both emulators (pending callbacks are cancelled)."""
+        """Stop the emulators (pending callbacks are cancelled)."""
         try:
-            await self.twilio.stop()
+            if self.vonage is not None:
+                await self.vonage.stop()
         finally:
-            await self.telegram.stop()
+            try:
+                await self.twilio.stop()
+            finally:
+                await self.telegram.stop()
+
+
+def vonage_credentials(settings: Settings) -> tuple[str, str, str]:
+    """``(api_key, api_secret, signature_secret)`` the Vonage emulator accepts (the router's, or defaults)."""
+    vonage = settings.vonage
+    return (
+        vonage.api_key or DEFAULT_VONAGE_KEY,
+        vonage.api_secret.get_secret_value() or DEFAULT_VONAGE_SECRET,
+        vonage.signature_secret.get_secret_value() or DEFAULT_VONAGE_SIGNATURE_SECRET,
+    )
 
 
 async def serve_emulators(
@@ -107,8 +135,9 @@ async def serve_emulators(
     telegram_port: int,
     twilio_port: int,
     script: Script,
+    vonage_port: int | None = 0,
 ) -> EmulatorPair:
-    """Start both emulators sharing one script.
+    """Start the emulators sharing one script.
 
     Args:
         settings: Source of the credentials (see :func:`emulator_credentials`)
@@ -116,7 +145,8 @@ async def serve_emulators(
         host: Interface to bind.
         telegram_port: Port for the Telegram emulator; 0 picks a free one.
         twilio_port: Port for the Twilio emulator; 0 picks a free one.
-        script: Behaviour per number, shared by both.
+        script: Behaviour per number, shared by all.
+        vonage_port: Port for the Vonage emulator; 0 picks a free one; None: not started.
 
     Returns:
         The running pair; call :meth:`EmulatorPair.aclose` to stop it.
@@ -125,15 +155,31 @@ async def serve_emulators(
     # need aiohttp's server side until emulators are actually started.
     from otp_router.emulators.telegram import TelegramEmulator
     from otp_router.emulators.twilio import TwilioEmulator
+    from otp_router.emulators.vonage import VonageEmulator
 
     token, account_sid, auth_token = emulator_credentials(settings)
     prices = SmsPrices.load(settings.prices_file)
     telegram = TelegramEmulator(token, script, price=prices.telegram)
     twilio = TwilioEmulator(account_sid, auth_token, script, prices=prices)
     bound_telegram = await telegram.start(host, telegram_port)
+    vonage: VonageEmulator | None = None
     try:
         bound_twilio = await twilio.start(host, twilio_port)
+        if vonage_port is not None:
+            from otp_router.emulators.vonage import VonageEmulator
+
+            key, secret, signature = vonage_credentials(settings)
+            vonage = VonageEmulator(
+                key,
+                secret,
+                script,
+                signature_secret=signature,
+                signature_method=settings.vonage.signature_method,
+                prices=prices,
+            )
+            bound_vonage = await vonage.start(host, vonage_port)
     except BaseException:
+        await twilio.stop()
         await telegram.stop()
         raise
     return EmulatorPair(
@@ -142,6 +188,8 @@ async def serve_emulators(
         telegram_url=_url(host, bound_telegram),
         twilio_url=_url(host, bound_twilio),
         script=script,
+        vonage=vonage,
+        vonage_url=_url(host, bound_vonage) if vonage is not None else None,
     )
 
 
@@ -153,6 +201,7 @@ async def run_emulators(
     twilio_port: int,
     script: Script,
     on_ready: Callable[[EmulatorPair], None] | None = None,
+    vonage_port: int | None = DEFAULT_VONAGE_PORT,
 ) -> None:
     """Serve both emulators until SIGTERM or SIGINT.
 
@@ -162,7 +211,8 @@ async def run_emulators(
         telegram_port: Telegram emulator port (0: any free port).
         twilio_port: Twilio emulator port (0: any free port).
         script: Shared behaviour script.
-        on_ready: Called once both are listening (the CLI prints the URLs).
+        on_ready: Called once all are listening (the CLI prints the URLs).
+        vonage_port: Vonage emulator port (0: any free port; None: not started).
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -171,7 +221,12 @@ async def run_emulators(
         loop.add_signal_handler(sig, stop.set)
     try:
         pair = await serve_emulators(
-            settings, host=host, telegram_port=telegram_port, twilio_port=twilio_port, script=script
+            settings,
+            host=host,
+            telegram_port=telegram_port,
+            twilio_port=twilio_port,
+            script=script,
+            vonage_port=vonage_port,
         )
         try:
             if on_ready is not None:

@@ -21,6 +21,7 @@ __all__ = ["Behaviour", "Script", "TelegramFault"]
 
 TelegramMode = Literal["ok", "absent", "unavailable", "invalid"]
 SmsFinal = Literal["delivered", "undelivered", "failed"]
+VonageFinal = Literal["delivered", "failed", "expired", "rejected"]
 TelegramFault = Literal["5xx", "flood_wait", "error", "garbage", "reset", "hang"]
 
 #: Largest script file read (a script of a million numbers is still well under it).
@@ -67,6 +68,12 @@ class Behaviour:
             the message was created (a client timeout then leaves it created).
         sms_list_5xx: The first N message-list requests filtered on this ``To`` answer HTTP 503.
         sms_list_lag: Seconds a new message takes to appear in message lists.
+        vonage_status: Vonage answers every send for this number with this non-zero
+            ``status`` (e.g. 7 "Number Barred", 9 "Partner Quota Violation").
+        vonage_5xx: The first N Vonage sends for this number answer HTTP 500 (nothing sent).
+        vonage_final: Final receipt status of a Vonage SMS.
+        vonage_err_code: ``err-code`` of a receipt that is not ``delivered`` (default 1).
+        vonage_delay: Seconds from send to the final receipt.
 
     Counted Telegram faults come in the order 5xx, flood wait, error, garbage,
     reset, hang: with ``telegram_5xx=1, telegram_hang=1`` the first call answers
@@ -99,6 +106,11 @@ class Behaviour:
     sms_latency_after_create: float = 0.0
     sms_list_5xx: int = 0
     sms_list_lag: float = 0.0
+    vonage_status: int | None = None
+    vonage_5xx: int = 0
+    vonage_final: VonageFinal = "delivered"
+    vonage_err_code: int | None = None
+    vonage_delay: float = 0.5
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Behaviour:

@@ -58,6 +58,7 @@ __all__ = [
 _BUILTIN: dict[str, str] = {
     "telegram": "otp_router.providers.telegram:TelegramChannel",
     "twilio_sms": "otp_router.providers.twilio_sms:TwilioSmsChannel",
+    "vonage_sms": "otp_router.providers.vonage_sms:VonageSmsChannel",
 }
 #: Adapters registered from Python (they win over built-in ones of the same name).
 _REGISTERED: dict[str, type[Any]] = {}

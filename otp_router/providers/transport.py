@@ -19,7 +19,7 @@ from otp_router.errors import (
     ProviderUnavailable,
 )
 
-__all__ = ["map_transport_error"]
+__all__ = ["map_requests_error", "map_transport_error"]
 
 
 def map_transport_error(exc: Exception, *, provider: str, message: str) -> ProviderError:
@@ -62,4 +62,37 @@ def map_transport_error(exc: Exception, *, provider: str, message: str) -> Provi
         return ProviderResponseError(message, provider=provider, not_performed=False)
     # A reset or a protocol error is a connection that broke after the request
     # was (maybe) written: unavailable, and perhaps performed.
+    return ProviderUnavailable(message, provider=provider, not_performed=False)
+
+
+def map_requests_error(exc: Exception, *, provider: str, message: str) -> ProviderError:
+    """The same map for ``requests`` failures (SDKs that bring their own synchronous client).
+
+    ``requests`` reports a refused connection and a connection dropped after
+    the request was written both as ``ConnectionError``; only the former,
+    recognisable by urllib3's ``NewConnectionError`` inside, is not performed.
+
+    Args:
+        exc: A ``requests.RequestException``.
+        provider: Provider name carried by the error.
+        message: The error's message.
+
+    Returns:
+        The exception to raise ``from exc``.
+    """
+    import requests
+    from urllib3.exceptions import NewConnectionError
+
+    if isinstance(exc, requests.exceptions.InvalidURL | requests.exceptions.InvalidSchema):
+        return ProviderRejected(message, provider=provider, code="INVALID_URL")
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return ProviderTimeout(message, provider=provider, not_performed=True)
+    if isinstance(exc, requests.exceptions.Timeout):
+        return ProviderTimeout(message, provider=provider, not_performed=False)
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        reason = exc.args[0] if exc.args else None
+        refused = isinstance(getattr(reason, "reason", reason), NewConnectionError)
+        return ProviderUnavailable(message, provider=provider, not_performed=refused)
+    if isinstance(exc, requests.exceptions.ContentDecodingError | requests.exceptions.JSONDecodeError):
+        return ProviderResponseError(message, provider=provider, not_performed=False)
     return ProviderUnavailable(message, provider=provider, not_performed=False)
