@@ -381,6 +381,12 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
+    #: Bearer token ``/metrics`` and ``/healthz`` want (``Authorization: Bearer …``). Unset: open.
+    ops_token: SecretStr | None = None
+    #: Serve ``/metrics`` and ``/healthz`` on this port only (not on ``http_port``). Unset: on ``http_port``.
+    ops_port: int | None = Field(default=None, ge=0, le=65535)
+    #: Address of the ``ops_port`` listener. Unset: ``http_host``.
+    ops_host: str | None = None
     #: Worker: messages processed concurrently.
     concurrency: int = Field(default=50, ge=1)
     #: Worker: seconds SIGTERM waits for in-flight work.
@@ -437,6 +443,13 @@ class Settings(BaseSettings):
     @classmethod
     def _known_queue(cls, value: str | None) -> str | None:
         return _url(value, ("redis", "rediss", "unix", "sqlite"), host=False) if value else value
+
+    @field_validator("ops_port")
+    @classmethod
+    def _own_port(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and value == info.data.get("http_port"):
+            raise ValueError("must differ from OTP_ROUTER_HTTP_PORT (leave it unset to share that port)")
+        return value
 
     @field_validator("log_level")
     @classmethod

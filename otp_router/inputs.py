@@ -13,6 +13,16 @@ hostile forms the same way, with an :class:`~otp_router.errors.InputError`
 * :func:`check_text`: a string field that becomes a key, an id or a header
   (idempotency keys, verification ids): a string, within a length, with no
   control character (NUL included) and no lone surrogate.
+* :func:`decode_form`: ``application/x-www-form-urlencoded`` bodies and query
+  strings, strictly UTF-8, a bounded number of fields, and (for query strings)
+  the **literal plus rule**: in a phone field, a ``+`` that starts the value and
+  is followed by a digit 1-9 is a plus sign, not an encoded space. A URL typed
+  by hand or by a no-code bot builder (``/start?phone=+4915123456789``) then
+  means what its author meant; every other ``+`` is a space as form encoding
+  says (``phone=+49+151+23456789`` is ``+49 151 23456789``), and ``%2B`` is
+  always a plus. A value can only start with an encoded space when it was typed
+  with a leading blank, and no country calling code starts with 0, so a
+  national number typed after a blank (`` 0151…``) stays national.
 
 Error messages never repeat the input's values: they may hold a phone number.
 """
@@ -22,8 +32,9 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NoReturn
+from urllib.parse import parse_qsl, unquote_plus
 
 from otp_router.errors import InputError
 
@@ -31,6 +42,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "JsonInputError",
     "check_text",
+    "decode_form",
     "decode_json",
     "has_lone_surrogate",
     "is_text",
@@ -202,3 +214,50 @@ def check_text(value: object, *, name: str, max_length: int, min_length: int = 1
     if not is_text(value):
         raise InputError(f"{name} must be printable UTF-8 text (no control characters)")
     return value
+
+
+#: Fields the literal plus rule of :func:`decode_form` applies to.
+PHONE_FIELDS = frozenset({"phone"})
+_LEADING_PLUS = re.compile(r"\+(?=[1-9])")
+
+
+def _keep_leading_plus(pair: str, fields: Collection[str]) -> str:
+    name, sep, value = pair.partition("=")
+    if sep and unquote_plus(name, errors="strict") in fields:
+        # Only the first character: form encoding's other "+" (spaces between digit groups) stay spaces.
+        value = _LEADING_PLUS.sub("%2B", value, count=1) if value.startswith("+") else value
+    return name + sep + value
+
+
+def decode_form(
+    data: bytes | str, *, max_fields: int, what: str = "request body", plus_fields: Collection[str] = ()
+) -> list[tuple[str, str]]:
+    """Decode ``application/x-www-form-urlencoded`` bytes (a body or a query string) strictly.
+
+    Unlike ``urllib``'s and Starlette's lenient parsing, a percent-escape or a raw
+    byte that is not UTF-8 is refused rather than replaced with U+FFFD (which
+    would make two different malformed idempotency keys equal).
+
+    Args:
+        data: The raw bytes (or text) as received.
+        max_fields: Most ``name=value`` pairs accepted.
+        what: How the message names the input (``"query string"``).
+        plus_fields: Fields the literal plus rule applies to (see the module
+            docs); give :data:`PHONE_FIELDS` for query strings, nothing for bodies.
+
+    Returns:
+        The pairs in order, repeated names included (callers decide about repeats).
+
+    Raises:
+        InputError: Not UTF-8, or more than ``max_fields`` fields (the message
+            never repeats the input).
+    """
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes | bytearray) else data
+        if plus_fields and "+" in text:
+            text = "&".join(_keep_leading_plus(pair, plus_fields) for pair in text.split("&"))
+        return parse_qsl(
+            text, keep_blank_values=True, max_num_fields=max_fields, encoding="utf-8", errors="strict"
+        )
+    except ValueError:  # includes UnicodeDecodeError and too many fields
+        raise InputError(f"{what} is not valid UTF-8 form data") from None

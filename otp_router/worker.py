@@ -16,7 +16,8 @@ One process runs, side by side:
 * the router's **deadline loop** (fallbacks at step deadlines), through
   ``async with router``;
 * the **HTTP server** (uvicorn) with :mod:`otp_router.webapp`: webhooks, the
-  API, ``/metrics`` and ``/healthz``.
+  API, ``/metrics`` and ``/healthz`` — the last two on a second listener of
+  their own when ``settings.ops_port`` is set.
 
 SIGTERM or SIGINT stops reading, lets in-flight messages finish within
 ``settings.shutdown_grace`` seconds (the rest stay pending and are
@@ -220,13 +221,15 @@ class Worker:
         self.read_block = read_block
         self.visibility = settings.queue_visibility_timeout
         self.http_port: int | None = None
+        #: The port ``/metrics`` and ``/healthz`` listen on when ``settings.ops_port`` is set.
+        self.ops_port: int | None = None
         self._slots = _Slots(settings.concurrency)
         self._inflight: dict[asyncio.Task[None], Delivery] = {}
         self._stopping = asyncio.Event()
         #: Cleared to end the maintenance loop (see :meth:`_maintain`).
         self._maintaining = True
         self._force = asyncio.Event()
-        self._http: uvicorn.Server | None = None
+        self._http: list[uvicorn.Server] = []
         self._exit_code = 0
         #: Messages this process handled, by outcome (for the stop log line).
         self.handled: Counter[str] = Counter()
@@ -509,43 +512,75 @@ class Worker:
         try:
             import uvicorn
 
-            from otp_router.webapp import create_app, provider_pings
+            from otp_router.webapp import create_app, create_ops_app, provider_pings
 
             pings = {"queue": self.queue.ping, **provider_pings(self.router)}
-            app = create_app(self.router, pings=pings, public_url=self.settings.public_url)
+            own_port = self.settings.ops_port is not None
+            listeners = [
+                (
+                    "http",
+                    create_app(
+                        self.router, pings=pings, public_url=self.settings.public_url, ops=not own_port
+                    ),
+                    self.settings.http_host,
+                    self.settings.http_port,
+                )
+            ]
+            if self.settings.ops_port is not None:
+                ops_host = self.settings.ops_host or self.settings.http_host
+                listeners.append(
+                    ("ops", create_ops_app(self.router, pings=pings), ops_host, self.settings.ops_port)
+                )
         except (ImportError, ConfigError) as exc:
             log.warning(_kv("http_disabled", reason=repr(str(exc)), hint="'pip install otp-router[server]'"))
             return
-        config = uvicorn.Config(
-            app,
-            host=self.settings.http_host,
-            port=self.settings.http_port,
-            # The worker owns the router's lifetime, not the ASGI app.
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=max(1, int(self.settings.shutdown_grace)),
+        servers = []
+        for name, app, host, port in listeners:
+            config = uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                # The worker owns the router's lifetime, not the ASGI app.
+                lifespan="off",
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=max(1, int(self.settings.shutdown_grace)),
+            )
+            servers.append((name, host, port, _uvicorn_server(config, self._listening(name, host))))
+        self._http = [server for *_, server in servers]
+        # One task per listener; each catches its own SystemExit, so none escapes a task.
+        await asyncio.gather(
+            *(self._serve_one(name, host, port, server) for name, host, port, server in servers)
         )
 
+    def _listening(self, name: str, host: str) -> Callable[[uvicorn.Server], None]:
         def started(server: uvicorn.Server) -> None:
-            self.http_port = int(server.servers[0].sockets[0].getsockname()[1])
-            log.info(_kv("http_listening", host=self.settings.http_host, port=self.http_port))
+            port = int(server.servers[0].sockets[0].getsockname()[1])
+            if name == "ops":
+                self.ops_port = port
+            else:
+                self.http_port = port
+            log.info(_kv(f"{name}_listening", host=host, port=port))
 
-        self._http = _uvicorn_server(config, started)
+        return started
+
+    async def _serve_one(self, name: str, host: str, port: int, server: uvicorn.Server) -> None:
         try:
-            # Awaited in this task, not a new one: a SystemExit escaping a task would end the event loop.
-            await self._http.serve()
+            await server.serve()
         except SystemExit:
-            # uvicorn exits the process when it cannot bind; stop the worker instead.
-            log.error(_kv("http_failed", host=self.settings.http_host, port=self.settings.http_port))
+            # uvicorn exits the process when it cannot bind; stop the worker instead
+            # (and the other listener with it: a worker half-served is not running).
+            log.error(_kv(f"{name}_failed", host=host, port=port))
             self._exit_code = 1
+            for other in self._http:
+                other.should_exit = True
             self.stop()
 
     async def _stop_http(self, task: asyncio.Task[None] | None) -> None:
         if task is None:
             return
-        if self._http is not None:
-            self._http.should_exit = True
+        for server in self._http:
+            server.should_exit = True
         try:
             await asyncio.wait_for(task, timeout=self.settings.shutdown_grace + 5)
         except TimeoutError:

@@ -58,3 +58,17 @@ def test_invalid_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, nam
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name):
         Settings.load()
+
+
+def test_ops_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTP_ROUTER_OPS_PORT/_HOST/_TOKEN are read; an ops port equal to the HTTP port is refused by name."""
+    monkeypatch.setenv("OTP_ROUTER_OPS_PORT", "9100")
+    monkeypatch.setenv("OTP_ROUTER_OPS_HOST", "10.0.0.5")
+    monkeypatch.setenv("OTP_ROUTER_OPS_TOKEN", "scrape-me")
+    settings = Settings.load()
+    assert (settings.ops_port, settings.ops_host) == (9100, "10.0.0.5")
+    assert settings.ops_token is not None and settings.ops_token.get_secret_value() == "scrape-me"
+    assert "scrape-me" not in repr(settings)
+    monkeypatch.setenv("OTP_ROUTER_OPS_PORT", "8080")
+    with pytest.raises(ConfigError, match="OTP_ROUTER_OPS_PORT"):
+        Settings.load()

@@ -496,7 +496,7 @@ async def test_a_message_delivered_too_often_is_dead_lettered(tmp_path: Path) ->
 
 async def test_serves_the_web_app_while_running(tmp_path: Path) -> None:
     """The worker serves /healthz (store and queue pinged) on its HTTP port until it stops."""
-    pytest.importorskip("starlette")
+    pytest.importorskip("fastapi")
     settings = fake_settings(tmp_path, http_port=0)
     worker = Worker(settings, router=fake_router(settings, GatedTelegram()), name="web", read_block=0.05)
     running = asyncio.create_task(worker.run())
@@ -511,9 +511,40 @@ async def test_serves_the_web_app_while_running(tmp_path: Path) -> None:
         assert await running == 0
 
 
+async def test_ops_port_serves_metrics_and_healthz_apart_behind_the_ops_token(tmp_path: Path) -> None:
+    """With OTP_ROUTER_OPS_PORT, /metrics and /healthz leave the public port for their own listener,
+    where OTP_ROUTER_OPS_TOKEN guards them; the API stays on the public port."""
+    pytest.importorskip("fastapi")
+    settings = fake_settings(
+        tmp_path, http_port=0, ops_port=0, ops_token="ops-secret", api_token="api-secret"
+    )
+    worker = Worker(settings, router=fake_router(settings, GatedTelegram()), name="web", read_block=0.05)
+    running = asyncio.create_task(worker.run())
+    try:
+        await wait_until(lambda: worker.http_port is not None and worker.ops_port is not None)
+        assert worker.ops_port != worker.http_port
+        public, ops = f"http://127.0.0.1:{worker.http_port}", f"http://127.0.0.1:{worker.ops_port}"
+        bearer = {"Authorization": "Bearer ops-secret"}
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{public}/healthz", headers=bearer)).status_code == 404
+            assert (await client.get(f"{public}/metrics", headers=bearer)).status_code == 404
+            api = await client.get(
+                f"{public}/v1/verifications/v_x", headers={"Authorization": "Bearer api-secret"}
+            )
+            assert api.status_code == 404 and "no verification" in api.json()["error"]["message"]
+            assert (await client.get(f"{ops}/healthz")).status_code == 401
+            response = await client.get(f"{ops}/healthz", headers=bearer)
+            assert response.status_code == 200 and {"store", "queue"} <= set(response.json()["ok"])
+            assert (await client.get(f"{ops}/metrics", headers=bearer)).status_code == 200
+            assert (await client.get(f"{ops}/v1/verifications/v_x")).status_code == 404
+    finally:
+        worker.stop()
+        assert await running == 0
+
+
 async def test_an_unusable_http_port_stops_the_worker_with_status_1(tmp_path: Path) -> None:
     """If the HTTP port is taken, the worker stops cleanly and reports failure instead of running half-way."""
-    pytest.importorskip("starlette")
+    pytest.importorskip("fastapi")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

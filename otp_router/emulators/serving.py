@@ -6,7 +6,26 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["serve_app"]
+from otp_router.errors import InputError
+from otp_router.inputs import PHONE_FIELDS, decode_form
+
+__all__ = ["query_phone", "serve_app"]
+
+
+def query_phone(request: web.Request) -> str:
+    """The ``phone`` query parameter of an admin request, under the literal plus rule.
+
+    ``/_emulator/inbox?phone=+4915123456789`` (typed as is, the ``+`` not
+    encoded) means the number with its plus, as in the router's HTTP API (see
+    :func:`otp_router.inputs.decode_form`); a query string that is not UTF-8
+    reads as no number.
+    """
+    query = request.raw_path.partition("?")[2]
+    try:
+        pairs = decode_form(query, max_fields=20, what="query string", plus_fields=PHONE_FIELDS)
+    except InputError:
+        return ""
+    return next((value for name, value in pairs if name == "phone"), "")
 
 
 async def serve_app(app: web.Application, host: str, port: int, **runner_options: Any) -> web.AppRunner:

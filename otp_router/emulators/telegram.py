@@ -57,7 +57,7 @@ import aiohttp
 from aiohttp import web
 
 from otp_router.emulators.script import Behaviour, Script
-from otp_router.emulators.serving import serve_app
+from otp_router.emulators.serving import query_phone, serve_app
 from otp_router.emulators.telegram_wire import (
     CANONICAL_METHODS,
     ApiError,
@@ -265,7 +265,7 @@ class TelegramEmulator:
 
     async def _admin_inbox(self, request: web.Request) -> web.Response:
         # The phone number rides in the query string: this is a local test tool only.
-        return web.json_response({"codes": self.inbox(request.query.get("phone", ""))})
+        return web.json_response({"codes": self.inbox(query_phone(request))})
 
     def request_status(self, request_id: str) -> dict[str, Any] | None:
         """The current ``RequestStatus`` JSON of ``request_id``, or None."""

@@ -68,7 +68,7 @@ from aiohttp import web
 from twilio.request_validator import RequestValidator
 
 from otp_router.emulators.script import Behaviour, Script
-from otp_router.emulators.serving import serve_app
+from otp_router.emulators.serving import query_phone, serve_app
 from otp_router.prices import SmsPrices, sms_segments
 
 __all__ = ["SmsLogEntry", "TwilioEmulator"]
@@ -389,7 +389,7 @@ class TwilioEmulator:
 
     async def _admin_inbox(self, request: web.Request) -> web.Response:
         # The phone number rides in the query string: this is a local test tool only.
-        return web.json_response({"messages": self.inbox(request.query.get("phone", ""))})
+        return web.json_response({"messages": self.inbox(query_phone(request))})
 
     def messages_to(self, phone: str) -> list[str]:
         """SIDs of the messages created for ``phone``, oldest first."""

@@ -39,7 +39,7 @@ TLS terminator the app cannot see that URL, and the ``Host`` and
 ``X-Forwarded-*`` headers are attacker-controlled, so they are never used. The
 URL is rebuilt as ``public_url`` (``OTP_ROUTER_PUBLIC_URL`` unless given to
 :func:`~otp_router.webapp.create_app`) + the path relative to the app's mount
-point + the raw query string, which is exactly how the router builds
+point (``/webhooks/twilio``) + the raw query string, which is exactly how the router builds
 ``StatusCallback`` (``{public_url}/webhooks/twilio?vid={id}``). Without a
 public URL the router asks for no callbacks, and any Twilio callback is refused.
 """
@@ -49,8 +49,10 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import parse_qsl
 
+from fastapi import APIRouter, Depends
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from twilio.request_validator import RequestValidator
@@ -67,14 +69,19 @@ from otp_router.providers.base import StatusResult
 from otp_router.providers.telegram import parse_report, verify_report_signature
 from otp_router.providers.twilio_sms import parse_status_callback, verify_status_callback
 from otp_router.router import OtpRouter
+from otp_router.webapp import schemas
+from otp_router.webapp.api import JsonErrorRoute, RouterDependency, router_dependency
 from otp_router.webapp.common import json_error, read_body
 
-__all__ = ["WEBHOOK_BODY_LIMIT", "Webhooks"]
+__all__ = ["TELEGRAM_PATH", "TWILIO_PATH", "WEBHOOK_BODY_LIMIT", "Webhooks", "webhook_router"]
 
 log = logging.getLogger("otp_router.webapp")
 
 #: Largest accepted callback body. Real reports are well under 2 KiB.
 WEBHOOK_BODY_LIMIT = 64 * 1024
+#: Where the routes are, relative to where they are included or mounted.
+TELEGRAM_PATH = "/webhooks/telegram"
+TWILIO_PATH = "/webhooks/twilio"
 #: More form fields than this cannot be a Twilio status callback.
 _MAX_FORM_FIELDS = 200
 
@@ -155,18 +162,15 @@ class Webhooks:
     def twilio_url(self, request: Request) -> str | None:
         """The public URL Twilio called for ``request``, or None without a public URL.
 
-        Built from the configured public URL, never from ``Host``: see the module docs.
+        Built from the configured public URL, never from ``Host``: see the module
+        docs. The path is this endpoint's own, ``/webhooks/twilio``, whatever prefix
+        the routes were included or mounted under: the router builds its
+        ``StatusCallback`` the same way, and ``public_url`` already holds the prefix.
         """
         if not self.public_url:
             return None
-        path: str = request.scope["path"]
-        root: str = request.scope.get("root_path", "")
-        # Mounted inside another app, ``path`` includes the mount prefix; the
-        # router's callback URLs are relative to this app, so drop it.
-        if root and path.startswith(root):
-            path = path[len(root) :] or "/"
         query = request.scope.get("query_string", b"").decode("latin-1")
-        return self.public_url + path + ("?" + query if query else "")
+        return self.public_url + TWILIO_PATH + ("?" + query if query else "")
 
     async def twilio(self, request: Request) -> Response:
         """``POST /webhooks/twilio?vid=…``: a signed, form-encoded message status callback."""
@@ -229,3 +233,106 @@ class Webhooks:
         metrics.webhook(provider, outcome)
         log.info("%s callback %s: %s is %s", provider, outcome, verification_id, report.state.value)
         return _ack(outcome)
+
+
+# --- as FastAPI routes -------------------------------------------------------------------
+
+
+def _header(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+def webhook_router(
+    router: OtpRouter | None = None,
+    *,
+    get_router: RouterDependency | None = None,
+    public_url: str | None = None,
+) -> APIRouter:
+    """``POST /webhooks/telegram`` and ``POST /webhooks/twilio`` as an ``APIRouter``.
+
+    Args:
+        router: Bind this router; without it (and without ``get_router``) each
+            request uses :func:`otp_router.webapp.api.get_otp_router`.
+        get_router: A dependency of your own that returns the router.
+        public_url: Public base URL for Twilio signatures (where these routes
+            are reachable from the internet, prefix included); defaults to the
+            router's ``OTP_ROUTER_PUBLIC_URL``.
+    """
+    provide = get_router or router_dependency(router)
+    hooks = APIRouter(route_class=JsonErrorRoute, tags=["webhooks"])
+    refused = {
+        "model": schemas.Error,
+        "description": "invalid_signature or stale_webhook: nothing was changed.",
+    }
+    too_large = {
+        "model": schemas.Error,
+        "description": f"payload_too_large: the body is larger than {WEBHOOK_BODY_LIMIT} bytes.",
+    }
+    ack = "Acknowledged: accepted, a duplicate, or ignored (no or an unknown verification id)."
+
+    @hooks.post(
+        TELEGRAM_PATH,
+        operation_id="telegramReport",
+        summary="Telegram Gateway delivery report, signed with X-Request-Signature.",
+        response_model=schemas.WebhookAck,
+        responses={
+            200: {"description": ack},
+            400: {"model": schemas.Error, "description": "bad_request: signed, but not a RequestStatus."},
+            403: refused,
+            413: too_large,
+        },
+        openapi_extra={
+            "parameters": [
+                _header("X-Request-Timestamp", "Unix time the report was signed at."),
+                _header("X-Request-Signature", "HMAC-SHA256 of timestamp and body (hex)."),
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            },
+        },
+    )
+    async def telegram(request: Request, otp: OtpRouter = Depends(provide)) -> Response:
+        return await Webhooks(otp, public_url=public_url).telegram(request)
+
+    @hooks.post(
+        TWILIO_PATH,
+        operation_id="twilioStatusCallback",
+        summary="Twilio status callback, signed with X-Twilio-Signature over the public URL.",
+        response_model=schemas.WebhookAck,
+        responses={
+            200: {"description": ack},
+            400: {
+                "model": schemas.Error,
+                "description": "bad_request: signed, but no MessageSid/MessageStatus.",
+            },
+            403: refused,
+            413: too_large,
+        },
+        openapi_extra={
+            "parameters": [
+                {
+                    "name": "vid",
+                    "in": "query",
+                    "required": True,
+                    "description": "Verification id (part of the signed URL).",
+                    "schema": {"type": "string"},
+                },
+                _header("X-Twilio-Signature", "Base64 HMAC-SHA1 of the public URL and the sorted form."),
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/x-www-form-urlencoded": {"schema": {"type": "object"}}},
+            },
+        },
+    )
+    async def twilio(request: Request, otp: OtpRouter = Depends(provide)) -> Response:
+        return await Webhooks(otp, public_url=public_url).twilio(request)
+
+    return hooks

@@ -553,3 +553,16 @@ async def test_plain_curl_works(gateway: Gateway) -> None:
     completed = await asyncio.to_thread(subprocess.run, command, capture_output=True, timeout=10, check=True)
     body = json.loads(completed.stdout)
     assert body["ok"] is True and body["result"]["phone_number"] == PHONE
+
+
+async def test_inbox_reads_a_literal_plus_in_the_query_as_a_plus(gateway: Gateway) -> None:
+    """/_emulator/inbox?phone=+1415… with the plus typed, not encoded, is the number with its plus
+    (the literal plus rule); %2B works too, and another number's inbox stays empty."""
+    await gateway.ok("sendVerificationMessage", phone_number=PHONE, code="4321", ttl=60)
+    await eventually(lambda: gateway.emulator.inbox(PHONE))
+    for query in (f"phone={PHONE}", f"phone=%2B{PHONE[1:]}"):
+        response = await gateway.http.get(f"{gateway.url}/_emulator/inbox?{query}")
+        assert response.request.url.query == query.encode()  # sent as typed
+        assert response.json() == {"codes": ["4321"]}, query
+    response = await gateway.http.get(f"{gateway.url}/_emulator/inbox?phone={OTHER}")
+    assert response.json() == {"codes": []}

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yarl
 from aiohttp import web
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.request_validator import RequestValidator
@@ -631,3 +632,18 @@ async def test_scripted_latency_after_create(
     assert len(emulator.messages_to(GB)) == 1
     await emulator.settle()
     assert len(emulator.inbox(GB)) == 1
+
+
+async def test_inbox_reads_a_literal_plus_in_the_query_as_a_plus(
+    emulator: TwilioEmulator, session: aiohttp.ClientSession
+) -> None:
+    """/_emulator/inbox?phone=+44… with the plus typed, not encoded, is the number with its plus
+    (the literal plus rule); %2B works too."""
+    status, _ = await post(session, emulator.url + MESSAGES, form())
+    assert status == 201
+    await emulator.settle()
+    for query in (f"phone={GB}", f"phone=%2B{GB[1:]}"):
+        url = yarl.URL(f"{emulator.url}/_emulator/inbox?{query}", encoded=True)
+        async with session.get(url) as response:
+            assert response.url.raw_query_string == query  # sent as typed
+            assert await response.json() == {"messages": ["Your login code is 123456"]}, query

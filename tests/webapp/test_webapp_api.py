@@ -273,3 +273,35 @@ async def test_resend_after_cooldown_moves_to_sms(make_env: Factory) -> None:
     resp = await env.client.post(f"/v1/verifications/{vid}/resend", headers=AUTH)
     assert resp.status_code == 200, resp.text
     assert resp.json()["channel"] == "sms"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        f"phone={US}",  # the plus typed as is (a no-code bot builder's URL)
+        "phone=+1+202+555+0143",  # form encoding's spaces between groups: only the first + is a plus
+        f"phone=%2B{US[1:]}",
+        f"default_region=DE&phone={US}",
+    ],
+    ids=["literal-plus", "plus-spaces", "encoded", "with-region"],
+)
+async def test_get_start_reads_a_literal_plus_as_a_plus(make_env: Factory, query: str) -> None:
+    """GET start with ?phone=+1202… (plus not encoded) starts a verification for that number."""
+    env = await make_env()
+    resp = await env.client.get(f"/v1/verifications/start?{query}&token={API_TOKEN}")
+    assert resp.request.url.query == f"{query}&token={API_TOKEN}".encode()  # sent as typed
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["region"] == "US"
+    sent = env.tg.calls[-1][1]
+    assert sent.phone == US
+
+
+async def test_a_plus_elsewhere_in_a_query_is_still_a_space(make_env: Factory) -> None:
+    """The literal plus rule is for phone fields only: an idempotency key keeps form encoding."""
+    env = await make_env()
+    first = await env.client.get(f"/v1/verifications/start?phone={US}&idempotency_key=a+b", headers=AUTH)
+    again = await env.client.post(
+        "/v1/verifications", json={"phone": US, "idempotency_key": "a b"}, headers=AUTH
+    )
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]

@@ -127,10 +127,12 @@ def test_redact_query_filter() -> None:
     assert US not in message and API_TOKEN not in message and "/v1/verifications/start" in message
 
 
-def test_create_app_without_starlette_names_the_extra() -> None:
-    """Without Starlette installed, create_app raises ConfigError with the pip command."""
+@pytest.mark.parametrize("module", ["fastapi", "starlette"])
+def test_create_app_without_fastapi_names_the_extra(module: str) -> None:
+    """Without FastAPI (or its Starlette) installed, create_app raises ConfigError with the pip command;
+    importing otp_router.webapp itself needs neither."""
     code = (
-        "import sys; sys.modules['starlette'] = None\n"
+        f"import sys; sys.modules[{module!r}] = None\n"
         "from otp_router.errors import ConfigError\n"
         "from otp_router.webapp import create_app\n"
         "try:\n    create_app(None)\nexcept ConfigError as exc:\n    print(exc)\n"
