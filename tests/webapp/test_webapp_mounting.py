@@ -9,7 +9,6 @@ bodies come from the routes themselves.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,8 +19,17 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.routing import Mount
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from webapp_helpers import API_TOKEN, AUTH, PUBLIC, TG_TOKEN, TW_TOKEN, US, sms_handler, telegram_handler
+from webapp_helpers import (
+    API_TOKEN,
+    AUTH,
+    PUBLIC,
+    TG_TOKEN,
+    TW_TOKEN,
+    US,
+    served,
+    sms_handler,
+    telegram_handler,
+)
 
 from otp_router.config import Settings, TelegramSettings, TwilioSettings
 from otp_router.metrics import Metrics
@@ -32,30 +40,6 @@ from otp_router.webapp import create_app
 from otp_router.webapp.api import get_otp_router, verification_router
 from otp_router.webapp.ops import ops_router
 from otp_router.webapp.webhooks import webhook_router
-
-
-@asynccontextmanager
-async def served(app: ASGIApp) -> AsyncIterator[httpx.AsyncClient]:
-    """Run ``app``'s lifespan, and a client whose requests carry its lifespan state."""
-    state: dict[str, Any] = {}
-    inbox: asyncio.Queue[Message] = asyncio.Queue()
-    outbox: asyncio.Queue[Message] = asyncio.Queue()
-    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": state}
-    lifespan = asyncio.create_task(app(scope, inbox.get, outbox.put))
-    await inbox.put({"type": "lifespan.startup"})
-    assert (await asyncio.wait_for(outbox.get(), 20))["type"] == "lifespan.startup.complete"
-
-    async def with_state(scope: Scope, receive: Receive, send: Send) -> None:
-        await app({**scope, "state": dict(state)}, receive, send)
-
-    try:
-        transport = httpx.ASGITransport(app=with_state)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            yield client
-    finally:
-        await inbox.put({"type": "lifespan.shutdown"})
-        assert (await asyncio.wait_for(outbox.get(), 20))["type"] == "lifespan.shutdown.complete"
-        await asyncio.wait_for(lifespan, 20)
 
 
 def make_router(**settings: Any) -> tuple[OtpRouter, FakeChannel]:
