@@ -274,6 +274,10 @@ def webhook_router(
         "model": schemas.Error,
         "description": f"payload_too_large: the body is larger than {WEBHOOK_BODY_LIMIT} bytes.",
     }
+    unavailable = {
+        "model": schemas.Error,
+        "description": "store_unavailable: the report could not be stored; the provider retries it.",
+    }
     ack = "Acknowledged: accepted, a duplicate, or ignored (no or an unknown verification id)."
 
     @hooks.post(
@@ -286,6 +290,7 @@ def webhook_router(
             400: {"model": schemas.Error, "description": "bad_request: signed, but not a RequestStatus."},
             403: refused,
             413: too_large,
+            503: unavailable,
         },
         openapi_extra={
             "parameters": [
@@ -314,6 +319,7 @@ def webhook_router(
             },
             403: refused,
             413: too_large,
+            503: unavailable,
         },
         openapi_extra={
             "parameters": [

@@ -46,6 +46,26 @@ async def test_openapi_document_is_valid(make_env: Factory) -> None:
     check("Health", (await env.client.get("/healthz")).json())
     for path in ["/v1/verifications", "/v1/verifications/{id}/check", "/webhooks/twilio", "/healthz"]:
         assert path in doc["paths"]
+    # Generated from the routes: every status the start endpoint can answer is documented.
+    start = doc["paths"]["/v1/verifications"]["post"]
+    assert set(start["responses"]) == {
+        "200",
+        "201",
+        "400",
+        "401",
+        "404",
+        "409",
+        "413",
+        "415",
+        "422",
+        "429",
+        "502",
+        "503",
+    }
+    assert start["responses"]["502"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Error"
+    }
+    assert {"bearer": []} in start["security"] and {"queryToken": []} in start["security"]
 
 
 async def test_metrics_endpoint(make_env: Factory) -> None:
