@@ -18,9 +18,12 @@ from webapp_helpers import (
     PUBLIC,
     US,
     Factory,
+    telegram_handler,
 )
 
+from otp_router.errors import InvalidRecipient
 from otp_router.metrics import NullMetrics
+from otp_router.providers.base import ProbeResult
 from otp_router.webapp import RedactQuery, provider_pings
 
 
@@ -66,6 +69,28 @@ async def test_openapi_document_is_valid(make_env: Factory) -> None:
         "$ref": "#/components/schemas/Error"
     }
     assert {"bearer": []} in start["security"] and {"queryToken": []} in start["security"]
+
+
+async def test_a_502_matches_the_documented_error_schema(make_env: Factory) -> None:
+    """No channel can send: the 502 all_providers_failed body (with the failed verification's id and
+    the causes) is an instance of the document's Error schema."""
+
+    async def refuse_sms(method: str, arg: Any) -> Any:
+        if method == "send":
+            raise InvalidRecipient("landline", provider="twilio", code="21614")
+        return ProbeResult(True)
+
+    env = await make_env(tg=telegram_handler(reachable=False))
+    env.sms.handler = refuse_sms
+    doc = (await env.client.get("/openapi.json")).json()
+    resp = await env.client.post("/v1/verifications", json={"phone": US}, headers=AUTH)
+    assert resp.status_code == 502, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "all_providers_failed" and error["verification_id"].startswith("v_")
+    assert set(error["causes"]) == {"telegram", "sms"}
+    OAS31Validator({"$ref": "#/components/schemas/Error", "components": doc["components"]}).validate(
+        resp.json()
+    )
 
 
 async def test_metrics_endpoint(make_env: Factory) -> None:
