@@ -45,6 +45,9 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace, Settings], int]
+    #: Whether this invocation builds a router from the settings: then missing
+    #: provider credentials are reported with the invalid values, before anything runs.
+    needs_providers: Callable[[argparse.Namespace], bool] = lambda args: False
 
 
 # ------------------------------------------------------------------- emulate
@@ -214,16 +217,19 @@ COMMANDS: dict[str, Command] = {
         help="send a code to PHONE (Telegram first, SMS fallback); prints the verification as JSON",
         add_arguments=_lazy("otp_router.commands", "send_arguments"),
         run=_lazy("otp_router.commands", "run_send"),
+        needs_providers=lambda args: True,
     ),
     "check": Command(
         help="check CODE for verification ID; prints the result as JSON, exits 0 only if valid",
         add_arguments=_lazy("otp_router.commands", "check_arguments"),
         run=_lazy("otp_router.commands", "run_check"),
+        needs_providers=lambda args: True,
     ),
     "status": Command(
         help="print verification ID as JSON",
         add_arguments=_lazy("otp_router.commands", "status_arguments"),
         run=_lazy("otp_router.commands", "run_status"),
+        needs_providers=lambda args: True,
     ),
     "demo": Command(
         help="run a simulated population through the router against the built-in emulators",
@@ -239,6 +245,8 @@ COMMANDS: dict[str, Command] = {
         help="consume the queue, fire deadlines and serve webhooks until SIGTERM (--check: health)",
         add_arguments=_lazy("otp_router.worker", "worker_arguments"),
         run=_lazy("otp_router.worker", "run_worker_command"),
+        # The liveness probe only reads a heartbeat.
+        needs_providers=lambda args: not args.check,
     ),
     "assets": Command(
         help="print the shipped Grafana dashboards, alert rules or Prometheus configuration",
@@ -275,12 +283,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
 
     Returns:
-        The process exit status: 0 on success, 2 for configuration errors.
+        The process exit status: 0 on success, 1 for bad input, 2 for
+        configuration errors (naming every invalid or missing variable), 3
+        when ``send`` could not send the code on any channel.
     """
     args = build_parser().parse_args(argv)
+    command = COMMANDS[args.command]
     try:
-        settings = Settings.load()
-        return COMMANDS[args.command].run(args, settings)
+        # Every invalid or missing variable in one message, before anything is sent.
+        settings = Settings.load(require_providers=command.needs_providers(args))
+        return command.run(args, settings)
     except ConfigError as exc:
         print(f"otp-router: {exc}", file=sys.stderr)
         return EXIT_CONFIG

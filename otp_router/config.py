@@ -13,7 +13,8 @@ most a year of seconds, text
 must be valid UTF-8 without control characters (a byte that is not UTF-8 in
 the environment would otherwise surface in an HTTP header or a form at the
 first send), URLs must parse and have a scheme and a host. :meth:`Settings.load`
-reports every problem on one line naming the variable.
+reports every problem at once, on one line naming each variable; with
+``require_providers=True`` missing provider credentials are among them.
 """
 
 from __future__ import annotations
@@ -458,28 +459,104 @@ class Settings(BaseSettings):
             raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return value
 
+    def router_problems(self) -> list[str]:
+        """What stops these settings from building a router that can send, one ``VARIABLE: why`` each.
+
+        Missing provider credentials of every enabled channel, no channel
+        enabled at all, and a policy or price file that does not exist. Empty
+        when nothing is wrong. :meth:`load` with ``require_providers=True`` and
+        :meth:`OtpRouter.from_settings` report them all in one error.
+        """
+        problems = provider_problems(self.telegram, self.twilio)
+        for name, path in (("POLICY_FILE", self.policy_file), ("PRICES_FILE", self.prices_file)):
+            if path is not None and not path.is_file():
+                problems.append(f"{ENV_PREFIX}{name}: no such file")
+        return problems
+
     @classmethod
-    def load(cls, **overrides: Any) -> Settings:
-        """Read the environment (and ``.env``) and validate.
+    def load(cls, *, require_providers: bool = False, **overrides: Any) -> Settings:
+        """Read the environment (and ``.env``) and validate, reporting every problem at once.
 
         Args:
+            require_providers: Also require what a router needs to send
+                (:meth:`router_problems`): provider credentials, files. Their
+                problems are reported together with the invalid values, even
+                when other variables are invalid too.
             **overrides: Values that win over the environment.
 
         Raises:
-            ConfigError: With one line per invalid variable, named as in the environment.
+            ConfigError: Naming every invalid or missing variable, as in the environment.
         """
+        problems: list[str] = []
+        settings: Settings | None = None
         try:
-            return cls(**overrides)
+            settings = cls(**overrides)
         except ValidationError as exc:
-            problems = []
-            for err in exc.errors():
-                name = ENV_PREFIX + "__".join(str(part) for part in err["loc"]).upper()
-                problems.append(f"{name}: {err['msg']}")
-            raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+            problems += _validation_problems(exc)
         except SettingsError as exc:
             # A nested section given as one variable (OTP_ROUTER_TELEGRAM='{...}') that is not JSON.
             match = re.search(r'field "([^"]+)"', str(exc))
             name = ENV_PREFIX + (match.group(1).upper() if match else "*")
-            raise ConfigError(f"invalid settings: {name}: cannot be parsed") from None
+            problems.append(f"{name}: cannot be parsed")
         except UnicodeDecodeError:
             raise ConfigError("invalid settings: .env is not valid UTF-8") from None
+        if require_providers:
+            if settings is not None:
+                problems += settings.router_problems()
+            else:
+                problems += _provider_problems_alone(overrides)
+        if problems:
+            raise ConfigError("invalid settings: " + "; ".join(dict.fromkeys(problems)))
+        assert settings is not None
+        return settings
+
+
+def _validation_problems(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        name = ENV_PREFIX + "__".join(str(part) for part in err["loc"]).upper()
+        problems.append(f"{name}: {err['msg']}")
+    return problems
+
+
+def provider_problems(telegram: TelegramSettings, twilio: TwilioSettings) -> list[str]:
+    """Missing credentials of the enabled channels, one ``VARIABLE: why`` each."""
+    problems = []
+    if telegram.enabled and not telegram.token.get_secret_value():
+        problems.append(
+            f"{ENV_PREFIX}TELEGRAM__TOKEN: missing (or {ENV_PREFIX}TELEGRAM__ENABLED=false for SMS only)"
+        )
+    if twilio.enabled:
+        sms_only = f"or {ENV_PREFIX}TWILIO__ENABLED=false for Telegram only"
+        if not twilio.account_sid:
+            problems.append(f"{ENV_PREFIX}TWILIO__ACCOUNT_SID: missing ({sms_only})")
+        if not twilio.auth_token.get_secret_value():
+            problems.append(f"{ENV_PREFIX}TWILIO__AUTH_TOKEN: missing ({sms_only})")
+        if not twilio.from_number and not twilio.messaging_service_sid:
+            problems.append(
+                f"{ENV_PREFIX}TWILIO__FROM_NUMBER: missing (or {ENV_PREFIX}TWILIO__MESSAGING_SERVICE_SID)"
+            )
+    if not telegram.enabled and not twilio.enabled:
+        problems.append(f"{ENV_PREFIX}TELEGRAM__ENABLED, {ENV_PREFIX}TWILIO__ENABLED: no channel is enabled")
+    return problems
+
+
+class _Providers(BaseSettings):
+    """Only the provider sections, read like :class:`Settings` reads them.
+
+    When some other variable is invalid, :class:`Settings` cannot be built,
+    but missing credentials can still be told in the same message.
+    """
+
+    model_config = Settings.model_config
+
+    telegram: TelegramSettings = TelegramSettings()
+    twilio: TwilioSettings = TwilioSettings()
+
+
+def _provider_problems_alone(overrides: dict[str, Any]) -> list[str]:
+    try:
+        sections = _Providers(**{k: v for k, v in overrides.items() if k in ("telegram", "twilio")})
+    except (ValidationError, SettingsError, UnicodeDecodeError):
+        return []  # the sections' own errors are reported already
+    return provider_problems(sections.telegram, sections.twilio)

@@ -29,7 +29,10 @@ own types and no vendor exception reaches a caller::
     │       ├── ProviderRejected    account/configuration problem (bad token, no balance…)
     │       │   └── MessageAlreadySent  this request id already carried a message (the router: "sent")
     │       └── InvalidRecipient    the number cannot receive on this channel
-    └── AllProvidersFailed          start(): no channel could send; has .causes, .verification_id
+    ├── AllProvidersFailed          start(): no channel could send; has .causes, .verification_id
+    ├── CallTimeout                 a SyncOtpRouter call took longer than its timeout
+    ├── RouterClosed                a SyncOtpRouter used after close()
+    └── UnexpectedError             SyncOtpRouter: anything else, the original as __cause__
 
 Transient errors also say whether the request *cannot have been performed*
 (``not_performed``): only those are safe to retry for a send, because a send
@@ -46,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AllProvidersFailed",
+    "CallTimeout",
     "ConcurrentUpdate",
     "ConfigError",
     "IdempotencyConflict",
@@ -65,8 +69,10 @@ __all__ = [
     "ProviderTransientError",
     "ProviderUnavailable",
     "RateLimited",
+    "RouterClosed",
     "StaleWebhook",
     "StoreError",
+    "UnexpectedError",
     "UnsupportedCountry",
     "UnsupportedNumberType",
     "VerificationNotFound",
@@ -280,3 +286,19 @@ class AllProvidersFailed(OtpRouterError):
         self.causes = dict(causes)
         self.verification_id = verification_id
         self.verification = verification
+
+
+class CallTimeout(OtpRouterError, TimeoutError):
+    """A blocking call (:class:`otp_router.SyncOtpRouter`) got no result in time.
+
+    The operation was not cancelled and may still complete: repeat a
+    ``start`` with the same idempotency key to learn its outcome.
+    """
+
+
+class RouterClosed(OtpRouterError, RuntimeError):
+    """A :class:`otp_router.SyncOtpRouter` was used after ``close()``."""
+
+
+class UnexpectedError(OtpRouterError):
+    """An error outside this tree reached :class:`otp_router.SyncOtpRouter`; the original is ``__cause__``."""

@@ -281,13 +281,18 @@ class OtpRouter:
         """Build the router, its shared HTTP client, channels and store from settings.
 
         Raises:
-            ConfigError: A setting is invalid (the message names the variable).
+            ConfigError: Settings are invalid or incomplete; the message names
+                every such variable (:meth:`Settings.router_problems`).
         """
         from otp_router.http import create_http_client
         from otp_router.providers.registry import AdapterContext, build_channels
         from otp_router.store import open_store
 
-        settings = settings or Settings.load()
+        settings = settings or Settings.load(require_providers=True)
+        problems = settings.router_problems()
+        if problems:
+            # Every missing credential at once, before anything is built or sent.
+            raise ConfigError("invalid settings: " + "; ".join(problems))
         metrics = kwargs.pop("metrics", None) or get_metrics()
         prices = kwargs.pop("prices", None) or SmsPrices.load(settings.prices_file)
         client = create_http_client(settings.http)
