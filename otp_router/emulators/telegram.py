@@ -251,6 +251,22 @@ class TelegramEmulator:
         request = self._requests.get(request_id)
         return request.code if request else None
 
+    def delivered_code(self, request_id: str) -> str | None:
+        """The code sent under ``request_id`` once it reached the phone (delivered or read), else None."""
+        request = self._requests.get(request_id)
+        if request is None or request.delivery not in ("delivered", "read"):
+            return None
+        return request.code
+
+    def delivered_codes_for_payload(self, payload: str) -> list[str]:
+        """Codes that reached the phone from sends carrying ``payload`` (the router's verification id),
+        oldest first."""
+        return [
+            r.code
+            for r in self._requests.values()
+            if r.payload == payload and r.code is not None and r.delivery in ("delivered", "read")
+        ]
+
     def sent_to(self, phone: str) -> list[str]:
         """Request ids under which a message was sent to ``phone``, delivered or not."""
         return [r.request_id for r in self._requests.values() if r.phone == phone and r.sent]

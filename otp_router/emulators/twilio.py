@@ -391,6 +391,11 @@ class TwilioEmulator:
         # The phone number rides in the query string: this is a local test tool only.
         return web.json_response({"messages": self.inbox(query_phone(request))})
 
+    def delivered_body(self, sid: str) -> str | None:
+        """The body of message ``sid`` once it was delivered, else None."""
+        message = self.messages.get(sid)
+        return message.body if message is not None and message.status == "delivered" else None
+
     def messages_to(self, phone: str) -> list[str]:
         """SIDs of the messages created for ``phone``, oldest first."""
         return [entry.sid for entry in self.log if entry.to == phone and entry.sid is not None]
