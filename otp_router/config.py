@@ -405,6 +405,9 @@ class Settings(BaseSettings):
     #: handled at once by one process.
     deadline_concurrency: int = Field(default=100, ge=1)
     log_level: str = "INFO"
+    #: ``text`` (``time level logger event=… key=value``), ``json`` (one object per line) or
+    #: ``logfmt``: one event name and its fields per line (see ``otp_router.logs``).
+    log_format: str = "text"
 
     _checked = field_validator("*")(_checked)
 
@@ -451,6 +454,13 @@ class Settings(BaseSettings):
         if value and value == info.data.get("http_port"):
             raise ValueError("must differ from OTP_ROUTER_HTTP_PORT (leave it unset to share that port)")
         return value
+
+    @field_validator("log_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value.lower() not in ("text", "json", "logfmt"):
+            raise ValueError("must be text, json or logfmt")
+        return value.lower()
 
     @field_validator("log_level")
     @classmethod

@@ -87,6 +87,8 @@ from otp_router.inputs import check_text
 from otp_router.instrument import InstrumentedChannel
 from otp_router.latency import LearnedDeadlines, observation, stale_cells
 from otp_router.lifecycle import apply, new_state
+from otp_router.logs import bind
+from otp_router.logs import event as log_event
 from otp_router.metrics import Metrics, NullMetrics, get_metrics
 from otp_router.models import CheckResult, Verification
 from otp_router.phone import PhoneNumber, number_prefix, parse_phone
@@ -323,9 +325,11 @@ class OtpRouter:
         """Resolve the code secret (creating and storing one if none is configured)."""
         if self._secret is None:
             stored = await self.store.get_or_set_secret("code_secret", secrets.token_hex(32))
-            log.warning(
-                "OTP_ROUTER_CODE_SECRET is not set: using a secret kept in the store. "
-                "Set it in production so that store contents alone cannot reveal codes."
+            log_event(
+                log,
+                logging.WARNING,
+                "code_secret_from_store",
+                hint="set OTP_ROUTER_CODE_SECRET in production: store contents alone must not reveal codes",
             )
             self._secret = stored.encode()
         if self._uses_auto():
@@ -363,7 +367,7 @@ class OtpRouter:
                 # Any process may drop them: dropping is idempotent, and they weigh under 2**-32.
                 await self.store.drop_latency(stale)
         except (StoreError, OSError) as exc:
-            log.warning("latency estimate: store error %s, keeping the previous one", type(exc).__name__)
+            log_event(log, logging.WARNING, "latency_refresh_failed", error=type(exc).__name__)
             return
         self._learned.update(cells, now)
 
@@ -629,12 +633,16 @@ class OtpRouter:
                         continue  # perhaps more are due
                 nxt = await self.store.next_deadline()
             except (StoreError, OSError) as exc:
-                log.warning("deadline loop: store error %s", type(exc).__name__)
+                log_event(log, logging.WARNING, "deadline_loop_store_error", error=type(exc).__name__)
             wait = poll_interval if nxt is None else min(poll_interval, max(0.0, nxt - self.clock()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=max(wait, 0.005))
 
     async def _on_deadline(self, vid: str, claimed_at: float) -> None:
+        with bind(verification=vid):
+            await self._deadline_bound(vid, claimed_at)
+
+    async def _deadline_bound(self, vid: str, claimed_at: float) -> None:
         try:
             record = await self.store.get(vid)
             if record is None:
@@ -658,7 +666,7 @@ class OtpRouter:
                 snap = await self._poll(snap, cur.channel, cur.ref)
             await self._feed(vid, DeadlineReached(), snap=snap, force_write=True)
         except Exception:  # the loop must survive any single verification's failure
-            log.exception("deadline handling failed for one verification")
+            log_event(log, logging.ERROR, "deadline_failed", exc_info=True)
 
     async def _poll(self, snap: _Snap, channel_name: str, ref: str) -> _Snap:
         """Read a message's status from its provider and apply it as a delivery report."""
@@ -668,7 +676,9 @@ class OtpRouter:
         try:
             report = await self._bounded(channel.status(ref), channel.provider)
         except ProviderError as exc:
-            log.info("status poll failed: %s", type(exc).__name__)
+            log_event(
+                log, logging.INFO, "status_poll_failed", channel=channel_name.value, error=type(exc).__name__
+            )
             return snap
         _, latest = await self._feed(snap[1].id, _delivery(report), snap=snap)
         return latest
@@ -763,7 +773,9 @@ class OtpRouter:
                 if loop.time() + pause > until:
                     raise
                 if pause == 0.05:
-                    log.warning("store unavailable (%s): holding a provider outcome", type(exc).__name__)
+                    log_event(
+                        log, logging.WARNING, "store_unavailable_holding_outcome", error=type(exc).__name__
+                    )
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
 
@@ -801,7 +813,15 @@ class OtpRouter:
                 self.metrics.paid_twice(state.region, extra, new_user=was is None)
 
     async def _carry_out(self, t: Transition, entered_code: str | None, snap: _Snap) -> _Snap:
-        """Perform the effects of a written transition; returns the newest snapshot."""
+        """Perform the effects of a written transition; returns the newest snapshot.
+
+        The verification's id and region are bound to every log line of the
+        effects (and of the tasks they start), once, here.
+        """
+        with bind(verification=snap[1].id, region=snap[1].region):
+            return await self._carry_out_effects(t, entered_code, snap)
+
+    async def _carry_out_effects(self, t: Transition, entered_code: str | None, snap: _Snap) -> _Snap:
         for effect in t.effects:
             match effect:
                 case Probe():
@@ -851,7 +871,7 @@ class OtpRouter:
             try:
                 await self._carry_out(t, None, snap)
             except Exception:  # a store or provider failure: the stored deadline takes over
-                log.exception("follow-up of a delivery report failed for one verification")
+                log_event(log, logging.ERROR, "report_follow_up_failed", exc_info=True)
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)
@@ -859,6 +879,11 @@ class OtpRouter:
         task.add_done_callback(self._background.discard)
 
     async def _probe(self, snap: _Snap, effect: Probe) -> _Snap:
+        channel = self.channels[effect.channel]
+        with bind(channel=effect.channel.value, provider=channel.provider):
+            return await self._probe_bound(snap, effect)
+
+    async def _probe_bound(self, snap: _Snap, effect: Probe) -> _Snap:
         state = snap[1]
         channel, circuit = self.channels[effect.channel], self._circuits[effect.channel]
         event: Event
@@ -886,6 +911,11 @@ class OtpRouter:
         return latest
 
     async def _send(self, snap: _Snap, effect: Send) -> _Snap:
+        channel = self.channels[effect.channel]
+        with bind(channel=effect.channel.value, provider=channel.provider):
+            return await self._send_bound(snap, effect)
+
+    async def _send_bound(self, snap: _Snap, effect: Send) -> _Snap:
         state = snap[1]
         channel, circuit = self.channels[effect.channel], self._circuits[effect.channel]
         request = SendRequest(
@@ -1009,7 +1039,7 @@ class OtpRouter:
         try:
             await self.store.add_latency(cell, weight)
         except (StoreError, OSError) as exc:
-            log.info("latency observation not recorded: store error %s", type(exc).__name__)
+            log_event(log, logging.INFO, "latency_observation_lost", error=type(exc).__name__)
 
     def _uses_auto(self) -> bool:
         """Whether any workflow step (default or a country's) has a learned deadline."""
@@ -1052,7 +1082,7 @@ class OtpRouter:
             except ProviderError as exc:
                 # Still unknown: the core looks again later, or leaves the attempt as it is.
                 event = LookupDone(effect.step, None, certain=False)
-                log.info("message lookup failed: %s", type(exc).__name__)
+                log_event(log, logging.INFO, "message_lookup_failed", error=type(exc).__name__)
             else:
                 if found is None:
                     event = LookupDone(effect.step, None, certain=True)
@@ -1061,7 +1091,15 @@ class OtpRouter:
                         effect.step, found.ref, True, found.state, found.cost, found.cost_is_final
                     )
         outcome = "found" if event.ref else ("absent" if event.certain else "unknown")
-        log.info("message lookup %s: verification %s step %d", outcome, state.id, effect.step)
+        log_event(
+            log,
+            logging.INFO,
+            "message_lookup",
+            verification=state.id,
+            channel=effect.channel.value,
+            step=effect.step,
+            outcome=outcome,
+        )
         _, latest = await self._feed(state.id, event, snap=snap)
         return latest
 
@@ -1192,7 +1230,9 @@ class OtpRouter:
         scope = "prefix_conversion" if by_prefix else "country_conversion"
         self.metrics.fraud_block(scope)
         what = "this number's prefix" if by_prefix else "this country"
-        log.warning("conversion guard: refused scope=%s region=%s for %.0f s", scope, region, wait)
+        log_event(
+            log, logging.WARNING, "conversion_guard_refused", scope=scope, region=region, retry_after_s=wait
+        )
         return RateLimited(
             f"too few verifications complete for {what} (region {region}): suspected SMS pumping",
             retry_after=wait,
@@ -1211,7 +1251,7 @@ class OtpRouter:
                 window = self.settings.fraud.conversion_window
                 await self.store.conversion_verified([r.key for r in rules], window=window, now=self.clock())
         except (StoreError, OSError, InputError) as exc:
-            log.warning("conversion guard: could not count a verification: %s", type(exc).__name__)
+            log_event(log, logging.WARNING, "conversion_count_failed", error=type(exc).__name__)
 
     @property
     def circuits(self) -> Mapping[str, CircuitState]:

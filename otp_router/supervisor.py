@@ -256,5 +256,5 @@ def run_processes(settings: Settings, count: int, *, burst: bool = False, **kwar
         raise ValueError("count must be at least 1")
     from otp_router.worker import configure_logging
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     return _Supervisor(settings, count, burst, kwargs).run()

@@ -38,8 +38,9 @@ store or connection failure, unexpected error           nothing: redelivered aft
                                                         timeout (at most ``queue_max_deliveries``)
 =====================================================  ==========================================
 
-Log lines are ``key=value`` with timings; they never contain a phone number,
-an idempotency key, a code or a secret.
+Log lines are events with fields (see :mod:`otp_router.logs`; JSON or logfmt
+with ``OTP_ROUTER_LOG_FORMAT``) with timings; they never contain a phone
+number, an idempotency key, a code or a secret.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ from otp_router.errors import (
     UnsupportedNumberType,
 )
 from otp_router.inputs import check_text
+from otp_router.logs import bind, event
+from otp_router.logs import configure_logging as _configure_output
 from otp_router.queue import Delivery, Queue, open_queue, queue_url_for
 from otp_router.queue.base import DeadLetterReason, PoisonMessage, parse_delivery
 from otp_router.router import OtpRouter
@@ -97,16 +100,6 @@ HEARTBEAT_INTERVAL = 5.0
 def default_worker_name() -> str:
     """The host name: unique per container, and what ``--check`` looks for by default."""
     return socket.gethostname() or "worker"
-
-
-def _kv(event: str, **fields: Any) -> str:
-    """A ``event=… key=value …`` log line; floats get one decimal."""
-    parts = [f"event={event}"]
-    for key, value in fields.items():
-        if value is None:
-            continue
-        parts.append(f"{key}={value:.1f}" if isinstance(value, float) else f"{key}={value}")
-    return " ".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +232,7 @@ class Worker:
     def stop(self) -> None:
         """Ask the worker to stop: the first call drains in-flight work, a second one cancels it."""
         if self._stopping.is_set():
-            log.warning(_kv("force_stop", inflight=len(self._inflight)))
+            event(log, logging.WARNING, "force_stop", inflight=len(self._inflight))
             self._force.set()
         self._stop_reading()
 
@@ -260,15 +253,15 @@ class Worker:
         try:
             await self.queue.ping()
             async with self.router:
-                log.info(
-                    _kv(
-                        "worker_started",
-                        name=self.name,
-                        consumer=self.consumer,
-                        concurrency=self._slots.size,
-                        burst=self.burst,
-                        visibility_s=self.visibility,
-                    )
+                event(
+                    log,
+                    logging.INFO,
+                    "worker_started",
+                    name=self.name,
+                    consumer=self.consumer,
+                    concurrency=self._slots.size,
+                    burst=self.burst,
+                    visibility_s=self.visibility,
                 )
                 await self._beat()
                 maintain = asyncio.create_task(self._maintain(), name="otp-router-maintain")
@@ -291,14 +284,17 @@ class Worker:
                         await self.queue.clear_heartbeat(self.name)
         finally:
             await self.queue.aclose()
-        log.info(
-            _kv(
-                "worker_stopped",
-                name=self.name,
-                consumer=self.consumer,
-                uptime_s=time.monotonic() - started,
-                **{kind: self.handled[kind] for kind in ("processed", "duplicate", "dead_letter", "retry")},
-            )
+        handled: dict[str, Any] = {
+            k: self.handled[k] for k in ("processed", "duplicate", "dead_letter", "retry")
+        }
+        event(
+            log,
+            logging.INFO,
+            "worker_stopped",
+            name=self.name,
+            consumer=self.consumer,
+            uptime_s=time.monotonic() - started,
+            **handled,
         )
         return self._exit_code
 
@@ -326,7 +322,7 @@ class Worker:
                     block = 0.0 if self.burst or deliveries else min(self.read_block, interval)
                     deliveries += await self.queue.read(self.consumer, want - len(deliveries), block)
             except StoreError as exc:
-                log.warning(_kv("read_failed", error=type(exc).__name__))
+                event(log, logging.WARNING, "read_failed", error=type(exc).__name__)
                 await self._pause(1.0)
             finally:
                 self._slots.give(want - len(deliveries))
@@ -343,7 +339,7 @@ class Worker:
         deliveries = await self.queue.reclaim(self.consumer, self.visibility, most)
         for delivery in deliveries:
             self.metrics.queue_message("reclaimed")
-            log.info(_kv("reclaimed", id=delivery.id, attempt=delivery.attempt))
+            event(log, logging.INFO, "reclaimed", id=delivery.id, attempt=delivery.attempt)
         return deliveries
 
     def _spawn(self, delivery: Delivery) -> None:
@@ -354,15 +350,21 @@ class Worker:
     async def _handle(self, delivery: Delivery) -> None:
         started = time.monotonic()
         try:
-            outcome = await self._execute(delivery)
-            await self._record(delivery, outcome, started)
+            # Bound once: every line logged for this message (the router's too) names it.
+            with bind(message=delivery.id):
+                outcome = await self._execute(delivery)
+                await self._record(delivery, outcome, started)
         except StoreError as exc:
             # Typically the ack during a store outage: the message stays pending and is
             # redelivered, and its idempotency key makes that second run send nothing.
-            log.warning(_kv("record_failed", id=delivery.id, error=type(exc).__name__))
+            event(log, logging.WARNING, "record_failed", id=delivery.id, error=type(exc).__name__)
         except Exception as exc:  # one message must never take the worker down
-            log.error(
-                _kv("handle_failed", id=delivery.id, error=type(exc).__name__),
+            event(
+                log,
+                logging.ERROR,
+                "handle_failed",
+                id=delivery.id,
+                error=type(exc).__name__,
                 exc_info=log.isEnabledFor(logging.DEBUG),
             )
         finally:
@@ -414,8 +416,11 @@ class Worker:
         except (StoreError, OSError) as exc:
             return _Outcome("retry", type(exc).__name__)
         except Exception as exc:
-            log.error(
-                _kv("start_failed", id=delivery.id, error=type(exc).__name__),
+            event(
+                log,
+                logging.ERROR,
+                "start_failed",
+                error=type(exc).__name__,
                 exc_info=log.isEnabledFor(logging.DEBUG),
             )
             return _Outcome("retry", type(exc).__name__)
@@ -434,17 +439,16 @@ class Worker:
             self.metrics.dead_letter(reason)
         self.handled[outcome.kind] += 1  # after the ack: an ack that failed counts nothing
         level = logging.WARNING if outcome.kind in ("dead_letter", "retry") else logging.INFO
-        log.log(
+        event(
+            log,
             level,
-            _kv(
-                outcome.kind,
-                id=delivery.id,
-                attempt=delivery.attempt,
-                reason=outcome.reason,
-                detail=outcome.detail and repr(outcome.detail),
-                verification=outcome.verification_id,
-                ms=(time.monotonic() - started) * 1000,
-            ),
+            outcome.kind,
+            # The message id is bound by _handle().
+            attempt=delivery.attempt,
+            reason=outcome.reason,
+            detail=outcome.detail,
+            verification=outcome.verification_id,
+            ms=(time.monotonic() - started) * 1000,
         )
 
     async def _drain(self) -> None:
@@ -453,7 +457,9 @@ class Worker:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.shutdown_grace
-        log.info(_kv("draining", inflight=len(self._inflight), grace_s=self.settings.shutdown_grace))
+        event(
+            log, logging.INFO, "draining", inflight=len(self._inflight), grace_s=self.settings.shutdown_grace
+        )
         force = asyncio.create_task(self._force.wait())
         try:
             while self._inflight and not self._force.is_set():
@@ -468,7 +474,7 @@ class Worker:
         leftovers = list(self._inflight)
         if leftovers:
             # Not acknowledged: they stay pending and another worker reclaims them.
-            log.warning(_kv("abandoned", count=len(leftovers)))
+            event(log, logging.WARNING, "abandoned", count=len(leftovers))
             for task in leftovers:
                 task.cancel()
             await asyncio.gather(*leftovers, return_exceptions=True)
@@ -496,7 +502,7 @@ class Worker:
                     last_beat = time.monotonic()
                     await self._beat()
             except StoreError as exc:
-                log.warning(_kv("maintenance_failed", error=type(exc).__name__))
+                event(log, logging.WARNING, "maintenance_failed", error=type(exc).__name__)
 
     async def _beat(self) -> None:
         await self.queue.heartbeat(self.name, ttl=self.heartbeat_interval * 3)
@@ -532,7 +538,13 @@ class Worker:
                     ("ops", create_ops_app(self.router, pings=pings), ops_host, self.settings.ops_port)
                 )
         except (ImportError, ConfigError) as exc:
-            log.warning(_kv("http_disabled", reason=repr(str(exc)), hint="'pip install otp-router[server]'"))
+            event(
+                log,
+                logging.WARNING,
+                "http_disabled",
+                reason=repr(str(exc)),
+                hint="'pip install otp-router[server]'",
+            )
             return
         servers = []
         for name, app, host, port in listeners:
@@ -560,7 +572,7 @@ class Worker:
                 self.ops_port = port
             else:
                 self.http_port = port
-            log.info(_kv(f"{name}_listening", host=host, port=port))
+            event(log, logging.INFO, f"{name}_listening", host=host, port=port)
 
         return started
 
@@ -570,7 +582,7 @@ class Worker:
         except SystemExit:
             # uvicorn exits the process when it cannot bind; stop the worker instead
             # (and the other listener with it: a worker half-served is not running).
-            log.error(_kv(f"{name}_failed", host=host, port=port))
+            event(log, logging.ERROR, f"{name}_failed", host=host, port=port)
             self._exit_code = 1
             for other in self._http:
                 other.should_exit = True
@@ -584,7 +596,7 @@ class Worker:
         try:
             await asyncio.wait_for(task, timeout=self.settings.shutdown_grace + 5)
         except TimeoutError:
-            log.warning(_kv("http_stop_timeout"))
+            event(log, logging.WARNING, "http_stop_timeout")
 
 
 def create_worker(settings: Settings | None = None, **kwargs: Any) -> Worker:
@@ -608,7 +620,7 @@ def run_worker(settings: Settings | None = None, **kwargs: Any) -> int:
         The exit status: 0 after a clean stop, 1 when start-up failed.
     """
     settings = settings or Settings.load()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
 
     async def main() -> int:
         worker = create_worker(settings, **kwargs)
@@ -619,7 +631,7 @@ def run_worker(settings: Settings | None = None, **kwargs: Any) -> int:
         try:
             return await worker.run()
         except StoreError as exc:
-            log.error(_kv("worker_failed", error=type(exc).__name__, detail=repr(str(exc))))
+            event(log, logging.ERROR, "worker_failed", error=type(exc).__name__, detail=repr(str(exc)))
             return 1
         finally:
             for sig in signals:
@@ -716,12 +728,13 @@ def run_worker_command(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings, burst=args.burst, name=args.name, serve_http=serve_http)
 
 
-def configure_logging(level: str) -> None:
-    """Log to stderr at ``level`` unless the application configured logging already."""
+def configure_logging(level: str, style: str = "text") -> None:
+    """Log to stderr at ``level`` in ``style`` (``OTP_ROUTER_LOG_FORMAT``) unless the application
+    configured logging already."""
     if logging.getLogger().handlers:
         return
     try:
-        logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        _configure_output(level, style)
     except ValueError:
         raise ConfigError(f"OTP_ROUTER_LOG_LEVEL: unknown level {level!r}") from None
     # httpx logs every request at INFO: two lines per verification that say nothing our

@@ -295,7 +295,7 @@ async def test_worker_rides_out_a_store_outage(
     assert worker.returncode == 0, log[-3000:]
     # Noticed: a failed queue read, or (when every slot was holding a provider
     # answer) the hold itself; either way it neither crashed nor exited.
-    assert "error=StoreError" in log or "store unavailable" in log, "the worker noticed the outage"
+    assert "error=StoreError" in log or "event=store_unavailable_holding_outcome" in log, "the worker noticed"
     for phone in phones:
         assert phone not in log, "a phone number reached the log"
 

@@ -54,6 +54,7 @@ from otp_router.errors import (
     WebhookError,
 )
 from otp_router.inputs import JsonInputError, decode_json
+from otp_router.logs import event
 from otp_router.providers import transport
 from otp_router.providers.base import (
     Capabilities,
@@ -623,7 +624,7 @@ class TelegramChannel:
         try:
             await self.client.check_verification_status(ref, code)
         except ProviderError as exc:
-            _log.debug("telegram report_code failed: %s %s", exc.reason, exc.code or "")
+            event(_log, logging.DEBUG, "report_code_failed", reason=exc.reason, code=exc.code)
 
     async def aclose(self) -> None:
         """Nothing to release: the HTTP client is shared and owned by the caller."""
