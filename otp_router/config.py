@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -477,7 +478,7 @@ class Settings(BaseSettings):
         when nothing is wrong. :meth:`load` with ``require_providers=True`` and
         :meth:`OtpRouter.from_settings` report them all in one error.
         """
-        problems = provider_problems(self.telegram, self.twilio)
+        problems = provider_problems(self.telegram, self.twilio, self.routes)
         for name, path in (("POLICY_FILE", self.policy_file), ("PRICES_FILE", self.prices_file)):
             if path is not None and not path.is_file():
                 problems.append(f"{ENV_PREFIX}{name}: no such file")
@@ -529,14 +530,26 @@ def _validation_problems(exc: ValidationError) -> list[str]:
     return problems
 
 
-def provider_problems(telegram: TelegramSettings, twilio: TwilioSettings) -> list[str]:
-    """Missing credentials of the enabled channels, one ``VARIABLE: why`` each."""
+def provider_problems(
+    telegram: TelegramSettings, twilio: TwilioSettings, routes: Mapping[str, str] | None = None
+) -> list[str]:
+    """Missing credentials of the enabled built-in adapters that ``routes`` use, one ``VARIABLE: why`` each.
+
+    Args:
+        telegram: The Telegram section.
+        twilio: The Twilio section.
+        routes: Route name -> adapter name (default: :data:`DEFAULT_ROUTES`). An
+            adapter no route uses needs no credentials; adapters of your own
+            check their settings themselves.
+    """
+    adapters = set((routes if routes is not None else DEFAULT_ROUTES).values())
     problems = []
-    if telegram.enabled and not telegram.token.get_secret_value():
+    uses_telegram, uses_twilio = "telegram" in adapters, "twilio_sms" in adapters
+    if uses_telegram and telegram.enabled and not telegram.token.get_secret_value():
         problems.append(
             f"{ENV_PREFIX}TELEGRAM__TOKEN: missing (or {ENV_PREFIX}TELEGRAM__ENABLED=false for SMS only)"
         )
-    if twilio.enabled:
+    if uses_twilio and twilio.enabled:
         sms_only = f"or {ENV_PREFIX}TWILIO__ENABLED=false for Telegram only"
         if not twilio.account_sid:
             problems.append(f"{ENV_PREFIX}TWILIO__ACCOUNT_SID: missing ({sms_only})")
@@ -546,7 +559,9 @@ def provider_problems(telegram: TelegramSettings, twilio: TwilioSettings) -> lis
             problems.append(
                 f"{ENV_PREFIX}TWILIO__FROM_NUMBER: missing (or {ENV_PREFIX}TWILIO__MESSAGING_SERVICE_SID)"
             )
-    if not telegram.enabled and not twilio.enabled:
+    others = adapters - {"telegram", "twilio_sms"}
+    enabled = (uses_telegram and telegram.enabled) or (uses_twilio and twilio.enabled) or bool(others)
+    if not enabled:
         problems.append(f"{ENV_PREFIX}TELEGRAM__ENABLED, {ENV_PREFIX}TWILIO__ENABLED: no channel is enabled")
     return problems
 
@@ -560,13 +575,14 @@ class _Providers(BaseSettings):
 
     model_config = Settings.model_config
 
+    routes: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ROUTES))
     telegram: TelegramSettings = TelegramSettings()
     twilio: TwilioSettings = TwilioSettings()
 
 
 def _provider_problems_alone(overrides: dict[str, Any]) -> list[str]:
     try:
-        sections = _Providers(**{k: v for k, v in overrides.items() if k in ("telegram", "twilio")})
+        sections = _Providers(**{k: v for k, v in overrides.items() if k in ("routes", "telegram", "twilio")})
     except (ValidationError, SettingsError, UnicodeDecodeError):
         return []  # the sections' own errors are reported already
-    return provider_problems(sections.telegram, sections.twilio)
+    return provider_problems(sections.telegram, sections.twilio, sections.routes)

@@ -67,6 +67,7 @@ from otp_router.crashpoints import crash_point
 from otp_router.errors import (
     AllProvidersFailed,
     ConcurrentUpdate,
+    ConfigError,
     IdempotencyConflict,
     InputError,
     InvalidRecipient,
@@ -676,9 +677,7 @@ class OtpRouter:
         try:
             report = await self._bounded(channel.status(ref), channel.provider)
         except ProviderError as exc:
-            log_event(
-                log, logging.INFO, "status_poll_failed", channel=channel_name.value, error=type(exc).__name__
-            )
+            log_event(log, logging.INFO, "status_poll_failed", channel=channel_name, error=type(exc).__name__)
             return snap
         _, latest = await self._feed(snap[1].id, _delivery(report), snap=snap)
         return latest
@@ -880,7 +879,7 @@ class OtpRouter:
 
     async def _probe(self, snap: _Snap, effect: Probe) -> _Snap:
         channel = self.channels[effect.channel]
-        with bind(channel=effect.channel.value, provider=channel.provider):
+        with bind(channel=effect.channel, provider=channel.provider):
             return await self._probe_bound(snap, effect)
 
     async def _probe_bound(self, snap: _Snap, effect: Probe) -> _Snap:
@@ -912,7 +911,7 @@ class OtpRouter:
 
     async def _send(self, snap: _Snap, effect: Send) -> _Snap:
         channel = self.channels[effect.channel]
-        with bind(channel=effect.channel.value, provider=channel.provider):
+        with bind(channel=effect.channel, provider=channel.provider):
             return await self._send_bound(snap, effect)
 
     async def _send_bound(self, snap: _Snap, effect: Send) -> _Snap:
@@ -1096,7 +1095,7 @@ class OtpRouter:
             logging.INFO,
             "message_lookup",
             verification=state.id,
-            channel=effect.channel.value,
+            channel=effect.channel,
             step=effect.step,
             outcome=outcome,
         )

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import secrets
 import threading
@@ -64,6 +65,14 @@ _T = TypeVar("_T")
 #: Time scale when neither the marker nor the ini option gives one.
 DEFAULT_TIME_SCALE = 0.1
 _DIGITS = re.compile(r"\b(\d{4,8})\b")
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a route name or "auto" (str() of a StrEnum is its value)
 
 
 class EmulatedProviders:
@@ -134,8 +143,7 @@ class EmulatedProviders:
         for step in policy.steps:
             lines.append("\n[[steps]]")
             for key, value in _raw_step(step).items():
-                text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
-                lines.append(f"{key} = {text}".replace("'", '"'))
+                lines.append(f"{key} = {_toml_value(value)}")
         path = self.workdir / "otp-router-policy.toml"
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return path
@@ -219,23 +227,24 @@ class EmulatedProviders:
 
     async def _code_now(self, verification_id: str) -> str | None:
         from otp_router.core import VerificationState
-        from otp_router.providers.base import ChannelName
 
-        refs: list[tuple[ChannelName, str]] = []
+        refs: list[tuple[str, str]] = []
         store = await self._store()
         if store is not None:
             with contextlib.suppress(Exception):
                 record = await store.get(verification_id)
                 if record is not None:
                     state = VerificationState.model_validate_json(record.data)
-                    refs = [(a.channel, a.ref) for a in state.attempts if a.ref is not None]
-        for channel, ref in reversed(refs):
-            if channel is ChannelName.TELEGRAM:
+                    refs = [(a.provider, a.ref) for a in state.attempts if a.ref is not None]
+        for provider, ref in reversed(refs):
+            if provider == "telegram":
                 code = self.pair.telegram.delivered_code(ref)
-            else:
+            elif provider == "twilio":
                 body = self.pair.twilio.delivered_body(ref)
                 match = _DIGITS.search(body) if body is not None else None
                 code = match.group(1) if match else None
+            else:
+                continue  # an adapter of the application's own: not emulated here
             if code is not None:
                 return code
         # A store this helper cannot open (memory://): Telegram's payload carries the id.
