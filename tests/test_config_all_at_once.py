@@ -115,3 +115,11 @@ def test_cli_exits_2_naming_each_variable_before_anything_runs(tmp_path: Path) -
     assert cli("assets", "list", env=base, cwd=tmp_path).returncode == 0
     check = cli("worker", "--check", env={**base, "OTP_ROUTER_STORE_URL": "memory://"}, cwd=tmp_path)
     assert "TELEGRAM__TOKEN" not in check.stderr
+
+
+def test_only_the_adapters_of_configured_routes_need_credentials() -> None:
+    """Routes that use no Telegram adapter ask for no Telegram token, even with its section enabled."""
+    twilio = TwilioSettings(account_sid="AC1", auth_token="t", from_number="+15005550006")
+    assert Settings(routes={"sms": "twilio_sms"}, twilio=twilio).router_problems() == []
+    [problem] = Settings(routes={"sms": "twilio_sms"}).router_problems()[:1]
+    assert problem.startswith("OTP_ROUTER_TWILIO__ACCOUNT_SID")
