@@ -478,7 +478,7 @@ class Settings(BaseSettings):
         when nothing is wrong. :meth:`load` with ``require_providers=True`` and
         :meth:`OtpRouter.from_settings` report them all in one error.
         """
-        problems = provider_problems(self.telegram, self.twilio, self.routes)
+        problems = provider_problems(self.telegram, self.twilio, self.routes, self.vonage)
         for name, path in (("POLICY_FILE", self.policy_file), ("PRICES_FILE", self.prices_file)):
             if path is not None and not path.is_file():
                 problems.append(f"{ENV_PREFIX}{name}: no such file")
@@ -531,7 +531,10 @@ def _validation_problems(exc: ValidationError) -> list[str]:
 
 
 def provider_problems(
-    telegram: TelegramSettings, twilio: TwilioSettings, routes: Mapping[str, str] | None = None
+    telegram: TelegramSettings,
+    twilio: TwilioSettings,
+    routes: Mapping[str, str] | None = None,
+    vonage: VonageSettings | None = None,
 ) -> list[str]:
     """Missing credentials of the enabled built-in adapters that ``routes`` use, one ``VARIABLE: why`` each.
 
@@ -559,8 +562,22 @@ def provider_problems(
             problems.append(
                 f"{ENV_PREFIX}TWILIO__FROM_NUMBER: missing (or {ENV_PREFIX}TWILIO__MESSAGING_SERVICE_SID)"
             )
-    others = adapters - {"telegram", "twilio_sms"}
-    enabled = (uses_telegram and telegram.enabled) or (uses_twilio and twilio.enabled) or bool(others)
+    uses_vonage = vonage is not None and "vonage_sms" in adapters
+    if vonage is not None and uses_vonage and vonage.enabled:
+        for name, value in (
+            ("API_KEY", vonage.api_key),
+            ("API_SECRET", vonage.api_secret.get_secret_value()),
+            ("FROM_NUMBER", vonage.from_number),
+        ):
+            if not value:
+                problems.append(f"{ENV_PREFIX}VONAGE__{name}: missing (or {ENV_PREFIX}VONAGE__ENABLED=false)")
+    others = adapters - {"telegram", "twilio_sms", "vonage_sms"}
+    enabled = (
+        (uses_telegram and telegram.enabled)
+        or (uses_twilio and twilio.enabled)
+        or (vonage is not None and uses_vonage and vonage.enabled)
+        or bool(others)
+    )
     if not enabled:
         problems.append(f"{ENV_PREFIX}TELEGRAM__ENABLED, {ENV_PREFIX}TWILIO__ENABLED: no channel is enabled")
     return problems
@@ -578,11 +595,13 @@ class _Providers(BaseSettings):
     routes: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ROUTES))
     telegram: TelegramSettings = TelegramSettings()
     twilio: TwilioSettings = TwilioSettings()
+    vonage: VonageSettings = VonageSettings()
 
 
 def _provider_problems_alone(overrides: dict[str, Any]) -> list[str]:
     try:
-        sections = _Providers(**{k: v for k, v in overrides.items() if k in ("routes", "telegram", "twilio")})
+        wanted = ("routes", "telegram", "twilio", "vonage")
+        sections = _Providers(**{k: v for k, v in overrides.items() if k in wanted})
     except (ValidationError, SettingsError, UnicodeDecodeError):
         return []  # the sections' own errors are reported already
-    return provider_problems(sections.telegram, sections.twilio, sections.routes)
+    return provider_problems(sections.telegram, sections.twilio, sections.routes, sections.vonage)

@@ -123,3 +123,19 @@ def test_only_the_adapters_of_configured_routes_need_credentials() -> None:
     assert Settings(routes={"sms": "twilio_sms"}, twilio=twilio).router_problems() == []
     [problem] = Settings(routes={"sms": "twilio_sms"}).router_problems()[:1]
     assert problem.startswith("OTP_ROUTER_TWILIO__ACCOUNT_SID")
+
+
+def test_a_routed_vonage_section_reports_its_missing_credentials_too() -> None:
+    """An enabled Vonage adapter on a route names each of its missing variables with the others."""
+    from otp_router.config import VonageSettings
+
+    settings = Settings(
+        routes={"telegram": "telegram", "sms": "vonage_sms"},
+        telegram=TelegramSettings(token=""),
+        vonage=VonageSettings(enabled=True, api_key="k"),
+    )
+    assert named("; ".join(settings.router_problems())) == {
+        "OTP_ROUTER_TELEGRAM__TOKEN",
+        "OTP_ROUTER_VONAGE__API_SECRET",
+        "OTP_ROUTER_VONAGE__FROM_NUMBER",
+    }
