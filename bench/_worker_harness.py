@@ -328,6 +328,9 @@ async def emulator_process(workdir: Path, *extra_args: str) -> AsyncIterator[Emu
         *command,
         "--twilio-port",
         "0",
+        # Every port free: a fixed one collides with any other run on the machine.
+        "--vonage-port",
+        "0",
         *extra_args,
         cwd=workdir,
         env=env,

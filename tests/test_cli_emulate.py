@@ -36,7 +36,8 @@ def _emulate_process(*args: str, env: dict[str, str] | None = None) -> subproces
         else [sys.executable, "-c", "import sys; from otp_router.cli import main; sys.exit(main())"]
     )
     return subprocess.Popen(
-        [*command, "emulate", "--telegram-port", "0", "--twilio-port", "0", *args],
+        # Every port free (--vonage-port too): a fixed one collides with any other run on the machine.
+        [*command, "emulate", "--telegram-port", "0", "--twilio-port", "0", "--vonage-port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
