@@ -102,6 +102,13 @@ def _url(value: str, schemes: tuple[str, ...], *, host: bool = True) -> str:
     return value
 
 
+def _with_code(value: str) -> str:
+    """A message template must have a ``{code}`` for the code."""
+    if "{code}" not in value:
+        raise ValueError("must contain {code}")
+    return value
+
+
 def _http_url(value: str) -> str:
     return _url(value, ("http", "https")).rstrip("/")
 
@@ -154,12 +161,7 @@ class TwilioSettings(_Section):
 
     _norm = field_validator("base_url")(_http_url)
 
-    @field_validator("message_template")
-    @classmethod
-    def _has_code(cls, value: str) -> str:
-        if "{code}" not in value:
-            raise ValueError("must contain {code}")
-        return value
+    _template = field_validator("message_template")(_with_code)
 
 
 class VonageSettings(_Section):
@@ -189,12 +191,7 @@ class VonageSettings(_Section):
 
     _norm = field_validator("base_url")(_http_url)
 
-    @field_validator("message_template")
-    @classmethod
-    def _has_code(cls, value: str) -> str:
-        if "{code}" not in value:
-            raise ValueError("must contain {code}")
-        return value
+    _template = field_validator("message_template")(_with_code)
 
     @field_validator("signature_method")
     @classmethod
