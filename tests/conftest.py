@@ -1,8 +1,10 @@
-"""Shared fixtures: clean environment, settings, real Redis, HTTP client, loopback servers, emulators."""
+"""Shared fixtures: clean environment, settings, required programs, real Redis, HTTP client, loopback
+servers, emulators."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -37,6 +39,35 @@ def make_settings() -> Any:
         return Settings(**overrides)
 
     return make
+
+
+def required_binary(name: str, *, install: str) -> str:
+    """Path of the program ``name``; skips the test when it is not installed, unless CI is
+    set: then a missing program is a failure."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI but is not on PATH ({install})")
+        pytest.skip(f"{name} not on PATH: {install} (set CI=1 to make this a failure)")
+    return path
+
+
+@pytest.fixture
+def promtool() -> str:
+    """Path of the promtool binary; skip (or fail in CI) when it is not installed."""
+    return required_binary("promtool", install="apt-get install prometheus")
+
+
+@pytest.fixture
+def prometheus_binary() -> str:
+    """Path of the prometheus server; skip (or fail in CI) when it is not installed."""
+    return required_binary("prometheus", install="apt-get install prometheus")
+
+
+@pytest.fixture
+def redis_server_binary() -> str:
+    """Path of redis-server (for a private server); skip (or fail in CI) when it is not installed."""
+    return required_binary("redis-server", install="apt-get install redis-server")
 
 
 def _redis_available() -> bool:

@@ -29,10 +29,8 @@ import contextlib
 import ctypes
 import json
 import math
-import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -157,17 +155,6 @@ def _die_with_parent() -> None:
     # (killed by a timeout), the kernel sends Prometheus SIGTERM.
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
-@pytest.fixture
-def prometheus_binary() -> str:
-    """Path of the prometheus server; skip (or fail in CI) when it is not installed."""
-    path = shutil.which("prometheus")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("prometheus is required in CI but is not on PATH (apt-get install prometheus)")
-        pytest.skip("prometheus not on PATH: apt-get install prometheus (set CI=1 to make this a failure)")
-    return path
 
 
 @pytest.fixture

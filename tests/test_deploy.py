@@ -9,7 +9,6 @@ stack scrapes the worker service and passes ``promtool check config``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,7 +17,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,22 +152,12 @@ def test_dockerignore_keeps_the_context_small_and_secret_free() -> None:
             assert (ROOT / source).exists(), source
 
 
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is required in CI but is not on PATH (apt-get install prometheus)")
-        pytest.skip("promtool not on PATH: apt-get install prometheus (set CI=1 to make this a failure)")
-    return path
-
-
-def test_promtool_accepts_the_compose_prometheus_config(tmp_path: Path) -> None:
+def test_promtool_accepts_the_compose_prometheus_config(promtool: str, tmp_path: Path) -> None:
     """promtool checks the stack's prometheus.yml with the rule file laid out as compose mounts it."""
-    binary = promtool()
     shutil.copy(ROOT / "deploy" / "prometheus" / "prometheus.yml", tmp_path / "prometheus.yml")
     shutil.copy(ROOT / "otp_router" / "assets" / "alerts.yml", tmp_path / "alerts.yml")
     result = subprocess.run(
-        [binary, "check", "config", "prometheus.yml"],
+        [promtool, "check", "config", "prometheus.yml"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
