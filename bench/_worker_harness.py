@@ -28,6 +28,7 @@ import aiohttp
 from pydantic import SecretStr
 
 from otp_router.config import Settings, TelegramSettings, TwilioSettings
+from otp_router.harness import provider_environ
 
 __all__ = [
     "REDIS_URL",
@@ -361,16 +362,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     Covers what the benchmarks set: providers, store, secret, policy, limits, fraud guard,
     concurrency, queue visibility timeout, settle delay, HTTP port and log level.
     """
-    secret = settings.code_secret.get_secret_value() if settings.code_secret else ""
     env = {
-        "OTP_ROUTER_TELEGRAM__TOKEN": settings.telegram.token.get_secret_value(),
-        "OTP_ROUTER_TELEGRAM__BASE_URL": settings.telegram.base_url,
-        "OTP_ROUTER_TWILIO__ACCOUNT_SID": settings.twilio.account_sid,
-        "OTP_ROUTER_TWILIO__AUTH_TOKEN": settings.twilio.auth_token.get_secret_value(),
-        "OTP_ROUTER_TWILIO__FROM_NUMBER": settings.twilio.from_number or "",
-        "OTP_ROUTER_TWILIO__BASE_URL": settings.twilio.base_url,
-        "OTP_ROUTER_STORE_URL": settings.store_url,
-        "OTP_ROUTER_CODE_SECRET": secret,
+        **provider_environ(settings),
         "OTP_ROUTER_CONCURRENCY": str(settings.concurrency),
         "OTP_ROUTER_QUEUE_VISIBILITY_TIMEOUT": str(settings.queue_visibility_timeout),
         "OTP_ROUTER_SETTLE_DELAY": str(settings.settle_delay),

@@ -15,7 +15,7 @@ from typing import Any
 from otp_router.config import Settings, TelegramSettings, TwilioSettings, VonageSettings
 from otp_router.emulators import EmulatorPair, emulator_credentials, vonage_credentials
 
-__all__ = ["emulated_settings", "read_code", "sample_numbers"]
+__all__ = ["emulated_settings", "provider_environ", "read_code", "sample_numbers"]
 
 #: A Twilio "magic" test sender: the emulator accepts any E.164 number.
 FROM_NUMBER = "+15005550006"
@@ -61,6 +61,25 @@ def emulated_settings(pair: EmulatorPair, base: Settings | None = None, **overri
         )
     data |= overrides
     return Settings(**data)
+
+
+def provider_environ(settings: Settings) -> dict[str, str]:
+    """The ``OTP_ROUTER_*`` variables that give an ``otp-router`` child process the providers
+    (Telegram and Twilio), store and code secret of ``settings``.
+
+    Only these: callers add what else their child needs (retry, concurrency, ports…).
+    """
+    secret = settings.code_secret.get_secret_value() if settings.code_secret else ""
+    return {
+        "OTP_ROUTER_TELEGRAM__TOKEN": settings.telegram.token.get_secret_value(),
+        "OTP_ROUTER_TELEGRAM__BASE_URL": settings.telegram.base_url,
+        "OTP_ROUTER_TWILIO__ACCOUNT_SID": settings.twilio.account_sid,
+        "OTP_ROUTER_TWILIO__AUTH_TOKEN": settings.twilio.auth_token.get_secret_value(),
+        "OTP_ROUTER_TWILIO__FROM_NUMBER": settings.twilio.from_number or "",
+        "OTP_ROUTER_TWILIO__BASE_URL": settings.twilio.base_url,
+        "OTP_ROUTER_STORE_URL": settings.store_url,
+        "OTP_ROUTER_CODE_SECRET": secret,
+    }
 
 
 async def read_code(pair: EmulatorPair, phone: str, *, wait: float = 10.0, poll: float = 0.02) -> str | None:

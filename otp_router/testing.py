@@ -180,16 +180,11 @@ class EmulatedProviders:
 
     def environ(self, **overrides: Any) -> dict[str, str]:
         """The ``OTP_ROUTER_*`` variables that give an app :meth:`settings`."""
+        from otp_router.harness import provider_environ
+
         settings = self.settings(**overrides)
         env = {
-            "OTP_ROUTER_TELEGRAM__TOKEN": settings.telegram.token.get_secret_value(),
-            "OTP_ROUTER_TELEGRAM__BASE_URL": settings.telegram.base_url,
-            "OTP_ROUTER_TWILIO__ACCOUNT_SID": settings.twilio.account_sid,
-            "OTP_ROUTER_TWILIO__AUTH_TOKEN": settings.twilio.auth_token.get_secret_value(),
-            "OTP_ROUTER_TWILIO__FROM_NUMBER": settings.twilio.from_number or "",
-            "OTP_ROUTER_TWILIO__BASE_URL": settings.twilio.base_url,
-            "OTP_ROUTER_STORE_URL": settings.store_url,
-            "OTP_ROUTER_CODE_SECRET": settings.code_secret.get_secret_value() if settings.code_secret else "",
+            **provider_environ(settings),
             "OTP_ROUTER_RETRY__BACKOFF": "false",
             "OTP_ROUTER_POLICY_FILE": str(settings.policy_file),
             "OTP_ROUTER_SETTLE_DELAY": repr(settings.settle_delay),

@@ -11,15 +11,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from otp_router.emulators import (
-    DEFAULT_ACCOUNT_SID,
-    DEFAULT_AUTH_TOKEN,
-    DEFAULT_TELEGRAM_TOKEN,
     EmulatorPair,
     Script,
 )
-from otp_router.harness import read_code
+from otp_router.harness import emulated_settings, provider_environ, read_code
 
 CLI = [sys.executable, "-m", "otp_router"]
 
@@ -34,14 +32,11 @@ def env(pair: EmulatorPair, tmp_path: Path) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("OTP_ROUTER_", "TWILIO_"))}
     return {
         **base,
-        "OTP_ROUTER_TELEGRAM__TOKEN": DEFAULT_TELEGRAM_TOKEN,
-        "OTP_ROUTER_TELEGRAM__BASE_URL": pair.telegram_url,
-        "OTP_ROUTER_TWILIO__ACCOUNT_SID": DEFAULT_ACCOUNT_SID,
-        "OTP_ROUTER_TWILIO__AUTH_TOKEN": DEFAULT_AUTH_TOKEN,
-        "OTP_ROUTER_TWILIO__FROM_NUMBER": "+15005550006",
-        "OTP_ROUTER_TWILIO__BASE_URL": pair.twilio_url,
-        "OTP_ROUTER_STORE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
-        "OTP_ROUTER_CODE_SECRET": "cli-test-secret",
+        **provider_environ(
+            emulated_settings(
+                pair, store_url=f"sqlite:///{tmp_path / 'cli.db'}", code_secret=SecretStr("cli-test-secret")
+            )
+        ),
     }
 
 

@@ -19,13 +19,11 @@ from otp_router import SyncOtpRouter
 from otp_router.config import RetrySettings, Settings
 from otp_router.core import CheckOutcome, Status
 from otp_router.emulators import (
-    DEFAULT_ACCOUNT_SID,
-    DEFAULT_AUTH_TOKEN,
-    DEFAULT_TELEGRAM_TOKEN,
     EmulatorPair,
     Script,
 )
 from otp_router.errors import AllProvidersFailed, InvalidRecipient
+from otp_router.harness import emulated_settings, provider_environ
 from otp_router.metrics import Metrics
 from otp_router.providers.base import ChannelName, FakeChannel, ProbeResult
 from otp_router.queue import QueueMessage, open_queue
@@ -153,14 +151,11 @@ async def test_cli_send_exits_3_with_one_line(pair: EmulatorPair, tmp_path: Path
     base = {k: v for k, v in os.environ.items() if not k.startswith(("OTP_ROUTER_", "TWILIO_"))}
     env = {
         **base,
-        "OTP_ROUTER_TELEGRAM__TOKEN": DEFAULT_TELEGRAM_TOKEN,
-        "OTP_ROUTER_TELEGRAM__BASE_URL": pair.telegram_url,
-        "OTP_ROUTER_TWILIO__ACCOUNT_SID": DEFAULT_ACCOUNT_SID,
-        "OTP_ROUTER_TWILIO__AUTH_TOKEN": DEFAULT_AUTH_TOKEN,
-        "OTP_ROUTER_TWILIO__FROM_NUMBER": "+15005550006",
-        "OTP_ROUTER_TWILIO__BASE_URL": pair.twilio_url,
-        "OTP_ROUTER_STORE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
-        "OTP_ROUTER_CODE_SECRET": "cli-test-secret",
+        **provider_environ(
+            emulated_settings(
+                pair, store_url=f"sqlite:///{tmp_path / 'cli.db'}", code_secret=SecretStr("cli-test-secret")
+            )
+        ),
     }
 
     async def run(*args: str) -> tuple[int, str, str]:

@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
+from test_worker import enqueue_all
 
 from otp_router.config import Settings
 from otp_router.emulators import EmulatorPair, Script
 from otp_router.errors import ConfigError, ProviderUnavailable
-from otp_router.harness import emulated_settings, sample_numbers
+from otp_router.harness import emulated_settings, provider_environ, sample_numbers
 from otp_router.logs import StructuredFormatter, bind, event, logfmt
 from otp_router.metrics import Metrics
 from otp_router.providers.base import ChannelName, DeliveryState, FakeChannel, ProbeResult, SendResult
-from otp_router.queue import QueueMessage, open_queue, queue_url_for
 from otp_router.router import OtpRouter
 from otp_router.store.memory import MemoryStore
 
@@ -125,22 +125,10 @@ async def test_the_worker_logs_one_event_per_line_without_phone_numbers_or_secre
     )
     phones = sample_numbers("GB", 2, offset=3)
     pair.script.set(phones[1], telegram="absent")  # an SMS fallback too
-    queue = open_queue(queue_url_for(settings))
-    try:
-        for n, phone in enumerate(phones):
-            await queue.enqueue(QueueMessage(phone=phone, idempotency_key=f"log-{n}"))
-    finally:
-        await queue.aclose()
+    await enqueue_all(settings, phones, prefix="log")
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("OTP_ROUTER_", "TWILIO_"))},
-        "OTP_ROUTER_TELEGRAM__TOKEN": settings.telegram.token.get_secret_value(),
-        "OTP_ROUTER_TELEGRAM__BASE_URL": settings.telegram.base_url,
-        "OTP_ROUTER_TWILIO__ACCOUNT_SID": settings.twilio.account_sid,
-        "OTP_ROUTER_TWILIO__AUTH_TOKEN": settings.twilio.auth_token.get_secret_value(),
-        "OTP_ROUTER_TWILIO__FROM_NUMBER": settings.twilio.from_number or "",
-        "OTP_ROUTER_TWILIO__BASE_URL": settings.twilio.base_url,
-        "OTP_ROUTER_STORE_URL": settings.store_url,
-        "OTP_ROUTER_CODE_SECRET": "log-test-secret-value",
+        **provider_environ(settings),
         "OTP_ROUTER_LOG_FORMAT": style,
         "OTP_ROUTER_LOG_LEVEL": "DEBUG",
     }

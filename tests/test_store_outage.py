@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -36,15 +35,16 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
+from test_worker import cli_env, enqueue_all, wait_until
 
 from otp_router import router as router_module
-from otp_router.config import FraudSettings, RetrySettings, Settings
+from otp_router.config import FraudSettings, RetrySettings
 from otp_router.emulators import EmulatorPair, Script
 from otp_router.errors import StoreError
 from otp_router.harness import emulated_settings, read_code, sample_numbers
 from otp_router.metrics import Metrics
 from otp_router.providers.base import ChannelName, ProbeResult
-from otp_router.queue import QueueMessage, open_queue, queue_url_for
+from otp_router.queue import open_queue, queue_url_for
 from otp_router.router import OtpRouter
 from otp_router.store.base import Record
 
@@ -119,15 +119,10 @@ class PrivateRedis:
 
 
 @pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is required in CI for the store outage test")
-        pytest.skip("no redis-server binary (set CI=1 to make this a failure)")
+async def private_redis(redis_server_binary: str, tmp_path: Path) -> AsyncIterator[PrivateRedis]:
     folder = tmp_path / "redis"
     folder.mkdir()
-    server = PrivateRedis(binary, folder, free_port())
+    server = PrivateRedis(redis_server_binary, folder, free_port())
     await server.start()
     try:
         yield server
@@ -140,43 +135,10 @@ async def pair(make_emulators: Callable[[Script], Awaitable[EmulatorPair]]) -> E
     return await make_emulators(Script(default_delivery=0.1))
 
 
-def worker_env(settings: Settings, http_port: int) -> dict[str, str]:
-    secret = settings.code_secret.get_secret_value() if settings.code_secret else ""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTP_ROUTER_", "TWILIO_"))}
-    env.update(
-        {
-            "OTP_ROUTER_TELEGRAM__TOKEN": settings.telegram.token.get_secret_value(),
-            "OTP_ROUTER_TELEGRAM__BASE_URL": settings.telegram.base_url,
-            "OTP_ROUTER_TWILIO__ACCOUNT_SID": settings.twilio.account_sid,
-            "OTP_ROUTER_TWILIO__AUTH_TOKEN": settings.twilio.auth_token.get_secret_value(),
-            "OTP_ROUTER_TWILIO__FROM_NUMBER": settings.twilio.from_number or "",
-            "OTP_ROUTER_TWILIO__BASE_URL": settings.twilio.base_url,
-            "OTP_ROUTER_STORE_URL": settings.store_url,
-            "OTP_ROUTER_CODE_SECRET": secret,
-            "OTP_ROUTER_RETRY__BACKOFF": "false",
-            "OTP_ROUTER_QUEUE_VISIBILITY_TIMEOUT": str(settings.queue_visibility_timeout),
-            "OTP_ROUTER_CONCURRENCY": str(settings.concurrency),
-            "OTP_ROUTER_SHUTDOWN_GRACE": "5",
-            "OTP_ROUTER_HTTP_PORT": str(http_port),
-            "OTP_ROUTER_LOG_LEVEL": "INFO",
-            "OTP_ROUTER_FRAUD__MIN_CONVERSION": str(settings.fraud.min_conversion),
-        }
-    )
-    return env
-
-
 async def healthz(http: httpx.AsyncClient, port: int) -> tuple[int, dict[str, Any]]:
     response = await http.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
     body: dict[str, Any] = response.json()
     return response.status_code, body
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    until = loop.time() + within
-    while not await check():
-        assert loop.time() < until, what
-        await asyncio.sleep(0.1)
 
 
 def first_contact(pair: EmulatorPair) -> dict[str, float]:
@@ -214,12 +176,7 @@ async def test_worker_rides_out_a_store_outage(
     for phone in phones:
         # Slow answers: the outage lands with provider calls in flight.
         pair.script.set(phone, telegram_latency=0.3)
-    queue = open_queue(queue_url_for(settings))
-    try:
-        for n, phone in enumerate(phones):
-            await queue.enqueue(QueueMessage(phone=phone, idempotency_key=f"outage-{n}"))
-    finally:
-        await queue.aclose()
+    await enqueue_all(settings, phones, prefix="outage")
 
     http_port = free_port()
     log_path = tmp_path / "worker.log"
@@ -231,7 +188,13 @@ async def test_worker_rides_out_a_store_outage(
             "worker",
             "--name",
             "outage",
-            env=worker_env(settings, http_port),
+            env=cli_env(
+                settings,
+                OTP_ROUTER_SHUTDOWN_GRACE="5",
+                OTP_ROUTER_HTTP_PORT=str(http_port),
+                OTP_ROUTER_LOG_LEVEL="INFO",
+                OTP_ROUTER_FRAUD__MIN_CONVERSION=str(settings.fraud.min_conversion),
+            ),
             cwd=tmp_path,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=log_file,
@@ -246,11 +209,11 @@ async def test_worker_rides_out_a_store_outage(
                 except httpx.TransportError:
                     return False
 
-            await eventually(healthy, 30, "the worker never became healthy")
+            await wait_until(healthy, within=30, what="the worker never became healthy")
             # Mid-run: some numbers done, some in flight, most still queued. Killed
             # while probes are out: their outcomes (charged request_ids) must be
             # held and written once the store is back, not lost.
-            await eventually(lambda: _count(pair, 10), 30, "the worker did not start sending")
+            await wait_until(lambda: _count(pair, 10), within=30, what="the worker did not start sending")
 
             await private_redis.kill()
             killed_at = time.time()
@@ -266,9 +229,11 @@ async def test_worker_rides_out_a_store_outage(
             assert status == 500 and "store" in body["failing"], body
             restarted_at = time.time()
             await private_redis.start()
-            await eventually(healthy, 20, "/healthz did not recover")
-            await eventually(
-                lambda: _all_sent(pair, phones), 60, "not every queued number got its Telegram message"
+            await wait_until(healthy, within=20, what="/healthz did not recover")
+            await wait_until(
+                lambda: _all_sent(pair, phones),
+                within=60,
+                what="not every queued number got its Telegram message",
             )
             # An ack that failed during the outage leaves its message pending: the worker takes
             # it back after the visibility timeout and acks it (its idempotency key finds the
@@ -279,7 +244,7 @@ async def test_worker_rides_out_a_store_outage(
                 async def queue_drained() -> bool:
                     return await drained.depth() == 0 and await drained.pending() == 0
 
-                await eventually(queue_drained, 30, "the worker did not drain the queue")
+                await wait_until(queue_drained, within=30, what="the worker did not drain the queue")
             finally:
                 await drained.aclose()
     finally:

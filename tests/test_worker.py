@@ -29,7 +29,7 @@ from otp_router.config import FraudSettings, LimitSettings, RetrySettings, Setti
 from otp_router.core import IO_LEASE
 from otp_router.emulators import EmulatorPair, Script
 from otp_router.errors import StoreError
-from otp_router.harness import emulated_settings, sample_numbers
+from otp_router.harness import emulated_settings, provider_environ, sample_numbers
 from otp_router.metrics import Metrics
 from otp_router.policy import CountryRule, Policy
 from otp_router.providers.base import ChannelName, DeliveryState, FakeChannel, ProbeResult, SendResult
@@ -111,8 +111,13 @@ async def queue_counts(settings: Settings) -> tuple[int, int]:
         await queue.aclose()
 
 
-async def wait_until(condition: Callable[[], bool | Awaitable[bool]], *, within: float = 10.0) -> None:
-    """Poll ``condition`` until true; fail the test if it never becomes true."""
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]],
+    *,
+    within: float = 10.0,
+    what: str = "condition not reached",
+) -> None:
+    """Poll ``condition`` until true; fail the test (saying ``what``) if it never becomes true."""
     loop = asyncio.get_running_loop()
     until = loop.time() + within
     while True:
@@ -122,23 +127,18 @@ async def wait_until(condition: Callable[[], bool | Awaitable[bool]], *, within:
         if result:
             return
         if loop.time() > until:
-            raise AssertionError("condition not reached")
+            raise AssertionError(what)
         await asyncio.sleep(0.05)
 
 
 def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment that gives an ``otp-router`` subprocess the same settings."""
-    secret = settings.code_secret.get_secret_value() if settings.code_secret else ""
+    """The environment that gives an ``otp-router`` worker subprocess the same settings.
+
+    ``extra`` variables are added last (and win): a port, a log level, a shorter grace.
+    """
     env = {
-        **os.environ,
-        "OTP_ROUTER_TELEGRAM__TOKEN": settings.telegram.token.get_secret_value(),
-        "OTP_ROUTER_TELEGRAM__BASE_URL": settings.telegram.base_url,
-        "OTP_ROUTER_TWILIO__ACCOUNT_SID": settings.twilio.account_sid,
-        "OTP_ROUTER_TWILIO__AUTH_TOKEN": settings.twilio.auth_token.get_secret_value(),
-        "OTP_ROUTER_TWILIO__FROM_NUMBER": settings.twilio.from_number or "",
-        "OTP_ROUTER_TWILIO__BASE_URL": settings.twilio.base_url,
-        "OTP_ROUTER_STORE_URL": settings.store_url,
-        "OTP_ROUTER_CODE_SECRET": secret,
+        **{k: v for k, v in os.environ.items() if not k.startswith(("OTP_ROUTER_", "TWILIO_"))},
+        **provider_environ(settings),
         "OTP_ROUTER_RETRY__BACKOFF": "false",
         "OTP_ROUTER_QUEUE_VISIBILITY_TIMEOUT": str(settings.queue_visibility_timeout),
         "OTP_ROUTER_CONCURRENCY": str(settings.concurrency),
