@@ -54,6 +54,8 @@ __all__ = [
     "SmsLookupSettings",
     "TelegramSettings",
     "TwilioSettings",
+    "TwilioVoiceSettings",
+    "TwilioWhatsAppSettings",
     "VonageSettings",
 ]
 
@@ -162,6 +164,51 @@ class TwilioSettings(_Section):
     _norm = field_validator("base_url")(_http_url)
 
     _template = field_validator("message_template")(_with_code)
+
+
+class TwilioWhatsAppSettings(_Section):
+    """WhatsApp through Twilio (credentials from ``OTP_ROUTER_TWILIO__*``); off unless enabled."""
+
+    enabled: bool = False
+    #: WhatsApp sender in E.164 (sent as ``whatsapp:+…``), or a Messaging Service below.
+    from_number: str = ""
+    messaging_service_sid: str | None = None
+    #: Content SID (``HX…``) of the approved authentication template that carries the code.
+    content_sid: str = ""
+    #: The template's variable that receives the code.
+    code_variable: str = "1"
+
+
+class TwilioVoiceSettings(_Section):
+    """Voice calls that read the code, through Twilio (credentials from ``OTP_ROUTER_TWILIO__*``)."""
+
+    enabled: bool = False
+    #: Caller id: a Twilio number in E.164.
+    from_number: str = ""
+    #: ``<Say>`` language when the verification's locale is not spoken (or not given).
+    default_language: str = "en-US"
+    #: Languages the chosen voice speaks (default: Twilio's basic voices, see docs/providers.md).
+    languages: tuple[str, ...] = (
+        "ca-ES", "da-DK", "de-DE", "en-AU", "en-CA", "en-GB", "en-IN", "en-US", "es-ES", "es-MX", "fi-FI",
+        "fr-CA", "fr-FR", "it-IT", "ja-JP", "ko-KR", "nb-NO", "nl-NL", "pl-PL", "pt-BR", "pt-PT", "ru-RU",
+        "sv-SE", "zh-CN", "zh-HK", "zh-TW",
+    )  # fmt: skip
+    #: ``<Say voice=…>`` (e.g. ``Polly.Amy``); unset: Twilio's default voice.
+    voice: str | None = None
+    #: How many times the code is read (a machine that answers records every reading).
+    repeat: int = Field(default=2, ge=1, le=5)
+    #: Seconds the phone rings before ``no-answer`` (Twilio's ``Timeout``).
+    ring_timeout: int = Field(default=30, ge=5, le=600)
+    #: Twilio answering machine detection: ``""`` (off), ``Enable`` or ``DetectMessageEnd``
+    #: (read the code after the greeting's beep; billed extra).
+    machine_detection: str = ""
+
+    @field_validator("machine_detection")
+    @classmethod
+    def _known_detection(cls, value: str) -> str:
+        if value not in ("", "Enable", "DetectMessageEnd"):
+            raise ValueError("must be empty, Enable or DetectMessageEnd")
+        return value
 
 
 class VonageSettings(_Section):
@@ -346,6 +393,8 @@ class Settings(BaseSettings):
     telegram: TelegramSettings = TelegramSettings()
     twilio: TwilioSettings = TwilioSettings()
     vonage: VonageSettings = VonageSettings()
+    twilio_whatsapp: TwilioWhatsAppSettings = TwilioWhatsAppSettings()
+    twilio_voice: TwilioVoiceSettings = TwilioVoiceSettings()
     retry: RetrySettings = RetrySettings()
     limits: LimitSettings = LimitSettings()
     fraud: FraudSettings = FraudSettings()

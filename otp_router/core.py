@@ -254,6 +254,8 @@ class VerificationState(_Model):
     lookup_delays: tuple[float, ...] = ()
     #: A lookup finding nothing proves "not created" only this long after the send began.
     lookup_grace: float = 10.0
+    #: The user's language (BCP 47) if the caller gave one (a voice step reads the code in it).
+    locale: str | None = None
 
     @property
     def current(self) -> Attempt | None:

@@ -94,11 +94,17 @@ async def read_code(pair: EmulatorPair, phone: str, *, wait: float = 10.0, poll:
         codes = pair.telegram.inbox(phone)
         if codes:
             return codes[-1]
-        bodies = pair.twilio.inbox(phone) + (pair.vonage.inbox(phone) if pair.vonage is not None else [])
+        bodies = pair.twilio.inbox(phone) + pair.twilio.whatsapp_inbox(phone)
+        bodies += pair.vonage.inbox(phone) if pair.vonage is not None else []
         for body in reversed(bodies):
             match = _DIGITS.search(body)
             if match:
                 return match.group(1)
+        for heard in reversed(pair.twilio.calls.heard(phone)):
+            # A call reads "1, 2, 3, …." (twice): the digits of the first reading.
+            digits = "".join(ch for ch in heard.split(".")[0] if ch.isdigit())
+            if digits:
+                return digits
         await asyncio.sleep(poll)
     return None
 

@@ -96,6 +96,7 @@ def new_state(
     settle_delay: float = SETTLE_DELAY,
     lookup_delays: tuple[float, ...] = (),
     lookup_grace: float = 10.0,
+    locale: str | None = None,
 ) -> VerificationState:
     """A fresh verification, before its first step (feed :class:`Start` next)."""
     if not steps:
@@ -115,6 +116,7 @@ def new_state(
         settle_delay=settle_delay,
         lookup_delays=lookup_delays,
         lookup_grace=lookup_grace,
+        locale=locale,
     )
 
 

@@ -393,6 +393,7 @@ class OtpRouter:
         idempotency_key: str | None = None,
         default_region: str | None = None,
         verification_id: str | None = None,
+        locale: str | None = None,
     ) -> Verification:
         """Send a code to ``phone``: Telegram first, falling back as the policy says.
 
@@ -412,6 +413,8 @@ class OtpRouter:
                 producer that enqueued it knows the id in advance (see
                 :func:`otp_router.queue.enqueue`). A key already used keeps
                 the id it was first given.
+            locale: The user's language (BCP 47, e.g. ``fr-FR``): a voice step reads
+                the code in it where the voice speaks it.
 
         Raises:
             InvalidPhoneNumber: Unparseable or invalid number (nothing sent or stored).
@@ -427,6 +430,8 @@ class OtpRouter:
         """
         if default_region is not None:
             check_text(default_region, name="default_region", max_length=8)
+        if locale is not None:
+            check_text(locale, name="locale", max_length=35)
         number = parse_phone(phone, default_region=default_region)
         steps = self.policy.steps_for(number.region)
         steps = tuple(self._bind(s) for s in steps if s.channel in self.channels)
@@ -453,6 +458,7 @@ class OtpRouter:
             settle_delay=self.settings.settle_delay,
             lookup_delays=self.settings.sms_lookup.delays,
             lookup_grace=self.settings.sms_lookup.grace,
+            locale=locale,
         )
         # Created already in its first step's write-ahead phase (probing or sending):
         # one write fewer, and a crash right after it is recovered by the I/O lease.
@@ -926,6 +932,7 @@ class OtpRouter:
             payload=state.id,
             attempt=effect.attempt,
             region=state.region,
+            locale=state.locale,
         )
         event: Event
         outcome = "failed"

@@ -389,6 +389,7 @@ class Worker:
                 default_region=message.default_region,
                 # Messages enqueued before ids were carried have none: the router derives it.
                 verification_id=message.verification_id,
+                locale=message.locale,
             )
         except InvalidPhoneNumber:
             return _Outcome("dead_letter", DeadLetterReason.INVALID_PHONE)

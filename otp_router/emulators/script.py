@@ -22,6 +22,7 @@ __all__ = ["Behaviour", "Script", "TelegramFault"]
 TelegramMode = Literal["ok", "absent", "unavailable", "invalid"]
 SmsFinal = Literal["delivered", "undelivered", "failed"]
 VonageFinal = Literal["delivered", "failed", "expired", "rejected"]
+CallFinal = Literal["completed", "busy", "no-answer", "failed"]
 TelegramFault = Literal["5xx", "flood_wait", "error", "garbage", "reset", "hang"]
 
 #: Largest script file read (a script of a million numbers is still well under it).
@@ -74,6 +75,10 @@ class Behaviour:
         vonage_final: Final receipt status of a Vonage SMS.
         vonage_err_code: ``err-code`` of a receipt that is not ``delivered`` (default 1).
         vonage_delay: Seconds from send to the final receipt.
+        whatsapp: The number has WhatsApp; False: a WhatsApp message to it fails with 63003.
+        voice_final: Final status of a Twilio call to the number (``completed`` = answered).
+        voice_delay: Seconds from the call's creation to its final status.
+        voice_machine: An answering machine picks up (``AnsweredBy`` says so with detection on).
 
     Counted Telegram faults come in the order 5xx, flood wait, error, garbage,
     reset, hang: with ``telegram_5xx=1, telegram_hang=1`` the first call answers
@@ -111,6 +116,10 @@ class Behaviour:
     vonage_final: VonageFinal = "delivered"
     vonage_err_code: int | None = None
     vonage_delay: float = 0.5
+    whatsapp: bool = True
+    voice_final: CallFinal = "completed"
+    voice_delay: float = 0.5
+    voice_machine: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Behaviour:

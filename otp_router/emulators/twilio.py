@@ -53,6 +53,7 @@ import email.utils
 import functools
 import hmac
 import itertools
+import json
 import logging
 import secrets
 import time
@@ -102,7 +103,13 @@ _TITLES = {
     30006: "Landline or unreachable carrier",
     30007: "Message filtered",
     30008: "Unknown error",
+    21656: "The ContentVariables Parameter is invalid.",
+    63003: "Channel could not find To address",
 }
+#: UNCONFIRMED: what one WhatsApp authentication message costs (it varies by country).
+WHATSAPP_PRICE = Decimal("0.0050")
+#: The body an authentication template renders with the code as its variable.
+WHATSAPP_TEMPLATE = "{code} is your verification code. For your security, do not share this code."
 _DEFAULT_ERROR = {"undelivered": 30003, "failed": 30008}
 _CALLBACK_TIMEOUT = aiohttp.ClientTimeout(total=5.0)
 #: How long a scripted hang holds its answer back (clients time out long before).
@@ -193,6 +200,7 @@ class _Message:
     callback_url: str | None
     segments: int
     updated: float = 0.0
+    whatsapp: bool = False
     sent: float | None = None
     price: str | None = None
     error_code: int | None = None
@@ -294,6 +302,10 @@ class TwilioEmulator:
         # cleanup in case the app was run by someone else's runner.
         self.app.on_shutdown.append(self._on_cleanup)
         self.app.on_cleanup.append(self._on_cleanup)
+        from otp_router.emulators.twilio_calls import CallsEmulator
+
+        #: The Calls resource (voice), served by the same application.
+        self.calls = CallsEmulator(self)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -385,7 +397,11 @@ class TwilioEmulator:
 
     def inbox(self, phone: str) -> list[str]:
         """Bodies of the messages delivered to ``phone``, oldest first: what the user sees."""
-        return [m.body for m in self._to.get(phone, ()) if m.status == "delivered"]
+        return [m.body for m in self._to.get(phone, ()) if m.status in ("delivered", "read")]
+
+    def whatsapp_inbox(self, phone: str) -> list[str]:
+        """Bodies of the WhatsApp messages delivered to ``phone`` (E.164), oldest first."""
+        return self.inbox(f"whatsapp:{phone}")
 
     async def _admin_inbox(self, request: web.Request) -> web.Response:
         # The phone number rides in the query string: this is a local test tool only.
@@ -432,7 +448,9 @@ class TwilioEmulator:
             return _error(401, 20003)
         form = await request.post()
         to = str(form.get("To", ""))
-        behaviour = self.script.behaviour(to)
+        whatsapp = to.startswith("whatsapp:")
+        number = to.removeprefix("whatsapp:")
+        behaviour = self.script.behaviour(number)
         if behaviour.sms_latency:
             await asyncio.sleep(behaviour.sms_latency * self.script.time_scale)
         refusal, hang = self._scripted_refusal(to, behaviour)
@@ -440,7 +458,7 @@ class TwilioEmulator:
             return refusal
         if not to:
             return self._refuse(to, 400, 21604)
-        region = _region_of(to)
+        region = _region_of(number)
         if region is None or behaviour.sms_invalid:
             return self._refuse(to, 400, 21211)
         from_ = str(form.get("From", "")) or None
@@ -448,6 +466,15 @@ class TwilioEmulator:
         if from_ is None and service is None:
             return self._refuse(to, 400, 21603)
         body = str(form.get("Body", ""))
+        content_sid = str(form.get("ContentSid", ""))
+        if content_sid:
+            # Content API: the approved template's text with its variables filled in.
+            try:
+                variables = json.loads(str(form.get("ContentVariables", "{}")))
+            except ValueError:
+                return self._refuse(to, 400, 21656)
+            code = variables.get("1", "") if isinstance(variables, dict) else ""
+            body = WHATSAPP_TEMPLATE.format(code=code)
         if not body:
             return self._refuse(to, 400, 21602)
         validity = str(form.get("ValidityPeriod", "36000"))
@@ -468,7 +495,8 @@ class TwilioEmulator:
             created=now,
             updated=now,
             callback_url=str(form.get("StatusCallback", "")) or None,
-            segments=sms_segments(body),
+            segments=1 if whatsapp else sms_segments(body),
+            whatsapp=whatsapp,
         )
         self.messages[message.sid] = message
         self._to.setdefault(message.to, []).append(message)
@@ -615,6 +643,8 @@ class TwilioEmulator:
         loop = asyncio.get_running_loop()
         delay = max(0.0, behaviour.sms_delay * self.script.time_scale)
         final = behaviour.sms_final
+        if message.whatsapp and not behaviour.whatsapp:
+            final = "failed"  # 63003: no WhatsApp account behind the number
         if final != "failed":
             message.timers.append(loop.call_later(delay / 2, self._advance, message, "sent", behaviour))
         message.timers.append(loop.call_later(delay, self._advance, message, final, behaviour))
@@ -636,11 +666,15 @@ class TwilioEmulator:
             message.error_code = (
                 (behaviour.sms_error_code or _DEFAULT_ERROR[status]) if status in _DEFAULT_ERROR else None
             )
+            if message.whatsapp and not behaviour.whatsapp:
+                message.error_code = 63003
             if status == "failed":
                 # A failed message never left Twilio and is not charged.
                 message.price = "0.00000"
             else:
-                cost = self.prices.sms(message.region) * message.segments
+                cost = (
+                    WHATSAPP_PRICE if message.whatsapp else self.prices.sms(message.region) * message.segments
+                )
                 message.price = f"{-cost.quantize(Decimal('0.00001')):f}"
         if message.callback_url:
             params = self._callback_params(message)

@@ -174,6 +174,8 @@ class SendRequest:
         attempt: 1 for the first send of this verification, counted across channels.
         region: The number's ISO region when the caller knows it (the router parsed the
             number at start); a channel that prices by region then need not parse it again.
+        locale: The user's language (BCP 47, e.g. ``fr-FR``) if the caller gave one: a
+            voice call reads the code in it where it can.
     """
 
     phone: str
@@ -184,6 +186,7 @@ class SendRequest:
     payload: str | None = None
     attempt: int = 1
     region: str | None = None
+    locale: str | None = None
 
     def __repr__(self) -> str:
         return f"SendRequest(ttl={self.ttl}, probe_ref={self.probe_ref!r}, payload={self.payload!r})"

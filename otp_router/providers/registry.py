@@ -59,6 +59,8 @@ _BUILTIN: dict[str, str] = {
     "telegram": "otp_router.providers.telegram:TelegramChannel",
     "twilio_sms": "otp_router.providers.twilio_sms:TwilioSmsChannel",
     "vonage_sms": "otp_router.providers.vonage_sms:VonageSmsChannel",
+    "twilio_whatsapp": "otp_router.providers.twilio_channels:TwilioWhatsAppChannel",
+    "twilio_voice": "otp_router.providers.twilio_channels:TwilioVoiceChannel",
 }
 #: Adapters registered from Python (they win over built-in ones of the same name).
 _REGISTERED: dict[str, type[Any]] = {}

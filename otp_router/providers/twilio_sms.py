@@ -581,7 +581,8 @@ def parse_status_callback(form: Mapping[str, str]) -> StatusResult:
     Verify the signature first with :func:`verify_status_callback`.
 
     Args:
-        form: The POSTed form fields (``MessageSid``, ``MessageStatus``, ``ErrorCode``…).
+        form: The POSTed form fields (``MessageSid``, ``MessageStatus``, ``ErrorCode``…),
+            or a call's (``CallSid``, ``CallStatus``): voice calls report to the same URL.
 
     Returns:
         The state it reports. Callbacks carry no price, so ``cost`` is None.
@@ -589,6 +590,10 @@ def parse_status_callback(form: Mapping[str, str]) -> StatusResult:
     Raises:
         WebhookError: No message SID or status in the form.
     """
+    if form.get("CallSid") and not form.get("MessageSid"):
+        from otp_router.providers.twilio_channels import parse_call_callback
+
+        return parse_call_callback(form)
     ref = form.get("MessageSid") or form.get("SmsSid")
     raw = form.get("MessageStatus") or form.get("SmsStatus")
     if not ref or not raw:

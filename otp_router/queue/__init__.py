@@ -154,7 +154,7 @@ async def enqueue(
         idempotency_key: Required: redelivered or re-enqueued messages with the
             same key start one verification, never a second send.
         default_region: Region for national-format numbers.
-        locale: Carried along for forward compatibility.
+        locale: The user's language (BCP 47): a voice step reads the code in it.
         metadata: Free-form JSON object, carried along.
 
     Returns:

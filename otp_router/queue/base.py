@@ -12,7 +12,7 @@ language needs nothing but its Redis or SQLite client::
       "phone": "+447400123456",          required; E.164, or national with default_region
       "idempotency_key": "login-42",     required; 1..200 characters
       "default_region": "GB",            optional; ISO 3166 alpha-2, for national numbers
-      "locale": "en-GB",                 optional; accepted for forward compatibility, unused today
+      "locale": "en-GB",                 optional; the language a voice call reads the code in
       "metadata": {"user": 42},          optional; any JSON object, unused by the worker
       "verification_id": "v_…"           optional; the id the new verification gets
     }
@@ -103,7 +103,7 @@ class QueueMessage(BaseModel):
         phone: The number, international format unless ``default_region`` is given.
         idempotency_key: Same key, same verification; makes redelivery harmless.
         default_region: Region for national-format numbers.
-        locale: Accepted and kept for forward compatibility; not used yet.
+        locale: The user's language (BCP 47); a voice call reads the code in it.
         metadata: Free-form producer data; not used by the worker.
         verification_id: The id for the new verification (optional; see the module docstring).
     """
