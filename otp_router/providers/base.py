@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,7 +20,11 @@ __all__ = [
     "ChannelName",
     "DeliveryState",
     "FakeChannel",
+    "InboundReport",
     "ProbeResult",
+    "Receive",
+    "ReceivedReport",
+    "ReceiverSpec",
     "SendRequest",
     "SendResult",
     "StatusResult",
@@ -241,6 +245,66 @@ class StatusResult:
     raw_status: str | None = None
     currency: str = "USD"
     updated_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InboundReport:
+    """One delivery-report request as the web app received it (framework-free).
+
+    Attributes:
+        body: The raw body (already size-limited).
+        query: The raw query string, without ``?``.
+        headers: Request headers, names in lower case.
+        url: The public URL the provider called (``OTP_ROUTER_PUBLIC_URL`` +
+            the receiver's path + ``?query``), or None without a public URL.
+            Never built from ``Host``: that header is the caller's to forge.
+    """
+
+    body: bytes
+    query: str
+    headers: Mapping[str, str]
+    url: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedReport:
+    """What a receiver read from a checked report: the verification it names and the status."""
+
+    verification_id: str | None
+    report: StatusResult
+
+
+#: Checks one report and reads it. Raises InvalidSignature or StaleWebhook (refused: 403)
+#: or another WebhookError (signed but unreadable: 400).
+Receive = Callable[[InboundReport, float], ReceivedReport]
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverSpec:
+    """An adapter's delivery-report receiver: where it listens and how it checks and reads.
+
+    The web app mounts one route per spec of the configured adapters; it knows
+    nothing else about providers.
+
+    Attributes:
+        provider: Metric label (``webhook`` outcomes) and log name.
+        path: Route path, relative to where the web app's routes are included.
+        build: Makes the checker from the settings (the secrets live there).
+        methods: HTTP methods the provider uses.
+        operation_id: OpenAPI operation id.
+        summary: OpenAPI summary.
+        openapi_extra: OpenAPI parameters and request body.
+        bad_request: What a 400 means for this provider (OpenAPI).
+    """
+
+    provider: str
+    path: str
+    build: Callable[[Any], Receive]
+    methods: tuple[str, ...] = ("POST",)
+    operation_id: str = ""
+    summary: str = ""
+    openapi_extra: Mapping[str, Any] = field(default_factory=dict)
+    bad_request: str = "signed, but not a report."
 
 
 @runtime_checkable

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from otp_router.errors import ConfigError
-from otp_router.providers.base import Capabilities, Channel, route_name
+from otp_router.providers.base import Capabilities, Channel, ReceiverSpec, route_name
 
 if TYPE_CHECKING:
     import httpx
@@ -47,8 +47,10 @@ __all__ = [
     "SupportsFromSettings",
     "adapter_class",
     "build_channels",
+    "builtin_receivers",
     "known_routes",
     "register_adapter",
+    "report_receivers",
     "route_binding",
     "route_callback_url",
     "route_capabilities",
@@ -206,3 +208,30 @@ def build_channels(
         if channel is not None:
             channels[name] = channel
     return channels
+
+
+def report_receivers(channels: Mapping[str, Channel]) -> dict[str, ReceiverSpec]:
+    """The delivery-report receivers of the adapters bound to ``channels``, one per path.
+
+    A channel that declares none (a test double such as ``FakeChannel``) gets
+    the receiver of the adapter its route is bound to by default.
+    """
+    specs: dict[str, ReceiverSpec] = {}
+    for route, channel in channels.items():
+        inner = getattr(channel, "inner", channel)  # unwrap InstrumentedChannel
+        spec = getattr(inner, "report_receiver", None)
+        if not isinstance(spec, ReceiverSpec) and route in DEFAULT_ROUTES:
+            spec = getattr(adapter_class(DEFAULT_ROUTES[route]), "report_receiver", None)
+        if isinstance(spec, ReceiverSpec):
+            specs.setdefault(spec.path, spec)
+    return specs
+
+
+def builtin_receivers() -> dict[str, ReceiverSpec]:
+    """The receivers of every built-in and registered adapter, one per path."""
+    specs: dict[str, ReceiverSpec] = {}
+    for name in (*_BUILTIN, *_REGISTERED):
+        spec = getattr(adapter_class(name), "report_receiver", None)
+        if isinstance(spec, ReceiverSpec):
+            specs.setdefault(spec.path, spec)
+    return specs

@@ -60,7 +60,11 @@ from otp_router.providers.base import (
     Capabilities,
     ChannelName,
     DeliveryState,
+    InboundReport,
     ProbeResult,
+    Receive,
+    ReceivedReport,
+    ReceiverSpec,
     SendRequest,
     SendResult,
     StatusResult,
@@ -493,6 +497,57 @@ def parse_report(body: bytes) -> tuple[StatusResult, str | None]:
     return _status_result(status), status.payload
 
 
+def _receiver(settings: Settings) -> Receive:
+    """The delivery-report checker for ``settings.telegram`` (see :data:`RECEIVER`)."""
+    telegram = settings.telegram
+    token = telegram.token.get_secret_value()
+
+    def receive(inbound: InboundReport, now: float) -> ReceivedReport:
+        if not token:
+            # An empty key would let anyone sign: refuse rather than accept everything.
+            raise InvalidSignature("OTP_ROUTER_TELEGRAM__TOKEN is not set")
+        verify_report_signature(
+            token,
+            inbound.headers.get("x-request-timestamp", ""),
+            inbound.headers.get("x-request-signature", ""),
+            inbound.body,
+            max_age=telegram.callback_max_age,
+            now=now,
+        )
+        report, payload = parse_report(inbound.body)
+        return ReceivedReport(payload, report)
+
+    return receive
+
+
+def _header(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+#: The Gateway's delivery reports: signed JSON ``RequestStatus`` bodies (our payload is the verification id).
+RECEIVER = ReceiverSpec(
+    provider=PROVIDER,
+    path="/webhooks/telegram",
+    build=_receiver,
+    operation_id="telegramReport",
+    summary="Telegram Gateway delivery report, signed with X-Request-Signature.",
+    bad_request="bad_request: signed, but not a RequestStatus.",
+    openapi_extra={
+        "parameters": [
+            _header("X-Request-Timestamp", "Unix time the report was signed at."),
+            _header("X-Request-Signature", "HMAC-SHA256 of timestamp and body (hex)."),
+        ],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+    },
+)
+
+
 class TelegramChannel:
     """The Telegram Gateway as a :class:`~otp_router.providers.base.Channel`.
 
@@ -530,6 +585,8 @@ class TelegramChannel:
             "report_code": "checkVerificationStatus",
         }
     )
+    #: Where delivery reports arrive and how they are checked.
+    report_receiver = RECEIVER
     #: Parse a delivery report body (see :func:`parse_report`).
     parse_report = staticmethod(parse_report)
 

@@ -56,6 +56,7 @@ from otp_router.providers.base import (
     SendResult,
     StatusResult,
 )
+from otp_router.providers.twilio_receiver import RECEIVER
 from otp_router.providers.twilio_sms import PROVIDER, HttpxTwilioClient, _call, _price, map_twilio_status
 from otp_router.retry import CallKind, RetryHook, retrying
 
@@ -194,6 +195,7 @@ class TwilioWhatsAppChannel:
     provider = PROVIDER
     capabilities = Capabilities(probe=False, ttl_min=1, ttl_max=36000, timeout_maybe_sent=True, lookup=False)
     methods = MappingProxyType({"send": "messages.create", "status": "messages.fetch"})
+    report_receiver = RECEIVER
 
     def __init__(
         self,
@@ -316,6 +318,7 @@ class TwilioVoiceChannel:
     provider = PROVIDER
     capabilities = Capabilities(probe=False, ttl_min=1, ttl_max=36000, timeout_maybe_sent=True, lookup=False)
     methods = MappingProxyType({"send": "calls.create", "status": "calls.fetch"})
+    report_receiver = RECEIVER
 
     def __init__(
         self,

@@ -81,6 +81,7 @@ from otp_router.providers.base import (
     StatusResult,
 )
 from otp_router.providers.transport import map_transport_error
+from otp_router.providers.twilio_receiver import RECEIVER
 from otp_router.retry import CallKind, RetryHook, retrying
 
 if TYPE_CHECKING:
@@ -337,6 +338,7 @@ class TwilioSmsChannel:
         lookup=True,
     )
     #: SDK call per channel verb (metrics label calls by them).
+    report_receiver = RECEIVER
     methods = MappingProxyType(
         {"send": "messages.create", "status": "messages.fetch", "find_sent": "messages.list"}
     )

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import re
 import time
@@ -42,7 +43,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import requests
 import requests.adapters
@@ -64,7 +65,11 @@ from otp_router.providers.base import (
     Capabilities,
     ChannelName,
     DeliveryState,
+    InboundReport,
     ProbeResult,
+    Receive,
+    ReceivedReport,
+    ReceiverSpec,
     SendRequest,
     SendResult,
     StatusResult,
@@ -75,7 +80,7 @@ from otp_router.retry import CallKind, RetryHook, retrying
 if TYPE_CHECKING:
     from otp_router.providers.registry import AdapterContext
 
-__all__ = ["VonageSmsChannel", "map_receipt_status", "parse_receipt", "sign_params"]
+__all__ = ["RECEIVER", "VonageSmsChannel", "map_receipt_status", "parse_receipt", "sign_params"]
 
 PROVIDER = "vonage"
 #: The SDK's ``SmsMessage.ttl`` accepts 20 000..604 800 000 ms.
@@ -225,6 +230,55 @@ def parse_receipt(
     )
 
 
+def _receipt_fields(inbound: InboundReport) -> dict[str, str]:
+    """The receipt's fields, whichever method the dashboard chose (GET query, POST form, POST JSON)."""
+    if inbound.body.lstrip().startswith(b"{"):
+        try:
+            data = json.loads(inbound.body)
+        except ValueError:
+            raise WebhookError("vonage receipt body is not JSON") from None
+        if not isinstance(data, dict):
+            raise WebhookError("vonage receipt body is not a JSON object")
+        return {str(k): str(v) for k, v in data.items() if v is not None}
+    try:
+        text = inbound.body.decode("utf-8") if inbound.body else inbound.query
+        return dict(parse_qsl(text, keep_blank_values=True, max_num_fields=100))
+    except ValueError:  # includes UnicodeDecodeError
+        raise InvalidSignature("vonage receipt is not a form") from None
+
+
+def _receiver(settings: Settings) -> Receive:
+    """The receipt checker for ``settings.vonage`` (see :func:`parse_receipt`)."""
+    vonage = settings.vonage
+
+    def receive(inbound: InboundReport, now: float) -> ReceivedReport:
+        vid, report = parse_receipt(_receipt_fields(inbound), vonage, now=now)
+        return ReceivedReport(vid, report)
+
+    return receive
+
+
+#: Delivery receipts (DLRs), signed with the account's signature secret.
+RECEIVER = ReceiverSpec(
+    provider=PROVIDER,
+    path="/webhooks/vonage",
+    build=_receiver,
+    methods=("GET", "POST"),
+    operation_id="vonageDeliveryReceipt",
+    summary="Vonage SMS delivery receipt (GET query, POST form or POST JSON), signed with sig.",
+    bad_request="bad_request: signed, but no messageId.",
+    openapi_extra={
+        "requestBody": {
+            "required": False,
+            "content": {
+                "application/x-www-form-urlencoded": {"schema": {"type": "object"}},
+                "application/json": {"schema": {"type": "object"}},
+            },
+        }
+    },
+)
+
+
 def _error_for_status(status: str, text: str) -> ProviderError:
     detail = f"vonage status {status}: {text[:120]}"
     if status == _THROTTLED:
@@ -306,6 +360,7 @@ class VonageSmsChannel:
         lookup=False,
     )
     methods = MappingProxyType({"send": "sms.send"})
+    report_receiver = RECEIVER
 
     def __init__(
         self, settings: VonageSettings, retry: RetrySettings, *, on_retry: RetryHook | None = None

@@ -3,8 +3,8 @@
 Routes (all relative to where the app is mounted):
 
 ==========================================  =====================================================
-``POST /webhooks/telegram``                 Telegram delivery reports (signature-checked)
-``POST /webhooks/twilio?vid=…``             Twilio status callbacks (signature-checked)
+``/webhooks/…``                             one route per configured adapter's report receiver
+                                            (signature-checked; see :mod:`~otp_router.webapp.webhooks`)
 ``POST /v1/verifications``                  start (``GET /v1/verifications/start?phone=…`` too)
 ``POST /v1/verifications/{id}/check``       check (``GET …/check?code=…`` too)
 ``GET /v1/verifications/{id}``              current state
