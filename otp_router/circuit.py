@@ -8,6 +8,15 @@ circuit, its failure opens it again.
 
 State is per process: each worker learns about an outage from its own calls,
 which is enough to protect it and needs no shared writes on the hot path.
+
+What counts as a failure is the caller's choice (see ``OtpRouter``): only
+answers that say something about the provider as a whole (a 5xx, a timeout,
+a refused or dropped connection, an unreadable body). A 4xx answer (a
+refusal, an invalid number, a rate limit) is an answer: the provider is up.
+
+An open circuit never ends a verification by itself: a step that meets one
+moves to another configured channel, or waits for :meth:`retry_in` and tries
+again (see ``AttemptPhase.WAITING``).
 """
 
 from __future__ import annotations
@@ -16,7 +25,10 @@ import enum
 import time
 from collections.abc import Callable
 
-__all__ = ["CircuitBreaker", "CircuitState"]
+__all__ = ["HALF_OPEN_RECHECK", "CircuitBreaker", "CircuitState"]
+
+#: Seconds a caller refused during a half-open trial waits before asking again.
+HALF_OPEN_RECHECK = 1.0
 
 
 class CircuitState(enum.IntEnum):
@@ -52,6 +64,7 @@ class CircuitBreaker:
         self._consecutive = 0
         self._opened_at: float | None = None
         self._trial_running = False
+        self._trial_since = 0.0
         self.state = CircuitState.CLOSED
 
     def _set(self, state: CircuitState) -> None:
@@ -67,10 +80,28 @@ class CircuitBreaker:
         assert self._opened_at is not None
         if self.state is CircuitState.OPEN and self._clock() - self._opened_at >= self.cooldown:
             self._set(CircuitState.HALF_OPEN)
+        if self.state is CircuitState.HALF_OPEN and self._trial_running:
+            # A trial whose outcome never came back (its caller was cancelled or
+            # died in between) must not keep the channel shut forever.
+            self._trial_running = self._clock() - self._trial_since < self.cooldown
         if self.state is CircuitState.HALF_OPEN and not self._trial_running:
             self._trial_running = True
+            self._trial_since = self._clock()
             return True
         return False
+
+    def retry_in(self) -> float:
+        """Seconds until :meth:`allow` may say yes again (0 when closed).
+
+        Open: the rest of the cool-down. Half-open with a trial running: a
+        short recheck, since the trial's outcome decides for everyone.
+        """
+        if self.state is CircuitState.CLOSED:
+            return 0.0
+        if self.state is CircuitState.OPEN:
+            assert self._opened_at is not None
+            return max(0.0, self._opened_at + self.cooldown - self._clock())
+        return min(HALF_OPEN_RECHECK, self.cooldown)
 
     def success(self) -> None:
         """The provider answered (any answer, even a permanent error, proves it is up)."""

@@ -357,10 +357,18 @@ class FraudSettings(_Section):
 
 
 class CircuitSettings(_Section):
-    """Per-channel circuit breaker (see ``otp_router.circuit``)."""
+    """Per-channel circuit breaker (see ``otp_router.circuit``).
+
+    Counted as failures: 5xx answers, timeouts, refused or dropped
+    connections and unreadable answers. Not counted: 4xx answers (refusals,
+    invalid numbers, rate limits), which prove the provider is up.
+    """
 
     failures: int = Field(default=5, ge=1)
     cooldown: float = Field(default=30.0, gt=0)
+    #: Seconds a step with no other channel to go to waits, in all, for an open circuit
+    #: to let it through (never past the code's expiry). 0: do not wait, end the step at once.
+    max_wait: float = Field(default=600.0, ge=0)
 
 
 class HttpSettings(_Section):

@@ -41,6 +41,16 @@ continues as a normal send. Provably not created (a complete listing, at
 least ``lookup_grace`` seconds after the send began, shows nothing): a fresh
 send is safe and the step falls back (or is repeated once). Still unknown
 after the last lookup: the attempt stays as it is, and the user may resend.
+
+An open circuit breaker delays a step, never ends the verification: the
+shell refuses the call *before* any I/O and feeds :class:`ProbeFailed` /
+:class:`SendFailed` with reason ``circuit_open`` and the moment the circuit
+may let a call through (``retry_at``). With another step left, the workflow
+falls back to it at once; on the last step the attempt waits (phase
+``waiting``) and the probe or send is made afresh at ``retry_at``. That is
+safe because the refused call never reached the provider: nothing was sent
+or charged, so the fresh call cannot be a second message. The wait ends with
+the code's expiry (or when the shell gives no ``retry_at``: its own bound).
 """
 
 from __future__ import annotations
@@ -132,6 +142,8 @@ class AttemptPhase(enum.StrEnum):
     PROBING = "probing"
     SENDING = "sending"
     AWAITING = "awaiting"  # sent, waiting for delivery or the step deadline
+    #: The channel's circuit breaker refused the call before it was made: try again at ``retry_at``.
+    WAITING = "waiting"
     DELIVERED = "delivered"
     FAILED = "failed"  # refused, failed, or fallen back from
     TIMED_OUT = "timed_out"  # last step reached its deadline; the code may still arrive
@@ -211,6 +223,11 @@ class Attempt(_Model):
     lookups: int = 0
     #: When the next lookup is due (or, while one runs, when to assume it was lost); None: none planned.
     lookup_at: float | None = None
+    #: Phase ``waiting``: when to make the refused call again, and which (probing or sending).
+    retry_at: float | None = None
+    waiting_for: AttemptPhase | None = None
+    #: Times this attempt met an open circuit and waited.
+    waits: int = 0
 
 
 class FallbackRecord(_Model):
@@ -310,11 +327,16 @@ class ProbeDone:
 
 @dataclass(frozen=True, slots=True)
 class ProbeFailed:
-    """The reachability check itself failed (error, retries exhausted, circuit open)."""
+    """The reachability check itself failed (error, retries exhausted, circuit open).
+
+    ``retry_at``: with reason ``circuit_open``, when the circuit may let the
+    probe through (the last step then waits for it instead of ending).
+    """
 
     step: int
     reason: FallbackReason
     detail: str | None = None
+    retry_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,11 +381,15 @@ class LookupDone:
 
 @dataclass(frozen=True, slots=True)
 class SendFailed:
-    """The provider did not send: permanent error, retries exhausted or circuit open."""
+    """The provider did not send: permanent error, retries exhausted or circuit open.
+
+    ``retry_at`` as for :class:`ProbeFailed`.
+    """
 
     step: int
     reason: FallbackReason
     detail: str | None = None
+    retry_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -254,7 +254,7 @@ def _dispatch(state: VerificationState, event: Event, now: float) -> Transition:
                 b.begin_step(0, now)
         case ProbeDone():
             _probe_done(b, event, now)
-        case ProbeFailed(step=step, reason=reason, detail=detail):
+        case ProbeFailed(step=step, reason=reason, detail=detail, retry_at=retry_at):
             cur = state.current
             if (
                 state.status is Status.PENDING
@@ -262,18 +262,18 @@ def _dispatch(state: VerificationState, event: Event, now: float) -> Transition:
                 and cur.step == step
                 and cur.phase is AttemptPhase.PROBING
             ):
-                b.fall_back(cur, reason, now, detail)
+                _step_failed(b, cur, reason, detail, retry_at, now)
         case SendOk():
             _send_ok(b, event, now)
         case SendUnconfirmed():
             _send_unconfirmed(b, event, now)
         case LookupDone():
             _lookup_done(b, event, now)
-        case SendFailed(step=step, reason=reason, detail=detail):
+        case SendFailed(step=step, reason=reason, detail=detail, retry_at=retry_at):
             cur = state.current
             if cur and cur.step == step and cur.phase is AttemptPhase.SENDING:
                 if state.status is Status.PENDING:
-                    b.fall_back(cur, reason, now, detail)
+                    _step_failed(b, cur, reason, detail, retry_at, now)
                 else:
                     b.put_attempt(cur.model_copy(update={"phase": AttemptPhase.FAILED, "reason": reason}))
         case Delivery():
@@ -291,6 +291,36 @@ def _dispatch(state: VerificationState, event: Event, now: float) -> Transition:
         case Resend():
             _resend(b, now)
     return b.done()
+
+
+def _step_failed(
+    b: _Builder, cur: Attempt, reason: FallbackReason, detail: str | None, retry_at: float | None, now: float
+) -> None:
+    """A probe or send of the current step failed: fall back, or wait out an open circuit.
+
+    An open circuit is a channel-wide pause, not an answer about this number.
+    With another step left, that step is tried at once; on the last step the
+    attempt waits until ``retry_at`` and makes the same call afresh (nothing
+    was sent: the circuit refused before any I/O). Without a ``retry_at``
+    (the shell's wait bound is spent), or if it falls after the code's expiry,
+    the step ends as any failed step does.
+    """
+    last = cur.step + 1 >= len(b.state.steps)
+    in_time = retry_at is not None and retry_at < b.state.expires_at
+    if reason is FallbackReason.CIRCUIT_OPEN and last and in_time and retry_at is not None:
+        b.put_attempt(
+            cur.model_copy(
+                update={
+                    "phase": AttemptPhase.WAITING,
+                    "waiting_for": cur.phase,
+                    "retry_at": max(retry_at, now),
+                    "waits": cur.waits + 1,
+                    "reason": reason.value,
+                }
+            )
+        )
+        return
+    b.fall_back(cur, reason, now, detail)
 
 
 def _probe_done(b: _Builder, event: ProbeDone, now: float) -> None:
@@ -419,7 +449,13 @@ def _lookup_done(b: _Builder, event: LookupDone, now: float) -> None:
         and attempt.phase is AttemptPhase.AWAITING
     )
     if not live:
-        b.put_attempt(attempt.model_copy(update={"lookup_at": None}))
+        # Nothing is sent again for an attempt no longer in play; the lookup only books
+        # what the provider charged. Absent (past the grace): nothing to book. Unknown:
+        # ask again at the next delay, while there is one.
+        proven = event.certain and now - attempt.io_since >= state.lookup_grace
+        b.put_attempt(
+            attempt.model_copy(update={"lookup_at": None if proven else _next_lookup(state, attempt)})
+        )
         return
     if event.certain and now - attempt.io_since >= state.lookup_grace:
         _not_created(b, attempt, now)
@@ -515,6 +551,18 @@ def _deadline_reached(b: _Builder, now: float) -> None:
         nxt = now + state.settle_delay * 2**tries if tries < SETTLE_TRIES else None
         b.state = state.model_copy(update={"settle_tries": tries, "settle_at": nxt})
         state = b.state
+    for attempt in state.attempts:
+        # An ambiguous send no longer in play (the user verified with its code before
+        # the first lookup, or the step was left) is still looked up, so that what the
+        # provider charged for it is booked. A lookup is a read: repeating it is safe.
+        if (
+            attempt.ref is None
+            and attempt.lookup_at is not None
+            and now >= attempt.lookup_at
+            and not _is_live(state, attempt)
+        ):
+            _start_lookup(b, attempt, now)
+    state = b.state
     if state.status is not Status.PENDING:
         return
     if now >= state.expires_at:
@@ -549,6 +597,18 @@ def _deadline_reached(b: _Builder, now: float) -> None:
                 # The provider can be asked whether the message exists (see _lookup_done).
                 sent = sent.model_copy(update={"lookup_at": _next_lookup(state, sent)})
             b.put_attempt(sent)
+        case AttemptPhase.WAITING if cur.retry_at is not None and now >= cur.retry_at:
+            # The circuit refused the call before any I/O, so nothing left and nothing was
+            # charged: making the probe or send now cannot give the user a second message.
+            probe = state.steps[cur.step].probe and not cur.probe_ref
+            phase = cur.waiting_for or (AttemptPhase.PROBING if probe else AttemptPhase.SENDING)
+            resumed = {"phase": phase, "io_since": now, "retry_at": None, "waiting_for": None, "reason": None}
+            cur = cur.model_copy(update=resumed)
+            b.put_attempt(cur)
+            if phase is AttemptPhase.PROBING:
+                b.effects.append(Probe(cur.step, cur.channel))
+            else:
+                b.effects.append(b.send_effect(cur, resume=False))
         case AttemptPhase.AWAITING if cur.ref is None and cur.lookup_at is not None and now >= cur.lookup_at:
             _start_lookup(b, cur, now)
         case AttemptPhase.AWAITING if (
@@ -628,6 +688,18 @@ def _caps(state: VerificationState, attempt: Attempt) -> Capabilities:
     return state.steps[attempt.step].capabilities
 
 
+def _is_live(state: VerificationState, attempt: Attempt) -> bool:
+    """Whether ``attempt`` is the current step of a pending verification."""
+    cur = state.current
+    return state.status is Status.PENDING and cur is not None and cur.step == attempt.step
+
+
+def _lookups_due(state: VerificationState) -> float | None:
+    """The earliest planned lookup of an ambiguous send, in play or not (None: none planned)."""
+    times = [a.lookup_at for a in state.attempts if a.ref is None and a.lookup_at is not None]
+    return min(times, default=None)
+
+
 def _out_of_steps(state: VerificationState) -> bool:
     """Every step was tried and left (the verification may still wait for a late message)."""
     return state.step >= len(state.steps)
@@ -657,8 +729,10 @@ def _schedule_settle(state: VerificationState, now: float) -> VerificationState:
 
 def _deadline(state: VerificationState) -> float | None:
     """The single next moment this verification needs attention, or None when done."""
+    # Settling costs and looking up ambiguous sends (in play or not) go on after the end.
+    later = [t for t in (state.settle_at, _lookups_due(state)) if t is not None]
     if state.status is not Status.PENDING:
-        return state.settle_at
+        return min(later, default=None)
     cur = state.current
     at = state.expires_at
     if _out_of_steps(state):
@@ -667,8 +741,8 @@ def _deadline(state: VerificationState) -> float | None:
         return min(state.created_at + IO_LEASE, at)
     elif cur.phase in (AttemptPhase.PROBING, AttemptPhase.SENDING):
         at = min(at, cur.io_since + IO_LEASE)
+    elif cur.phase is AttemptPhase.WAITING and cur.retry_at is not None:
+        at = min(at, cur.retry_at)
     elif cur.phase is AttemptPhase.AWAITING and cur.sent_at is not None:
         at = min(at, cur.sent_at + state.steps[cur.step].deliver_within)
-        if cur.lookup_at is not None:
-            at = min(at, cur.lookup_at)
-    return at if state.settle_at is None else min(at, state.settle_at)
+    return min([at, *later])

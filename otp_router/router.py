@@ -155,6 +155,18 @@ def _transient_reason(exc: ProviderTransientError) -> FallbackReason:
     return FallbackReason.PROVIDER_ERROR
 
 
+def _health_failure(exc: ProviderTransientError) -> bool:
+    """Whether a transient failure says the provider as a whole is failing (circuit breaker input).
+
+    A 5xx, a timeout, a refused or dropped connection and an unreadable answer
+    do: every number would meet them. A rate limit (HTTP 429, ``FLOOD_WAIT``)
+    does not: the provider answered, about our pace or about one number, and
+    opening a channel-wide circuit on it would stop logins the provider would
+    serve. Permanent errors (4xx refusals) never reach here.
+    """
+    return not isinstance(exc, ProviderRateLimited)
+
+
 def _delivery(report: StatusResult) -> Delivery:
     """The core event for a provider's status report (webhook or poll)."""
     return Delivery(
@@ -273,9 +285,12 @@ class OtpRouter:
         def on_change(state: CircuitState) -> None:
             self.metrics.circuit_state(name, int(state))
 
+        # The router's clock, not a monotonic one: a step refused by an open circuit
+        # stores the moment to try again as a deadline, which is in this clock's time.
         return CircuitBreaker(
             failures=self.settings.circuit.failures,
             cooldown=self.settings.circuit.cooldown,
+            clock=self.clock,
             on_change=on_change,
         )
 
@@ -893,7 +908,8 @@ class OtpRouter:
         channel, circuit = self.channels[effect.channel], self._circuits[effect.channel]
         event: Event
         if not circuit.allow():
-            event = ProbeFailed(effect.step, FallbackReason.CIRCUIT_OPEN)
+            retry_at = self._circuit_retry_at(state, circuit)
+            event = ProbeFailed(effect.step, FallbackReason.CIRCUIT_OPEN, retry_at=retry_at)
         else:
             crash_point("probe")
             try:
@@ -902,7 +918,7 @@ class OtpRouter:
                 circuit.success()
                 event = ProbeFailed(effect.step, FallbackReason.PERMANENT_ERROR, exc.code or exc.reason)
             except ProviderTransientError as exc:
-                circuit.failure()
+                self._count_health(circuit, exc)
                 event = ProbeFailed(effect.step, _transient_reason(exc), exc.code or exc.reason)
             else:
                 crash_point("probe.answered")
@@ -937,14 +953,16 @@ class OtpRouter:
         event: Event
         outcome = "failed"
         if not circuit.allow():
-            event = SendFailed(effect.step, FallbackReason.CIRCUIT_OPEN)
+            # Refused before any I/O: nothing was sent, so the step may wait and send afresh.
+            retry_at = self._circuit_retry_at(state, circuit)
+            event = SendFailed(effect.step, FallbackReason.CIRCUIT_OPEN, retry_at=retry_at)
         else:
             crash_point(f"send.{effect.channel}")
             try:
                 result = await self._bounded(channel.send(request), channel.provider)
                 crash_point(f"send.{effect.channel}.accepted")
             except ProviderTransientError as exc:
-                circuit.failure()
+                self._count_health(circuit, exc)
                 event = await self._unconfirmed_send(effect, exc, channel, request)
                 outcome = "accepted" if isinstance(event, SendOk | SendUnconfirmed) else "failed"
             except MessageAlreadySent as exc:
@@ -964,6 +982,34 @@ class OtpRouter:
         self.metrics.send(str(effect.channel), channel.provider, outcome, state.region)
         _, latest = await self._feed(state.id, event, snap=snap, hold=True)
         return latest
+
+    @staticmethod
+    def _count_health(circuit: CircuitBreaker, exc: ProviderTransientError) -> None:
+        """Feed a transient failure to the channel's circuit: a failure only if provider-wide."""
+        if _health_failure(exc):
+            circuit.failure()
+        else:
+            circuit.success()  # an answer (rate limit): the provider is up
+
+    def _circuit_retry_at(self, state: VerificationState, circuit: CircuitBreaker) -> float | None:
+        """When a step refused by an open circuit may try again; None once its wait bound is spent.
+
+        The bound is ``circuit.max_wait`` seconds from the step's start; the
+        core also never waits past the code's expiry (see ``AttemptPhase.WAITING``).
+        """
+        cur = state.current
+        now = self.clock()
+        at = now + max(circuit.retry_in(), 0.05)
+        if cur is None or at - cur.started_at > self.settings.circuit.max_wait:
+            return None
+        log.info(
+            "circuit open: verification %s step %d waits %.1f s for %s",
+            state.id,
+            cur.step,
+            at - now,
+            cur.channel,
+        )
+        return at
 
     async def _unconfirmed_send(
         self, effect: Send, exc: ProviderTransientError, channel: Channel, request: SendRequest

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from otp_router.circuit import CircuitBreaker, CircuitState
+from otp_router.circuit import HALF_OPEN_RECHECK, CircuitBreaker, CircuitState
 
 
 class Clock:
@@ -56,3 +56,32 @@ def test_failed_trial_reopens_for_a_full_cooldown() -> None:
     assert not breaker.allow()
     clock.now += 1
     assert breaker.allow()
+
+
+def test_retry_in_says_when_a_call_may_go_through() -> None:
+    """Closed: now; open: the rest of the cool-down; half-open with a trial running: a short recheck."""
+    clock = Clock()
+    breaker = CircuitBreaker(failures=1, cooldown=10, clock=clock)
+    assert breaker.retry_in() == 0
+    breaker.failure()
+    clock.now += 4
+    assert breaker.retry_in() == 6
+    clock.now += 6
+    assert breaker.retry_in() == 0 and breaker.allow()
+    assert not breaker.allow()
+    assert 0 < breaker.retry_in() <= HALF_OPEN_RECHECK
+
+
+def test_a_trial_that_never_reports_does_not_keep_the_circuit_shut() -> None:
+    """A half-open trial whose caller vanished (cancelled, crashed) is replaced after a cool-down."""
+    clock = Clock()
+    breaker = CircuitBreaker(failures=1, cooldown=10, clock=clock)
+    breaker.failure()
+    clock.now += 10
+    assert breaker.allow()  # the trial; its outcome never comes
+    clock.now += 9
+    assert not breaker.allow()
+    clock.now += 1
+    assert breaker.allow(), "a new trial once the lost one is a cool-down old"
+    breaker.success()
+    assert breaker.state is CircuitState.CLOSED

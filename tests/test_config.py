@@ -51,6 +51,7 @@ def test_dotenv_is_read(tmp_path: object) -> None:
         ("OTP_ROUTER_TELEGRAM__TIMEOUT", "-1"),
         ("OTP_ROUTER_TWILIO__MESSAGE_TEMPLATE", "no placeholder"),
         ("OTP_ROUTER_HTTP_PORT", "http"),
+        ("OTP_ROUTER_CIRCUIT__MAX_WAIT", "-1"),
     ],
 )
 def test_invalid_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:

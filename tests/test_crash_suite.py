@@ -50,7 +50,6 @@ from otp_router.crashpoints import POINTS
 from otp_router.emulators import EmulatorPair, Script
 from otp_router.harness import emulated_settings, sample_numbers
 from otp_router.metrics import Metrics
-from otp_router.providers.twilio_sms import TwilioSmsChannel
 from otp_router.router import OtpRouter
 from otp_router.store.base import LedgerKind
 from otp_router.worker import Worker
@@ -63,10 +62,6 @@ FEE = Decimal("0.01")
 #: the message expires (refunded) and its report sets off the SMS fallback.
 KINDS = ("ok", "absent", "expire")
 CONFIRM = "kill-this-process"
-#: Whether an ambiguous SMS send is looked up at Twilio (issue 9, defect 4). Until it is, a kill
-#: during an SMS send can lose that code or leave its fee unbooked; those two outcomes alone are
-#: reported as expected failures, and asserted like everything else once lookups exist.
-SMS_LOOKUPS = hasattr(TwilioSmsChannel, "find_sent")
 #: Messages each worker handles at once in the random-kill rounds.
 RANDOM_CONCURRENCY = 4
 
@@ -337,15 +332,10 @@ async def test_a_worker_killed_at_each_phase_loses_nothing_and_charges_nothing_t
     points = sorted(POINTS)
     found = dict(zip(points, await asyncio.gather(*(killed_at(make_run, p) for p in points)), strict=True))
     # Killed at send.sms (the SMS never left) or send.sms.accepted (it left, unrecorded), the SMS
-    # step is an ambiguous send: never sent blindly again (that could be a second code), so until
-    # ambiguous SMS sends are looked up at Twilio (issue 9, defect 4) the first can lose the code and
-    # the second leaves its fee unbooked. Nothing may be duplicated or paid twice there either.
-    open_defect = {} if SMS_LOOKUPS else {"send.sms": {"lost"}, "send.sms.accepted": {"ledger"}}
-    broken = {p: f for p, f in found.items() if set(f) - open_defect.get(p, set())}
-    assert broken == {}
-    known = {p: f for p, f in found.items() if f}
-    if known:
-        pytest.xfail(f"ambiguous SMS sends are not resolved yet (issue 9, defect 4): {known}")
+    # step is an ambiguous send: never sent blindly again, but looked up at Twilio, which either
+    # finds the message (its fee booked) or proves it never existed (sent afresh). Asserted like
+    # every other point.
+    assert {p: f for p, f in found.items() if f} == {}
 
 
 # --- random kills -------------------------------------------------------------------------
@@ -406,8 +396,6 @@ async def test_workers_killed_at_random_lose_nothing_and_charge_nothing_twice(
         unmade = result.unmade_probes(kills=result.kills * RANDOM_CONCURRENCY)
         assert unmade >= 0, f"seed {seed}: ledger {result.booked} vs {result.charged} charged"
         found = result.problems(phantom_probes=unmade)
-        if found and not SMS_LOOKUPS and set(found) <= {"lost", "ledger"}:
-            pytest.xfail(f"seed {seed}: a kill during an SMS send, not resolved yet: {found}")
         assert found == {}, f"seed {seed}"
         totals["kills"] += result.kills
         totals["users"] += result.users

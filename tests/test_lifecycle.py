@@ -532,8 +532,11 @@ class Lifecycle(RuleBasedStateMachine):
     @invariant()
     def deadline_only_while_work_is_left(self) -> None:
         if self.state.status.is_final:
-            # A finished verification wakes up only to settle costs.
-            assert self.state.deadline == self.state.settle_at
+            # A finished verification wakes up only to settle costs, or to look up an
+            # ambiguous send whose charge is not booked yet.
+            lookups = [a.lookup_at for a in self.state.attempts if a.ref is None and a.lookup_at is not None]
+            wake = [t for t in (self.state.settle_at, *lookups) if t is not None]
+            assert self.state.deadline == min(wake, default=None)
             assert (self.state.settle_at is not None) == (
                 bool(self.state.unsettled()) and self.state.settle_tries < 5
             )

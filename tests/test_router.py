@@ -9,15 +9,18 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from otp_router.circuit import CircuitState
 from otp_router.codes import derive_code
-from otp_router.config import LimitSettings, Settings
-from otp_router.core import CheckOutcome, Status, VerificationState
+from otp_router.config import CircuitSettings, LimitSettings, Settings
+from otp_router.core import AttemptPhase, CheckOutcome, Status, VerificationState
 from otp_router.errors import (
+    AllProvidersFailed,
     IdempotencyConflict,
     InputError,
     InvalidCode,
     InvalidPhoneNumber,
     MessageAlreadySent,
+    ProviderRateLimited,
     ProviderTimeout,
     ProviderUnavailable,
     RateLimited,
@@ -582,3 +585,121 @@ async def test_deadline_equal_to_ttl_never_pays_twice(
     assert got.channel == "sms" and not got.paid_twice and got.paid_twice_extra == 0
     assert got.time_to_code is None
     assert registry.get_sample_value("otp_router_paid_twice_total", {"country": "US"}) is None
+
+
+def flaky_sms(state: dict[str, bool]) -> Handler:
+    """An SMS channel whose sends answer 503 while ``state["down"]`` (nothing created)."""
+    working = sms_handler()
+
+    async def handle(method: str, arg: Any) -> Any:
+        if method == "send" and state["down"]:
+            raise ProviderUnavailable("twilio error 503 (HTTP 503)", provider="twilio", not_performed=True)
+        return await working(method, arg)
+
+    return handle
+
+
+def sms_sends_to(twilio: FakeChannel, phone: str) -> int:
+    return sum(1 for c in twilio.calls if c[0] == "send" and c[1].phone == phone)
+
+
+async def test_open_circuit_on_the_last_step_delays_the_login_never_drops_it(
+    build: Any, clock: Clock
+) -> None:
+    """SMS is the only channel left and its circuit is open: the step waits for the cool-down,
+    then sends once; the user verifies. Nothing is sent while the circuit is open."""
+    sms_state = {"down": True}
+    router, _, twilio = await build(
+        tg=telegram_handler(reachable=False),
+        sms=flaky_sms(sms_state),
+        circuit=CircuitSettings(failures=2, cooldown=30),
+    )
+    for i in range(2):
+        with pytest.raises(AllProvidersFailed):  # the SMS was refused: nothing on its way
+            await router.start(f"+1202555{i:04d}")
+    assert router.circuits[ChannelName.SMS] is CircuitState.OPEN
+    sms_state["down"] = False
+
+    v = await router.start(US)
+    assert v.status == "pending"
+    assert sms_sends_to(twilio, US) == 0, "an open circuit makes no provider call"
+    state = await state_of(router, v.id)
+    assert state.current is not None and state.current.phase is AttemptPhase.WAITING
+    assert [f.to_channel for f in state.fallbacks] == [ChannelName.SMS], "no fall back to nothing"
+    assert state.deadline is not None and clock.now < state.deadline <= clock.now + 30
+
+    clock.now += 10
+    await router.fire_due()
+    assert sms_sends_to(twilio, US) == 0, "still cooling down"
+    clock.now += 20
+    await router.fire_due()
+    assert sms_sends_to(twilio, US) == 1
+    assert router.circuits[ChannelName.SMS] is CircuitState.CLOSED
+    state = await state_of(router, v.id)
+    assert state.current is not None and state.current.phase is AttemptPhase.AWAITING
+    result = await router.check(v.id, code_of(router, state))
+    assert result.status == "valid"
+    clock.now += 60
+    await router.fire_due()
+    assert sms_sends_to(twilio, US) == 1, "sent exactly once"
+
+
+async def test_many_logins_waiting_on_one_circuit_each_get_one_sms(build: Any, clock: Clock) -> None:
+    """After the cool-down one trial goes first; the others wait for its outcome and then send, once each."""
+    sms_state = {"down": True}
+    router, _, twilio = await build(
+        tg=telegram_handler(reachable=False),
+        sms=flaky_sms(sms_state),
+        circuit=CircuitSettings(failures=1, cooldown=30),
+    )
+    with pytest.raises(AllProvidersFailed):
+        await router.start("+12025550999")
+    sms_state["down"] = False
+    phones = [f"+1202555{i:04d}" for i in range(10, 16)]
+    ids = [(await router.start(p)).id for p in phones]
+    assert all(sms_sends_to(twilio, p) == 0 for p in phones)
+    for _ in range(5):
+        clock.now += 30
+        await router.fire_due()
+    assert [sms_sends_to(twilio, p) for p in phones] == [1] * len(phones)
+    for vid in ids:
+        state = await state_of(router, vid)
+        assert (await router.check(vid, code_of(router, state))).status == "valid"
+
+
+async def test_circuit_wait_is_bounded_by_max_wait_and_the_code_expiry(build: Any, clock: Clock) -> None:
+    """With ``max_wait`` 0, or a cool-down that outlasts the code, the step ends as before (circuit_open)."""
+    for settings in (
+        {"circuit": CircuitSettings(failures=1, cooldown=30, max_wait=0)},
+        {"circuit": CircuitSettings(failures=1, cooldown=120), "code_ttl": 60},
+    ):
+        router, _, twilio = await build(
+            tg=telegram_handler(reachable=False), sms=flaky_sms({"down": True}), **settings
+        )
+        with pytest.raises(AllProvidersFailed):
+            await router.start("+12025550999")
+        with pytest.raises(AllProvidersFailed) as failed:
+            await router.start(US)
+        v = failed.value.verification
+        assert v is not None and v.status == "failed", settings
+        assert v.fallbacks[-1].reason == "circuit_open" and v.fallbacks[-1].to_channel is None
+        assert sms_sends_to(twilio, US) == 0
+
+
+async def test_rate_limits_do_not_open_the_circuit(build: Any) -> None:
+    """A 429 is an answer about our pace or one number, not a provider outage: the circuit stays closed."""
+
+    async def limited(method: str, arg: Any) -> Any:
+        if method == "send":
+            raise ProviderRateLimited("twilio error 20429 (HTTP 429)", provider="twilio", code="20429")
+        return await sms_handler()(method, arg)
+
+    router, _, twilio = await build(
+        tg=telegram_handler(reachable=False), sms=limited, circuit=CircuitSettings(failures=2, cooldown=30)
+    )
+    for i in range(6):
+        with pytest.raises(AllProvidersFailed) as failed:
+            await router.start(f"+1202555{i:04d}")
+        assert failed.value.causes["sms"] == "rate_limited"
+    assert router.circuits[ChannelName.SMS] is CircuitState.CLOSED
+    assert sum(1 for c in twilio.calls if c[0] == "send") == 6, "every start still asked the provider"
