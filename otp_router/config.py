@@ -318,8 +318,15 @@ class FraudSettings(_Section):
     The conversion guard counts, per number prefix and per country, the
     verifications started and verified over ``conversion_window`` seconds.
     Once at least ``prefix_min_started`` (``country_min_started``) were started
-    and fewer than ``min_conversion`` of them were verified, new starts for that
-    prefix (country) are refused for ``block_cooldown`` seconds. A 0 disables.
+    and the verifications number fewer than ``min_conversion`` times the starts
+    older than ``conversion_grace`` seconds, new starts for that prefix
+    (country) are refused for ``block_cooldown`` seconds. A 0 disables.
+
+    The grace keeps a burst of real users in a new prefix from being judged
+    before any of them could have typed a code: starts younger than it are
+    not yet evidence (verifications count whenever they come). A pumping
+    attack still gets no more than the grace's worth of starts, because its
+    first starts come of age with no verification behind them.
     """
 
     #: Number types (``phonenumbers`` names, any case) each channel may send to, e.g.
@@ -334,6 +341,17 @@ class FraudSettings(_Section):
     #: Verified ÷ started below this blocks the prefix or country (0 turns the guard off).
     min_conversion: float = Field(default=0.2, ge=0, le=1)
     block_cooldown: float = Field(default=3600.0, gt=0)
+    #: Seconds a start must be old before its (lack of) verification is judged: most users
+    #: who verify do so within a minute or two. Shorter than ``conversion_window``; 0: judge at once.
+    conversion_grace: float = Field(default=120.0, ge=0)
+
+    @field_validator("conversion_grace")
+    @classmethod
+    def _grace_inside_window(cls, value: float, info: ValidationInfo) -> float:
+        window = info.data.get("conversion_window")
+        if isinstance(window, float) and value >= window:
+            raise ValueError("must be shorter than conversion_window")
+        return value
 
     @field_validator("allowed_number_types")
     @classmethod

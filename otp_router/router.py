@@ -482,7 +482,11 @@ class OtpRouter:
         rules = self._conversion_rules(number)
         fraud = self.settings.fraud
         conversion = (
-            ConversionCheck(tuple(rules), fraud.conversion_window, fraud.block_cooldown) if rules else None
+            ConversionCheck(
+                tuple(rules), fraud.conversion_window, fraud.block_cooldown, grace=fraud.conversion_grace
+            )
+            if rules
+            else None
         )
         # One store round trip: the idempotent replay, the rate limits, the
         # conversion guard and the new record. A replay returns the stored

@@ -51,6 +51,8 @@ def test_dotenv_is_read(tmp_path: object) -> None:
         ("OTP_ROUTER_TELEGRAM__TIMEOUT", "-1"),
         ("OTP_ROUTER_TWILIO__MESSAGE_TEMPLATE", "no placeholder"),
         ("OTP_ROUTER_HTTP_PORT", "http"),
+        ("OTP_ROUTER_FRAUD__CONVERSION_GRACE", "3600"),
+        ("OTP_ROUTER_FRAUD__CONVERSION_GRACE", "nan"),
         ("OTP_ROUTER_CIRCUIT__MAX_WAIT", "-1"),
     ],
 )

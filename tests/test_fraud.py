@@ -271,6 +271,72 @@ async def test_pumping_attack_is_cut_off_within_budget(make: Any, clock: Clock) 
     assert env.blocks("country_conversion") == 0
 
 
+def come_of_age(fraud: FraudSettings) -> float:
+    """Seconds after which a start is surely judged: the grace, plus the one slot (grace / 12)
+    that the guard counts as fresh while part of it still is."""
+    return fraud.conversion_grace * 13 / 12
+
+
+async def burst(env: Env, clock: Clock, phones: list[str], *, verify_after: float | None) -> list[str]:
+    """Start ``phones`` one a second; each user enters the code ``verify_after`` s later (None: never).
+
+    Returns the numbers refused by the conversion guard.
+    """
+    refused: list[str] = []
+    pending: list[tuple[float, str, str]] = []  # (when the user types, vid, phone)
+    start = clock.now
+    for i, phone in enumerate(phones):
+        at = start + i + 1
+        for when, vid, user in [p for p in pending if p[0] <= at]:
+            clock.now = when
+            assert (await env.router.check(vid, env.code_for(user))).status is CheckOutcome.VALID
+            pending.remove((when, vid, user))
+        clock.now = at
+        try:
+            v = await env.router.start(phone)
+        except RateLimited as exc:
+            assert exc.scope == "prefix_conversion"
+            refused.append(phone)
+            continue
+        if verify_after is not None:
+            pending.append((at + verify_after, v.id, phone))
+    for when, vid, user in pending:
+        clock.now = max(clock.now, when)
+        assert (await env.router.check(vid, env.code_for(user))).status is CheckOutcome.VALID
+    return refused
+
+
+async def test_fresh_legitimate_burst_is_not_judged_before_it_could_convert(make: Any, clock: Clock) -> None:
+    """60 real users in a new prefix within a minute, each typing the code 45 s after the start: none is
+    refused, although 30 starts were made before any verification. Without the grace the same burst is cut
+    off at the 31st start (the defect the grace fixes)."""
+    phones = sample_numbers("ID", 60)
+    env = await make(limits=LimitSettings(per_prefix=0), fraud=FraudSettings())
+    assert await burst(env, clock, phones, verify_after=45) == []
+    assert env.blocks("prefix_conversion") == env.blocks("country_conversion") == 0
+    assert env.sms_sends(set(phones)) == 60
+
+    strict = await make(limits=LimitSettings(per_prefix=0), fraud=FraudSettings(conversion_grace=0))
+    refused = await burst(strict, clock, phones, verify_after=45)
+    assert refused and refused[0] == phones[30]
+
+
+async def test_fresh_burst_that_never_converts_is_cut_off_once_it_comes_of_age(
+    make: Any, clock: Clock
+) -> None:
+    """A pumping burst gets at most the grace's worth of starts (plus one grace slot): once its first
+    starts are older than the grace with no verification behind them, the prefix is refused."""
+    fraud = FraudSettings()
+    env = await make(limits=LimitSettings(per_prefix=0), fraud=fraud)
+    attack = sample_numbers("ID", 300)
+    refused = await burst(env, clock, attack, verify_after=None)
+    paid = env.sms_sends(set(attack))
+    slot = fraud.conversion_grace / 12
+    assert fraud.conversion_grace <= paid <= fraud.conversion_grace + slot
+    assert refused == attack[paid:], "every start after the cut-off is refused"
+    assert env.blocks("prefix_conversion") == len(refused)
+
+
 async def test_blocked_prefix_reopens_after_the_cooldown(make: Any, clock: Clock) -> None:
     """The block lasts block_cooldown; once the unverified starts left the window the prefix is open again."""
     fraud = FraudSettings(prefix_min_started=5, min_conversion=0.5, conversion_window=600, block_cooldown=900)
@@ -278,6 +344,7 @@ async def test_blocked_prefix_reopens_after_the_cooldown(make: Any, clock: Clock
     numbers = sample_numbers("ID", 12)
     for phone in numbers[:5]:
         await env.router.start(phone)
+    clock.now += come_of_age(fraud)  # old enough to have been verified: now they are judged
     with pytest.raises(RateLimited) as info:
         await env.router.start(numbers[5])
     assert info.value.retry_after == pytest.approx(900)
@@ -297,6 +364,7 @@ async def test_country_conversion_guard(make: Any, clock: Clock) -> None:
     for phone in attack[:10]:
         clock.now += 1
         await env.router.start(phone)
+    clock.now += come_of_age(fraud)
     with pytest.raises(RateLimited) as info:
         await env.router.start(attack[10])
     assert info.value.scope == "country_conversion"
@@ -338,6 +406,7 @@ async def test_guard_keeps_no_number_or_prefix_in_keys_or_logs(
     for phone in numbers[:3]:
         clock.now += 1
         await env.router.start(phone)
+    clock.now += come_of_age(fraud)
     with pytest.raises(RateLimited):
         await env.router.start(numbers[3])
     store = env.router.store

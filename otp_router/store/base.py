@@ -125,6 +125,7 @@ class ConversionCheck:
     rules: tuple[ConversionRule, ...]
     window: float
     cooldown: float
+    grace: float = 0.0
 
 
 class LimitReached(OtpRouterError):
@@ -241,16 +242,30 @@ class Store(Protocol):
         ...
 
     async def conversion_start(
-        self, rules: Sequence[ConversionRule], *, window: float, cooldown: float, now: float
+        self,
+        rules: Sequence[ConversionRule],
+        *,
+        window: float,
+        cooldown: float,
+        now: float,
+        grace: float = 0.0,
     ) -> tuple[str, float] | None:
         """Count one start on every rule's key, unless one of the keys is blocked.
 
         In one atomic step, for each rule in order: a key blocked until after
         ``now`` refuses; a key with at least ``min_started`` starts in the
-        window and fewer than ``min_ratio * started`` verifications is blocked
+        window and fewer than ``min_ratio * mature`` verifications is blocked
         until ``now + cooldown`` and refuses. A refusal counts nothing. Counts
         are kept in time buckets of ``window / 12``, so the window slides in
         steps of that size.
+
+        ``mature`` is the starts in the window older than ``grace`` seconds:
+        those that had time to be verified. A start younger than that is no
+        evidence yet (its user may be typing the code), so a fresh burst of
+        real users is not judged before any of them could have verified;
+        verifications count whenever they happen. Starts are told fresh in
+        slots of ``grace / 12`` (one partly fresh slot counts as fresh). With
+        ``grace`` 0 every start in the window is judged.
 
         Returns:
             None when the start was counted, else the refusing key and the

@@ -29,6 +29,7 @@ __all__ = [
     "entry_from_fields",
     "entry_to_fields",
     "float_text",
+    "fresh_slots",
     "retry_after",
 ]
 
@@ -182,18 +183,41 @@ def conversion_buckets(window: float, now: float) -> tuple[int, int]:
     return current, current - CONVERSION_BUCKETS + 1
 
 
-def conversion_blocks(rule: ConversionRule, started: int, verified: int) -> bool:
-    """Whether a key with these counts must be blocked (see :meth:`Store.conversion_start`)."""
-    return started >= rule.min_started and verified < rule.min_ratio * started
+def fresh_slots(grace: float, now: float) -> tuple[int, int] | None:
+    """The grace slot ``now`` falls in, and the oldest slot that may hold a start younger than ``grace``.
+
+    Starts are counted again per slot of ``grace / CONVERSION_BUCKETS``
+    seconds, so that the conversion guard can tell the ones that had time to
+    be verified from fresh ones. None when ``grace`` is 0 (nothing is fresh).
+    """
+    if grace <= 0:
+        return None
+    current = math.floor(now * CONVERSION_BUCKETS / grace)
+    return current, current - CONVERSION_BUCKETS
 
 
-def check_conversion_args(rules: Sequence[ConversionRule], window: float, cooldown: float) -> None:
+def conversion_blocks(rule: ConversionRule, started: int, verified: int, fresh: int = 0) -> bool:
+    """Whether a key with these counts must be blocked (see :meth:`Store.conversion_start`).
+
+    ``fresh`` of the ``started`` are too young to judge: the ratio is taken
+    over the rest, while the minimum volume counts them all.
+    """
+    mature = max(started - fresh, 0)
+    return started >= rule.min_started and verified < rule.min_ratio * mature
+
+
+def check_conversion_args(
+    rules: Sequence[ConversionRule], window: float, cooldown: float, grace: float = 0.0
+) -> None:
     """Validate :meth:`Store.conversion_start` arguments.
 
     Raises:
         ValueError: A rule with ``min_started`` below 1 or a ratio outside 0..1,
-            or a window or cooldown that is not positive and finite.
+            a window or cooldown that is not positive and finite, or a grace
+            that is negative or not shorter than the window.
     """
+    if not (0 <= grace < window):
+        raise ValueError("grace must be at least 0 and shorter than the window")
     for rule in rules:
         if rule.min_started < 1:
             raise ValueError("min_started must be at least 1")
@@ -220,7 +244,7 @@ def check_create_args(
     for limit in limits:
         check_hit_args(limit.limit, limit.window)
     if conversion is not None:
-        check_conversion_args(conversion.rules, conversion.window, conversion.cooldown)
+        check_conversion_args(conversion.rules, conversion.window, conversion.cooldown, conversion.grace)
     if not limits and (conversion is None or not conversion.rules):
         return 0.0
     if now is None:

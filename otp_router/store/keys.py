@@ -16,6 +16,7 @@ single Redis has always used (``P`` is the prefix)::
     P:ledger-seq             string counter                 insertion order for ties
     P:rate:<key>             zset   <event> -> time         sliding-window events
     P:conv:<key>             hash   s<bucket>/v<bucket> -> n  conversion guard: started, verified
+                                    (and f<slot> -> n: starts per grace slot, the fresh ones)
     P:conv-block:<key>       string blocked-until time      conversion guard block (expires)
     P:secret:<name>          string value
     P:latency                hash   <cell> -> weight        learned delivery latency

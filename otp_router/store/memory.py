@@ -32,6 +32,7 @@ from otp_router.store.common import (
     conversion_buckets,
     dedup_entries,
     entry_to_fields,
+    fresh_slots,
     retry_after,
 )
 
@@ -62,6 +63,8 @@ class MemoryStore:
         # key -> bucket -> [started, verified]; key -> blocked until
         self._conversion: dict[str, dict[int, list[int]]] = {}
         self._conversion_blocks: dict[str, float] = {}
+        #: Starts per key and grace slot (see ``fresh_slots``), only the last grace's worth.
+        self._fresh: dict[str, dict[int, int]] = {}
         self._secrets: dict[str, str] = {}
         self._latency: dict[str, float] = {}
         self._closed = False
@@ -117,7 +120,11 @@ class MemoryStore:
                     raise LimitReached(limit.key, wait)
             if conversion is not None and conversion.rules:
                 blocked = self._conversion_start(
-                    conversion.rules, window=conversion.window, cooldown=conversion.cooldown, now=at
+                    conversion.rules,
+                    window=conversion.window,
+                    cooldown=conversion.cooldown,
+                    now=at,
+                    grace=conversion.grace,
                 )
                 if blocked is not None:
                     raise LimitReached(*blocked)
@@ -218,19 +225,32 @@ class MemoryStore:
             del self._hits[name]
 
     async def conversion_start(
-        self, rules: Sequence[ConversionRule], *, window: float, cooldown: float, now: float
+        self,
+        rules: Sequence[ConversionRule],
+        *,
+        window: float,
+        cooldown: float,
+        now: float,
+        grace: float = 0.0,
     ) -> tuple[str, float] | None:
         """Count a start unless a key is blocked (see :meth:`Store.conversion_start`)."""
-        check_conversion_args(rules, window, cooldown)
+        check_conversion_args(rules, window, cooldown, grace)
         async with self._lock:
             self._check_open()
-            return self._conversion_start(rules, window=window, cooldown=cooldown, now=now)
+            return self._conversion_start(rules, window=window, cooldown=cooldown, now=now, grace=grace)
 
     def _conversion_start(
-        self, rules: Sequence[ConversionRule], *, window: float, cooldown: float, now: float
+        self,
+        rules: Sequence[ConversionRule],
+        *,
+        window: float,
+        cooldown: float,
+        now: float,
+        grace: float = 0.0,
     ) -> tuple[str, float] | None:
         """:meth:`conversion_start` inside the lock."""
         current, oldest = conversion_buckets(window, now)
+        slots = fresh_slots(grace, now)
         self._hit_count += 1
         if self._hit_count % _SWEEP_EVERY == 0:
             self._sweep_conversion(oldest, now)
@@ -241,11 +261,20 @@ class MemoryStore:
             buckets = self._buckets(rule.key, oldest)
             started = sum(b[0] for b in buckets.values())
             verified = sum(b[1] for b in buckets.values())
-            if conversion_blocks(rule, started, verified):
+            fresh = 0
+            if slots is not None:
+                recent = self._fresh.get(rule.key, {})
+                for stale in [slot for slot in recent if slot < slots[1]]:
+                    del recent[stale]
+                fresh = sum(recent.values())
+            if conversion_blocks(rule, started, verified, fresh):
                 self._conversion_blocks[rule.key] = now + cooldown
                 return rule.key, cooldown
         for rule in rules:
             self._conversion.setdefault(rule.key, {}).setdefault(current, [0, 0])[0] += 1
+            if slots is not None:
+                recent = self._fresh.setdefault(rule.key, {})
+                recent[slots[0]] = recent.get(slots[0], 0) + 1
         return None
 
     async def conversion_verified(self, keys: Sequence[str], *, window: float, now: float) -> None:
@@ -262,6 +291,9 @@ class MemoryStore:
         for key in list(self._conversion):
             if not self._buckets(key, oldest):
                 del self._conversion[key]
+        for key in [k for k in self._fresh if k not in self._conversion]:
+            # Fresh counts never outlive the window of their key (grace < window).
+            del self._fresh[key]
         for key in [k for k, until in self._conversion_blocks.items() if until <= now]:
             del self._conversion_blocks[key]
 

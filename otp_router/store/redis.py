@@ -60,6 +60,7 @@ from otp_router.store.common import (
     entry_from_fields,
     entry_to_fields,
     float_text,
+    fresh_slots,
     retry_after,
 )
 from otp_router.store.keys import DEFAULT_PREFIX, RedisKeys
@@ -140,12 +141,16 @@ end
 -- Conversion guard over n rules. Rule i uses KEYS[kbase + 2i - 2] (its count
 -- hash) and KEYS[kbase + 2i - 1] (its block key). ARGV from abase: now, oldest
 -- bucket in the window, current bucket, block-until time, block ms, count
--- hash ttl ms, then per rule its min_started and min_ratio. Hash fields are
--- "s<bucket>" (started) and "v<bucket>" (verified). Returns false when
--- counted, else {rule number (1-based), blocked-until time}.
+-- hash ttl ms, current grace slot ('' without a grace), oldest grace slot
+-- that may be fresh, then per rule its min_started and min_ratio. Hash fields
+-- are "s<bucket>" (started), "v<bucket>" (verified) and "f<slot>" (started,
+-- per grace slot: the fresh starts). Returns false when counted, else {rule
+-- number (1-based), blocked-until time}.
 local function conversion(kbase, n, abase)
   local now = tonumber(ARGV[abase])
   local oldest = tonumber(ARGV[abase + 1])
+  local slot = ARGV[abase + 6]
+  local oldest_slot = tonumber(ARGV[abase + 7])
   for i = 1, n do
     local counts, block = KEYS[kbase + 2 * i - 2], KEYS[kbase + 2 * i - 1]
     local blocked = redis.call('GET', block)
@@ -153,12 +158,19 @@ local function conversion(kbase, n, abase)
       return {i, blocked}
     end
     local fields = redis.call('HGETALL', counts)
-    local started, verified, stale = 0, 0, {}
+    local started, verified, fresh, stale = 0, 0, 0, {}
     for j = 1, #fields, 2 do
       local name = fields[j]
-      if tonumber(string.sub(name, 2)) < oldest then
+      local kind, index = string.sub(name, 1, 1), tonumber(string.sub(name, 2))
+      if kind == 'f' then
+        if slot == '' or index < oldest_slot then
+          stale[#stale + 1] = name
+        else
+          fresh = fresh + tonumber(fields[j + 1])
+        end
+      elseif index < oldest then
         stale[#stale + 1] = name
-      elseif string.sub(name, 1, 1) == 's' then
+      elseif kind == 's' then
         started = started + tonumber(fields[j + 1])
       else
         verified = verified + tonumber(fields[j + 1])
@@ -167,15 +179,19 @@ local function conversion(kbase, n, abase)
     if #stale > 0 then
       redis.call('HDEL', counts, unpack(stale))
     end
-    local min_started = tonumber(ARGV[abase + 4 + 2 * i])
-    local min_ratio = tonumber(ARGV[abase + 5 + 2 * i])
-    if started >= min_started and verified < min_ratio * started then
+    local min_started = tonumber(ARGV[abase + 6 + 2 * i])
+    local min_ratio = tonumber(ARGV[abase + 7 + 2 * i])
+    local mature = math.max(started - fresh, 0)
+    if started >= min_started and verified < min_ratio * mature then
       redis.call('SET', block, ARGV[abase + 3], 'PX', ARGV[abase + 4])
       return {i, ARGV[abase + 3]}
     end
   end
   for i = 1, n do
     redis.call('HINCRBY', KEYS[kbase + 2 * i - 2], 's' .. ARGV[abase + 2], 1)
+    if slot ~= '' then
+      redis.call('HINCRBY', KEYS[kbase + 2 * i - 2], 'f' .. slot, 1)
+    end
     redis.call('PEXPIRE', KEYS[kbase + 2 * i - 2], ARGV[abase + 5])
   end
   return false
@@ -224,7 +240,7 @@ if nconv > 0 then
   if blocked then
     return {-4, blocked[1], blocked[2]}
   end
-  kbase, abase = kbase + 2 * nconv, abase + 6 + 2 * nconv
+  kbase, abase = kbase + 2 * nconv, abase + 8 + 2 * nconv
 end
 redis.call('HSET', KEYS[1], 'version', 1, 'data', ARGV[2])
 if ARGV[5] == '1' then
@@ -497,7 +513,9 @@ class RedisStore(RedisConnection):
             keys.append(self.keys.rate(limit.key))
             args += [float_text(at - limit.window), str(limit.limit), _ms(limit.window)]
         if conversion is not None and rules:
-            conv_keys, conv_args = self._conversion_args(rules, conversion.window, conversion.cooldown, at)
+            conv_keys, conv_args = self._conversion_args(
+                rules, conversion.window, conversion.cooldown, at, conversion.grace
+            )
             keys += conv_keys
             args += conv_args
         with self._mapped():
@@ -584,7 +602,11 @@ class RedisStore(RedisConnection):
                 raise LimitReached(limit.key, wait)
         if conversion is not None and conversion.rules:
             blocked = await self.conversion_start(
-                conversion.rules, window=conversion.window, cooldown=conversion.cooldown, now=now
+                conversion.rules,
+                window=conversion.window,
+                cooldown=conversion.cooldown,
+                now=now,
+                grace=conversion.grace,
             )
             if blocked is not None:
                 raise LimitReached(*blocked)
@@ -633,17 +655,20 @@ class RedisStore(RedisConnection):
         return await self.get(str(record_id))
 
     def _conversion_args(
-        self, rules: Sequence[ConversionRule], window: float, cooldown: float, now: float
+        self, rules: Sequence[ConversionRule], window: float, cooldown: float, now: float, grace: float
     ) -> tuple[list[str], list[str]]:
         """KEYS and ARGV of the Lua ``conversion()`` helper."""
         current, oldest = conversion_buckets(window, now)
+        slots = fresh_slots(grace, now)
         keys: list[str] = []
         limits: list[str] = []
         for rule in rules:
             keys += [self.keys.conversion(rule.key), self.keys.conversion_block(rule.key)]
             limits += [str(rule.min_started), float_text(rule.min_ratio)]
         args = [float_text(now), str(oldest), str(current), float_text(now + cooldown), _ms(cooldown)]
-        args += [_ms(window * (1 + 2 / CONVERSION_BUCKETS)), *limits]
+        args += [_ms(window * (1 + 2 / CONVERSION_BUCKETS))]
+        args += [str(slots[0]), str(slots[1])] if slots is not None else ["", "0"]
+        args += limits
         return keys, args
 
     async def get(self, record_id: str) -> Record | None:
@@ -796,17 +821,23 @@ class RedisStore(RedisConnection):
         return retry_after([float(blocking)], limit=1, window=window, now=now)
 
     async def conversion_start(
-        self, rules: Sequence[ConversionRule], *, window: float, cooldown: float, now: float
+        self,
+        rules: Sequence[ConversionRule],
+        *,
+        window: float,
+        cooldown: float,
+        now: float,
+        grace: float = 0.0,
     ) -> tuple[str, float] | None:
         """Count a start unless a key is blocked (see :meth:`Store.conversion_start`).
 
         Count hashes expire one window after their last start; a block key
         expires after ``cooldown`` seconds (of Redis's clock).
         """
-        check_conversion_args(rules, window, cooldown)
+        check_conversion_args(rules, window, cooldown, grace)
         if not rules:
             return None
-        keys, args = self._conversion_args(rules, window, cooldown, now)
+        keys, args = self._conversion_args(rules, window, cooldown, now, grace)
         with self._mapped():
             blocked: list[Any] | None = await self._conversion(keys=keys, args=args)
         if not blocked:

@@ -42,6 +42,7 @@ from otp_router.store.common import (
     dedup_entries,
     entry_from_fields,
     entry_to_fields,
+    fresh_slots,
     retry_after,
 )
 
@@ -106,6 +107,17 @@ MIGRATIONS: tuple[str, ...] = (
         key TEXT PRIMARY KEY,
         until REAL NOT NULL
     ) WITHOUT ROWID;
+    """,
+    # Conversion guard: starts per key and grace slot, to tell fresh starts from judged ones.
+    """
+    CREATE TABLE conversion_fresh (
+        key TEXT NOT NULL,
+        slot INTEGER NOT NULL,
+        started INTEGER NOT NULL DEFAULT 0,
+        expires REAL NOT NULL,
+        PRIMARY KEY (key, slot)
+    ) WITHOUT ROWID;
+    CREATE INDEX conversion_fresh_expires ON conversion_fresh (expires);
     """,
 )
 
@@ -192,7 +204,12 @@ class SqliteStore(SqliteFile):
                         return LimitReached(limit.key, wait)
                 if conversion is not None and conversion.rules:
                     blocked = _conversion_start(
-                        conn, conversion.rules, window=conversion.window, cooldown=conversion.cooldown, now=at
+                        conn,
+                        conversion.rules,
+                        window=conversion.window,
+                        cooldown=conversion.cooldown,
+                        now=at,
+                        grace=conversion.grace,
                     )
                     if blocked is not None:
                         return LimitReached(*blocked)
@@ -316,14 +333,20 @@ class SqliteStore(SqliteFile):
         return await self._run(op)
 
     async def conversion_start(
-        self, rules: Sequence[ConversionRule], *, window: float, cooldown: float, now: float
+        self,
+        rules: Sequence[ConversionRule],
+        *,
+        window: float,
+        cooldown: float,
+        now: float,
+        grace: float = 0.0,
     ) -> tuple[str, float] | None:
         """Count a start unless a key is blocked (see :meth:`Store.conversion_start`)."""
-        check_conversion_args(rules, window, cooldown)
+        check_conversion_args(rules, window, cooldown, grace)
 
         def op(conn: sqlite3.Connection) -> tuple[str, float] | None:
             with write_transaction(conn):
-                return _conversion_start(conn, rules, window=window, cooldown=cooldown, now=now)
+                return _conversion_start(conn, rules, window=window, cooldown=cooldown, now=now, grace=grace)
 
         return await self._run(op)
 
@@ -418,12 +441,21 @@ def _hit(conn: sqlite3.Connection, key: str, *, limit: int, window: float, now: 
 
 
 def _conversion_start(
-    conn: sqlite3.Connection, rules: Sequence[ConversionRule], *, window: float, cooldown: float, now: float
+    conn: sqlite3.Connection,
+    rules: Sequence[ConversionRule],
+    *,
+    window: float,
+    cooldown: float,
+    now: float,
+    grace: float = 0.0,
 ) -> tuple[str, float] | None:
     """:meth:`SqliteStore.conversion_start` inside the caller's write transaction."""
     current, oldest = conversion_buckets(window, now)
+    slots = fresh_slots(grace, now)
     # Rows carry the time they leave every window: one indexed DELETE keeps the table small.
     conn.execute("DELETE FROM conversion WHERE expires <= ?", (now,))
+    if slots is not None:
+        conn.execute("DELETE FROM conversion_fresh WHERE expires <= ?", (now,))
     for rule in rules:
         row = conn.execute("SELECT until FROM conversion_blocks WHERE key = ?", (rule.key,)).fetchone()
         if row is not None and row[0] > now:
@@ -433,7 +465,13 @@ def _conversion_start(
             "WHERE key = ? AND bucket >= ?",
             (rule.key, oldest),
         ).fetchone()
-        if conversion_blocks(rule, started, verified):
+        fresh = 0
+        if slots is not None:
+            (fresh,) = conn.execute(
+                "SELECT COALESCE(SUM(started), 0) FROM conversion_fresh WHERE key = ? AND slot >= ?",
+                (rule.key, slots[1]),
+            ).fetchone()
+        if conversion_blocks(rule, started, verified, fresh):
             conn.execute(
                 "INSERT OR REPLACE INTO conversion_blocks (key, until) VALUES (?, ?)",
                 (rule.key, now + cooldown),
@@ -442,6 +480,14 @@ def _conversion_start(
     conn.executemany(
         _COUNT_CONVERSION.format(column="started"), _bucket_rows([r.key for r in rules], current, window)
     )
+    if slots is not None:
+        # A slot may hold a start younger than the grace until slot + CONVERSION_BUCKETS + 1 begins.
+        expires = (slots[0] + CONVERSION_BUCKETS + 1) * grace / CONVERSION_BUCKETS
+        conn.executemany(
+            "INSERT INTO conversion_fresh (key, slot, started, expires) VALUES (?, ?, 1, ?) "
+            "ON CONFLICT (key, slot) DO UPDATE SET started = started + 1",
+            [(r.key, slots[0], expires) for r in rules],
+        )
     return None
 
 

@@ -399,6 +399,37 @@ async def test_conversion_blocks_once_the_ratio_collapses(store: Store) -> None:
     assert await store.conversion_start([rule()], now=1611.0, **CONV) is None
 
 
+async def test_conversion_grace_judges_only_starts_old_enough_to_be_verified(store: Store) -> None:
+    """With a grace of 120 s (slots of 10 s), starts are judged once older than the grace: a fresh
+    burst passes the minimum volume unjudged, and is refused once its first starts come of age."""
+    grace = {**CONV, "grace": 120.0}
+    for i in range(8):
+        assert await store.conversion_start([rule()], now=1000.0 + i, **grace) is None
+    # 1125: the starts at 1000..1007 share slot 100, which may still hold a start younger than
+    # 120 s (the slot ends at 1010): still fresh. From slot 113 on (1130), slot 100 is out of the grace.
+    assert await store.conversion_start([rule()], now=1125.0, **grace) is None
+    # A verification counts at once, whenever its start was: 1 verified vs 8 mature starts.
+    await store.conversion_verified(["p"], window=1200.0, now=1126.0)
+    assert await store.conversion_start([rule()], now=1130.0, **grace) == ("p", pytest.approx(600.0))
+
+
+async def test_conversion_grace_counts_verifications_of_fresh_starts(store: Store) -> None:
+    """Verifications of a fresh burst keep the key open once the burst comes of age."""
+    grace = {**CONV, "grace": 120.0}
+    for i in range(6):
+        assert await store.conversion_start([rule()], now=1000.0 + i, **grace) is None
+        await store.conversion_verified(["p"], window=1200.0, now=1030.0 + i)
+    for i in range(6):
+        assert await store.conversion_start([rule()], now=1131.0 + i, **grace) is None
+
+
+async def test_conversion_grace_must_be_shorter_than_the_window(store: Store) -> None:
+    with pytest.raises(ValueError, match="grace"):
+        await store.conversion_start([rule()], now=1.0, window=100.0, cooldown=1.0, grace=100.0)
+    with pytest.raises(ValueError, match="grace"):
+        await store.conversion_start([rule()], now=1.0, window=100.0, cooldown=1.0, grace=-1.0)
+
+
 async def test_conversion_verified_starts_keep_the_key_open(store: Store) -> None:
     """A key whose starts are verified at or above the ratio is never blocked."""
     for i in range(20):
@@ -557,6 +588,20 @@ async def test_create_with_limits_needs_now_and_valid_limits(store: Store) -> No
     with pytest.raises(ValueError):
         await store.create("v1", "{}", conversion=ConversionCheck((rule(min_started=0),), **CONV), now=1.0)
     assert await store.get("v1") is None
+
+
+async def test_create_with_a_grace_guard_and_ledger_entries(store: Store) -> None:
+    """The guard's grace goes through create() too, and the entries written with the record are intact."""
+    guard = ConversionCheck((rule("p", min_started=2),), grace=120.0, **CONV)
+    for i in range(3):
+        _, created = await store.create(
+            f"v{i}", "{}", ledger=[entry(f"e{i}", f"v{i}")], conversion=guard, now=1000.0 + i
+        )
+        assert created
+    with pytest.raises(LimitReached):
+        await store.create("v3", "{}", ledger=[entry("e3", "v3")], conversion=guard, now=1131.0)
+    assert sorted(e.key for e in await store.ledger()) == ["e0", "e1", "e2"]
+    assert [e.amount for e in await store.ledger("v2")] == [Decimal("0.01")]
 
 
 async def test_create_concurrent_starts_admit_exactly_the_limit(make_store: MakeStore) -> None:

@@ -226,7 +226,9 @@ async def test_rate_limit_is_429_with_retry_after(make_env: Factory) -> None:
 
 async def test_conversion_guard_block_is_429_with_retry_after(make_env: Factory) -> None:
     """Unverified starts in one prefix: past the minimum volume, a 429 naming the guard, no number."""
-    fraud = FraudSettings(prefix_min_started=5, min_conversion=0.5, block_cooldown=900)
+    # No grace: this is about how a block is answered, so the starts are judged at once
+    # (tests/test_fraud.py covers the grace itself).
+    fraud = FraudSettings(prefix_min_started=5, min_conversion=0.5, block_cooldown=900, conversion_grace=0)
     env = await make_env(limits=LimitSettings(per_prefix=0), fraud=fraud)
     numbers = sample_numbers("ID", 6)
     for phone in numbers[:5]:
