@@ -44,7 +44,7 @@ import phonenumbers
 from aiohttp import web
 
 from otp_router.emulators.script import Script
-from otp_router.emulators.serving import serve_app
+from otp_router.emulators.serving import query_phone, serve_app
 from otp_router.prices import SmsPrices
 from otp_router.providers.vonage_sms import sign_params
 
@@ -320,7 +320,7 @@ class VonageEmulator:
 
     async def _admin_inbox(self, request: web.Request) -> web.Response:
         # The phone number rides in the query string: this is a local test tool only.
-        return web.json_response({"messages": self.inbox(request.query.get("phone", ""))})
+        return web.json_response({"messages": self.inbox(query_phone(request))})
 
     async def _admin_reset(self, _request: web.Request) -> web.Response:
         self.reset()

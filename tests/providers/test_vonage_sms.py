@@ -10,6 +10,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -68,6 +69,18 @@ async def test_send_is_accepted_with_its_price(channel: VonageSmsChannel, pair: 
     assert not result.cost_is_final
     assert pair.vonage.inbox(GB) == ["Your login code is 123456"]
     assert [e.outcome for e in pair.vonage.log] == ["accepted"]
+
+
+async def test_inbox_reads_a_literal_plus_in_the_query_as_a_plus(
+    channel: VonageSmsChannel, pair: EmulatorPair
+) -> None:
+    """/_emulator/inbox?phone=+44… with the plus typed, not encoded, is the number with its plus."""
+    await channel.send(_request())
+    async with httpx.AsyncClient() as client:
+        for query in (f"phone={GB}", f"phone=%2B{GB[1:]}"):
+            response = await client.get(f"{pair.vonage_url}/_emulator/inbox?{query}")
+            assert response.request.url.query == query.encode()  # sent as typed
+            assert response.json() == {"messages": ["Your login code is 123456"]}, query
 
 
 @pytest.mark.parametrize(
