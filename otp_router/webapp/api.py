@@ -66,6 +66,7 @@ from starlette.routing import NoMatchFound
 
 from otp_router.errors import ConfigError, OtpRouterError
 from otp_router.inputs import PHONE_FIELDS, JsonInputError, decode_form, decode_json
+from otp_router.logs import event as log_event
 from otp_router.router import OtpRouter
 from otp_router.webapp import schemas
 from otp_router.webapp.common import ApiError, error_response, json_error, read_body
@@ -111,7 +112,12 @@ def get_otp_router(request: Request) -> OtpRouter:
     if router is None:
         router = getattr(request.app.state, STATE_KEY, None)
     if not isinstance(router, OtpRouter):
-        log.error("no OtpRouter for the request: yield {%r: router} from the app's lifespan", STATE_KEY)
+        log_event(
+            log,
+            logging.ERROR,
+            "no_router_for_request",
+            hint=f"yield {{{STATE_KEY!r}: router}} from the lifespan",
+        )
         raise ConfigError(f"no OtpRouter in the lifespan state or app.state ({STATE_KEY!r})")
     return router
 
@@ -491,7 +497,7 @@ def verification_router(
             f.phone, idempotency_key=f.idempotency_key, default_region=f.default_region
         )
         created = verification.created
-        log.info("verification %s started (%s)", verification.id, "new" if created else "idempotent repeat")
+        log_event(log, logging.INFO, "api_started", verification=verification.id, new=created)
         location = _location(request, verification.id)
         return JSONResponse(
             verification.to_dict(), status_code=201 if created else 200, headers={"Location": location}

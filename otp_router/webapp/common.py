@@ -34,6 +34,7 @@ from otp_router.errors import (
     UnsupportedNumberType,
     VerificationNotFound,
 )
+from otp_router.logs import event as log_event
 from otp_router.router import ResendNotAllowed
 
 __all__ = [
@@ -139,7 +140,7 @@ def error_response(exc: Exception) -> JSONResponse:
                 if exc.verification_id is not None:
                     headers["Location"] = f"/v1/verifications/{exc.verification_id}"
             return json_error(status, code, str(exc), headers, extra)
-    log.error("unexpected %s while handling a request", type(exc).__name__)
+    log_event(log, logging.ERROR, "request_failed", error=type(exc).__name__)
     return json_error(500, "internal_error", "internal error")
 
 
