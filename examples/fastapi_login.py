@@ -1,10 +1,7 @@
 """A FastAPI login backend that sends codes with otp-router.
 
-Run it (the emulators stand in for Telegram and Twilio; see the README)::
-
-    otp-router emulate &            # prints the OTP_ROUTER_* variables to export
-    export OTP_ROUTER_STORE_URL=memory://
-    uvicorn examples.fastapi_login:app
+Run it against the emulators as ``examples/README.md`` shows
+(``uvicorn examples.fastapi_login:app``).
 
 Importing this module reads no environment and opens nothing: the router is
 opened by the lifespan when the server starts (``router_lifespan`` reads the

@@ -1,10 +1,7 @@
 """A Flask login backend that sends codes with otp-router's blocking facade.
 
-Run it (the emulators stand in for Telegram and Twilio; see the README)::
-
-    otp-router emulate &            # prints the OTP_ROUTER_* variables to export
-    export OTP_ROUTER_STORE_URL=sqlite:///otp-router.db
-    flask --app examples.flask_login run
+Run it against the emulators as ``examples/README.md`` shows
+(``flask --app examples.flask_login run``).
 
 ``create_app()`` is an application factory: importing the module reads no
 environment; the :class:`~otp_router.SyncOtpRouter` (one per process, shared

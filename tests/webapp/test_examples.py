@@ -1,17 +1,16 @@
-"""The example login apps in examples/, run against the emulators as a user would run them.
+"""The example login apps in examples/, run against the emulators as a user would test them.
 
-Each app reads its settings from ``OTP_ROUTER_*`` (pointing at the emulators)
-when it starts, never at import. The code is read from the emulator's inbox
-(what reached the phone), with a number of its own per test, so no other
-verification's message can be read as this one's.
+The emulators and the ``OTP_ROUTER_*`` environment pointing at them come from
+otp-router's own pytest plugin (``otp_environ``, :mod:`otp_router.testing`);
+each app reads that environment when it starts, never at import. The code is
+the one the plugin saw reach the phone for that verification id.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,19 +19,12 @@ import pytest
 from webapp_helpers import served
 
 from otp_router import SyncOtpRouter
-from otp_router.emulators import (
-    DEFAULT_ACCOUNT_SID,
-    DEFAULT_AUTH_TOKEN,
-    DEFAULT_TELEGRAM_TOKEN,
-    EmulatorPair,
-    Script,
-)
 from otp_router.errors import ConfigError
-from otp_router.harness import FROM_NUMBER
+from otp_router.testing import EmulatedProviders
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
-#: Distinct German mobile numbers, one per flow.
-OK, WRONG, FAILING = "+4915123450101", "+4915123450102", "+4915123450103"
+OK = WRONG = "+4915123450101"  # one number: codes are told apart by verification id
+FAILING = "+4915123450103"
 
 
 def load(name: str) -> ModuleType:
@@ -46,38 +38,18 @@ def load(name: str) -> ModuleType:
 
 
 @pytest.fixture
-async def emulators(
-    make_emulators: Callable[[Script], Awaitable[EmulatorPair]], monkeypatch: pytest.MonkeyPatch
-) -> EmulatorPair:
-    """Both emulators, fast, with FAILING unreachable everywhere; OTP_ROUTER_* points at them."""
-    script = Script(time_scale=0.01)
-    script.set(FAILING, telegram="absent", sms_invalid=True)
-    pair = await make_emulators(script)
-    for name, value in {
-        "STORE_URL": "memory://",
-        "CODE_SECRET": "example-secret",
-        "API_TOKEN": "example-api-token",
-        "RETRY__BACKOFF": "false",
-        "TELEGRAM__BASE_URL": pair.telegram_url,
-        "TELEGRAM__TOKEN": DEFAULT_TELEGRAM_TOKEN,
-        "TWILIO__BASE_URL": pair.twilio_url,
-        "TWILIO__ACCOUNT_SID": DEFAULT_ACCOUNT_SID,
-        "TWILIO__AUTH_TOKEN": DEFAULT_AUTH_TOKEN,
-        "TWILIO__FROM_NUMBER": FROM_NUMBER,
-    }.items():
-        monkeypatch.setenv("OTP_ROUTER_" + name, value)
-    return pair
+def providers(otp_environ: EmulatedProviders, monkeypatch: pytest.MonkeyPatch) -> EmulatedProviders:
+    """The plugin's emulators and environment, with FAILING unreachable on every channel and the
+    HTTP API enabled."""
+    otp_environ.script.set(FAILING, telegram="absent", sms_invalid=True)
+    monkeypatch.setenv("OTP_ROUTER_API_TOKEN", "example-api-token")
+    return otp_environ
 
 
-async def code_for(pair: EmulatorPair, phone: str) -> str:
-    """The code that reached ``phone`` on Telegram (bounded wait, no timing assertion)."""
-    for _ in range(2000):
-        codes = pair.telegram.inbox(phone)
-        if codes:
-            assert len(codes) == 1
-            return codes[0]
-        await asyncio.sleep(0.01)
-    raise AssertionError("no code reached the phone")
+async def code_for(providers: EmulatedProviders, verification_id: str) -> str:
+    code = await providers.wait_code(verification_id)
+    assert code is not None, "no code reached the phone"
+    return code
 
 
 def other_than(code: str) -> str:
@@ -93,7 +65,7 @@ def test_importing_the_examples_reads_no_environment(monkeypatch: pytest.MonkeyP
         flask_login.create_app()
 
 
-async def test_fastapi_example(emulators: EmulatorPair) -> None:
+async def test_fastapi_example(providers: EmulatedProviders) -> None:
     """start → the code from the inbox → check logs in; a wrong code is a 401 with attempts left; a
     number no channel can reach is a 502; otp-router's own API is mounted under /otp."""
     app = load("fastapi_login").app
@@ -102,14 +74,14 @@ async def test_fastapi_example(emulators: EmulatorPair) -> None:
         assert resp.status_code == 201, resp.text
         started = resp.json()
         assert started["channel"] == "telegram"
-        code = await code_for(emulators, OK)
+        code = await code_for(providers, started["verification_id"])
         resp = await client.post(
             "/login/check", json={"verification_id": started["verification_id"], "code": code}
         )
         assert resp.status_code == 200 and resp.json() == {"logged_in": True}
 
         wrong = (await client.post("/login/start", json={"phone": WRONG})).json()
-        other = other_than(await code_for(emulators, WRONG))
+        other = other_than(await code_for(providers, wrong["verification_id"]))
         resp = await client.post(
             "/login/check", json={"verification_id": wrong["verification_id"], "code": other}
         )
@@ -118,7 +90,7 @@ async def test_fastapi_example(emulators: EmulatorPair) -> None:
 
         resp = await client.post("/login/start", json={"phone": FAILING})
         assert resp.status_code == 502 and "could not send" in resp.json()["detail"]
-        assert emulators.telegram.inbox(FAILING) == [] and emulators.twilio.inbox(FAILING) == []
+        assert providers.pair.telegram.inbox(FAILING) == [] and providers.pair.twilio.inbox(FAILING) == []
 
         resp = await client.get(
             f"/otp/v1/verifications/{wrong['verification_id']}",
@@ -127,37 +99,31 @@ async def test_fastapi_example(emulators: EmulatorPair) -> None:
         assert resp.status_code == 200 and resp.json()["attempts_left"] == 4
 
 
-async def test_flask_example(emulators: EmulatorPair) -> None:
-    """The same flows through the Flask app and its SyncOtpRouter (requests run in threads, as under
-    a WSGI server, while the emulators answer on this loop)."""
+def test_flask_example(providers: EmulatedProviders) -> None:
+    """The same flows through the Flask app and its SyncOtpRouter, in a plain (sync) test."""
     flask_login = load("flask_login")
-    otp = await asyncio.to_thread(SyncOtpRouter)
-    try:
+    with SyncOtpRouter() as otp:
         client = flask_login.create_app(otp).test_client()
 
-        async def post(path: str, body: dict[str, str]) -> tuple[int, Any]:
-            resp = await asyncio.to_thread(client.post, path, json=body)
+        def post(path: str, body: dict[str, str]) -> tuple[int, Any]:
+            resp = client.post(path, json=body)
             return resp.status_code, resp.get_json()
 
-        status, started = await post("/login/start", {"phone": OK})
+        status, started = post("/login/start", {"phone": OK})
         assert status == 201 and started["channel"] == "telegram"
-        code = await code_for(emulators, OK)
-        assert await post("/login/check", {"verification_id": started["verification_id"], "code": code}) == (
-            200,
-            {"logged_in": True},
-        )
+        code = providers.sent_code(started["verification_id"])
+        assert code is not None
+        login = {"verification_id": started["verification_id"], "code": code}
+        assert post("/login/check", login) == (200, {"logged_in": True})
 
-        _, wrong = await post("/login/start", {"phone": WRONG})
-        other = other_than(await code_for(emulators, WRONG))
-        status, body = await post(
-            "/login/check", {"verification_id": wrong["verification_id"], "code": other}
-        )
-        assert (status, body) == (401, {"status": "invalid", "attempts_left": 4})
+        _, wrong = post("/login/start", {"phone": WRONG})
+        sent = providers.sent_code(wrong["verification_id"])
+        assert sent is not None
+        login = {"verification_id": wrong["verification_id"], "code": other_than(sent)}
+        assert post("/login/check", login) == (401, {"status": "invalid", "attempts_left": 4})
 
-        status, body = await post("/login/start", {"phone": FAILING})
+        status, body = post("/login/start", {"phone": FAILING})
         assert status == 502 and "could not send" in body["error"]
-    finally:
-        await asyncio.to_thread(otp.close)
 
 
 @pytest.fixture(autouse=True)
