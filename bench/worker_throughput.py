@@ -60,6 +60,7 @@ import pstats
 import re
 import resource
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -67,7 +68,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -100,9 +101,11 @@ from otp_router.store.redis import RedisStore
 from otp_router.worker import Worker
 
 NAME = "worker_throughput"
-SIDES = ("worker", "worker_2p", "httpx_aiohttp", "aiohttp")
+SIDES = ("worker", "worker_2p", "worker_cluster", "httpx_aiohttp", "aiohttp")
 #: Worker processes per worker side.
-PROCESSES = {"worker": 1, "worker_2p": 2}
+PROCESSES = {"worker": 1, "worker_2p": 2, "worker_cluster": 1}
+#: The side on a local three-master Redis Cluster (run when redis-server and redis-cli are installed).
+CLUSTER_SIDE = "worker_cluster"
 #: Share of the cores' ceiling two processes should reach.
 TARGET_OF_CEILING = 0.9
 BASELINE_A, BASELINE_B = "httpx_aiohttp", "aiohttp"
@@ -114,6 +117,8 @@ DESCRIPTIONS = {
     "worker": "`otp-router worker --burst` child process draining the Redis queue (the router's full path)",
     "worker_2p": "`otp-router worker --burst --processes 2`: a supervisor and two worker processes in one "
     "consumer group (CPU summed over the process tree)",
+    "worker_cluster": "`otp-router worker --burst` with store and queue on a local three-master "
+    "Redis Cluster (`cluster=1`; Redis CPU summed over the three nodes)",
     "httpx_aiohttp": "baseline (a): the two Gateway calls via `create_http_client()` "
     "(httpx over httpx-aiohttp), no router",
     "aiohttp": "baseline (b): the two Gateway calls via a bare `aiohttp.ClientSession`, no router",
@@ -148,6 +153,8 @@ class Round:
     own_cpu_s: float | None = None
     #: Worker only: bytes the run left in Redis by kind of key (``rec``, ``ledger``, ``idem``...), estimated.
     redis_bytes: dict[str, int] = field(default_factory=dict)
+    #: Cluster side only: each node's CPU seconds in the window.
+    redis_node_cpu_s: list[float] = field(default_factory=list)
     error_types: dict[str, int] = field(default_factory=dict)
 
     def per_verification_ms(self, seconds: float | None) -> float | None:
@@ -167,6 +174,11 @@ class Round:
         data["emulator_cpu_ms_per_verification"] = self.per_verification_ms(self.emulator_cpu_s)
         data["redis_cpu_ms_per_verification"] = self.per_verification_ms(self.redis_cpu_s)
         data["others_cores"] = self.others_cores()
+        nodes = [self.per_verification_ms(cpu) for cpu in self.redis_node_cpu_s]
+        data["redis_node_cpu_ms_per_verification"] = nodes
+        data["redis_busiest_node_cpu_ms_per_verification"] = max(
+            (n for n in nodes if n is not None), default=None
+        )
         total = sum(self.redis_bytes.values())
         data["redis_bytes_per_verification"] = (
             round(total / self.verifications) if total and self.verifications else None
@@ -308,8 +320,8 @@ async def stored_bytes(client: aioredis.Redis, prefix: str) -> dict[str, int]:
     return out
 
 
-async def _redis_pid() -> int | None:
-    client = aioredis.Redis.from_url(REDIS_URL)
+async def _redis_pid(url: str = REDIS_URL) -> int | None:
+    client = aioredis.Redis.from_url(url)
     try:
         info: dict[str, Any] = await client.info("server")
         return int(info["process_id"])
@@ -317,6 +329,43 @@ async def _redis_pid() -> int | None:
         return None
     finally:
         await client.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """The local three-master Redis Cluster of the ``worker_cluster`` side."""
+
+    ports: list[int]
+    pids: list[int]
+
+    @property
+    def seed(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+
+def _cluster_starter(folder: Path) -> Any:
+    """``running_cluster(folder)`` from the tests' ``redis_cluster.py``, the folder made first."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from redis_cluster import running_cluster
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return running_cluster(folder)
+
+
+@contextlib.asynccontextmanager
+async def local_cluster(folder: Path) -> AsyncIterator[Cluster]:
+    """Start a local three-master cluster for this run; stopped afterwards."""
+    with _cluster_starter(folder) as ports:
+        pids = []
+        for port in ports:
+            pid = await _redis_pid(f"redis://127.0.0.1:{port}/0")
+            if pid is not None:
+                pids.append(pid)
+        yield Cluster(ports, pids)
+
+
+def _node_cpu(pid: int) -> Callable[[int], float | None]:
+    return lambda _ignored: process_cpu_seconds(pid)
 
 
 async def worker_round(
@@ -327,18 +376,33 @@ async def worker_round(
     admin: aiohttp.ClientSession,
     workdir: Path,
     side: str = "worker",
+    cluster: Cluster | None = None,
 ) -> Round:
     """Enqueue one message per number, then time an ``otp-router worker --burst`` child draining them."""
     processes = PROCESSES[side]
     prefix = unique_prefix("throughput")
-    url = f"{REDIS_URL}?prefix={prefix}"
+    if side != CLUSTER_SIDE:
+        cluster = None  # the other sides use the one Redis
+    watcher: aioredis.Redis
+    if side == CLUSTER_SIDE:
+        assert cluster is not None
+        from redis.asyncio.cluster import RedisCluster
+
+        url = f"{cluster.seed}?cluster=1&prefix={prefix}"
+        watcher = cast("aioredis.Redis", RedisCluster.from_url(cluster.seed))
+        redis_pids = list(cluster.pids)
+        stream = f"{prefix}:{{queue}}:stream"
+    else:
+        url = f"{REDIS_URL}?prefix={prefix}"
+        watcher = aioredis.Redis.from_url(REDIS_URL)
+        redis_pid = await _redis_pid()
+        redis_pids = [redis_pid] if redis_pid else []
+        stream = f"{prefix}:queue"
     round_settings = settings.model_copy(update={"store_url": url})
-    watcher = aioredis.Redis.from_url(REDIS_URL)
-    redis_pid = await _redis_pid()
-    stream = f"{prefix}:queue"
     try:
         await enqueue(url, phones, f"r{index}")
-        commands_before = await _command_counts(watcher)
+        # INFO commandstats of a cluster client would mix every node's counts: single Redis only.
+        commands_before = await _command_counts(watcher) if cluster is None else Counter()
         children_before = _children_cpu()
         emu_before = process_cpu_seconds(emulator.process.pid)
         spawned = time.time()
@@ -351,14 +415,16 @@ async def worker_round(
             workdir=workdir,
             log_file=workdir / "worker.log",
         )
-        redis_samples = Sampler(redis_pid) if redis_pid else None
+        node_samples = [Sampler(pid, read=_node_cpu(pid)) for pid in redis_pids]
         read = tree_cpu_seconds if processes > 1 else process_cpu_seconds
         async with (
             Sampler(process.pid, read=read) as sampler,
             Sampler(process.pid, read=lambda _pid: machine_busy_seconds()) as busy,
             Sampler(os.getpid()) as own,
-            redis_samples or contextlib.nullcontext(),
+            contextlib.AsyncExitStack() as nodes,
         ):
+            for node in node_samples:
+                await nodes.enter_async_context(node)
             drained: float | None = None
             polls = 0
             hung = False
@@ -380,14 +446,22 @@ async def worker_round(
             drained = exited
         children_cpu = _children_cpu() - children_before
         # Leave out this process's own commands: the drain polls and the INFO that reads the counts.
-        commands = await _command_counts(watcher) - commands_before - Counter(xlen=polls, info=1)
+        commands = (
+            await _command_counts(watcher) - commands_before - Counter(xlen=polls, info=1)
+            if cluster is None
+            else Counter()
+        )
         emu_after = process_cpu_seconds(emulator.process.pid)
         log = await emulator.telegram_log(admin)
         left = int(await watcher.xlen(stream))
         redis_bytes = await stored_bytes(watcher, prefix)
     finally:
+        if cluster is None:
+            await redis_cleanup(prefix)
+        else:
+            async for key in watcher.scan_iter(match=f"{prefix}:*", count=1000):
+                await watcher.delete(key)
         await watcher.aclose()
-        await redis_cleanup(prefix)
     probes = [e for e in log if e["method"] == "checkSendAbility" and e["outcome"] == "ok"]
     sends = [e for e in log if e["method"] == "sendVerificationMessage" and e["outcome"] == "ok"]
     # A number counts as verified when it got exactly one accepted probe and one accepted send.
@@ -403,6 +477,7 @@ async def worker_round(
     elif process.returncode != 0:
         errors[f"exit_{process.returncode}"] += 1
     first = min((e["time"] for e in probes), default=spawned)
+    node_cpu = [node.cpu_between(first, drained) for node in node_samples]
     emu = None if emu_before is None or emu_after is None else emu_after - emu_before
     return Round(
         side,
@@ -412,13 +487,14 @@ async def worker_round(
         max(1e-9, drained - first),
         sampler.cpu_between(first, drained),
         emu,
-        redis_samples.cpu_between(first, drained) if redis_samples else None,
+        None if not node_cpu or None in node_cpu else sum(c or 0.0 for c in node_cpu),
         process_wall_s=exited - spawned,
         process_cpu_s=children_cpu,
         redis_commands=dict(commands),
         machine_busy_s=busy.cpu_between(first, drained),
         own_cpu_s=own.cpu_between(first, drained),
         redis_bytes=redis_bytes,
+        redis_node_cpu_s=[c for c in node_cpu if c is not None] if cluster is not None else [],
         error_types=dict(errors),
     )
 
@@ -570,7 +646,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     profile: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="otp-bench-") as tmp:
         workdir = Path(tmp)
-        async with emulator_process(workdir) as emulator, aiohttp.ClientSession() as admin:
+        async with contextlib.AsyncExitStack() as outer:
+            emulator = await outer.enter_async_context(emulator_process(workdir))
+            admin = await outer.enter_async_context(aiohttp.ClientSession())
+            cluster = (
+                await outer.enter_async_context(local_cluster(workdir / "cluster")) if args.cluster else None
+            )
+            sides = [side for side in SIDES if side != CLUSTER_SIDE or cluster is not None]
             # Every number a normal Telegram user: on Telegram, delivered after about a second.
             await emulator.script(admin, {p: {"telegram": "ok"} for p in (*phones, *warm)})
             settings = emulator.settings(
@@ -590,16 +672,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 async def one(side: str, index: int, numbers: Sequence[str]) -> Round:
                     await emulator.reset(admin)
                     if side in PROCESSES:
-                        return await worker_round(index, settings, numbers, emulator, admin, workdir, side)
+                        return await worker_round(
+                            index, settings, numbers, emulator, admin, workdir, side, cluster
+                        )
                     return await baseline_round(
                         side, index, posts[side], numbers, args.concurrency, emulator.process.pid
                     )
 
-                for side in SIDES:  # warm-up: connections, imports, caches
+                for side in sides:  # warm-up: connections, imports, caches
                     await one(side, -1, warm)
                 for index in range(args.rounds):
-                    for k in range(len(SIDES)):
-                        side = SIDES[(index + k) % len(SIDES)]
+                    for k in range(len(sides)):
+                        side = sides[(index + k) % len(sides)]
                         result = await one(side, index, phones)
                         results.append(result)
                         row = result.to_dict()
@@ -627,13 +711,14 @@ KEYS = (
     "redis_cpu_ms_per_verification",
     "others_cores",
     "redis_bytes_per_verification",
+    "redis_busiest_node_cpu_ms_per_verification",
 )
 
 
 def summarize(results: Sequence[Round]) -> dict[str, Any]:
     """Medians per side, ratios of the worker to each baseline."""
     sides: dict[str, Any] = {}
-    for side in SIDES:
+    for side in (s for s in SIDES if any(r.side == s for r in results)):
         rows = [r.to_dict() for r in results if r.side == side]
         med = {key: median([row[key] for row in rows]) for key in KEYS}
         if side in PROCESSES:
@@ -870,6 +955,8 @@ def render(data: dict[str, Any]) -> str:
         ),
     ]
     lines += ["", *render_scaling(data["scaling"], sides)]
+    if CLUSTER_SIDE in sides:
+        lines += ["", *render_cluster(sides)]
     if data.get("before"):
         lines += ["", *render_before(data["before"], data)]
     lines += ["", *render_breakdown(data["breakdown"], met)]
@@ -892,6 +979,39 @@ def _bytes_by_kind(rounds: Sequence[dict[str, Any]]) -> str:
     return "; by kind of key in the median round: " + ", ".join(
         f"`{kind}` {size / row['verifications']:.0f}" for kind, size in parts if size >= row["verifications"]
     )
+
+
+def render_cluster(sides: dict[str, Any]) -> list[str]:
+    """The cluster side: Redis CPU per verification per node, and what one shard's core allows."""
+    single = sides["worker"]["median"]
+    med = sides[CLUSTER_SIDE]["median"]
+    rows = sides[CLUSTER_SIDE]["rounds"]
+    per_node = [
+        r["redis_node_cpu_ms_per_verification"] for r in rows if r["redis_node_cpu_ms_per_verification"]
+    ]
+    nodes = [median([node[i] for node in per_node]) for i in range(len(per_node[0]))] if per_node else []
+    busiest = med.get("redis_busiest_node_cpu_ms_per_verification")
+    lines = [
+        "## On a three-master Redis Cluster",
+        "",
+        "The same one-process worker with its store and queue on a local three-master Redis Cluster "
+        "(`cluster=1`, the store's 16 shards spread over the three masters by hash tag, the queue's stream "
+        "on one of them), started by this script on the same two cores. Redis CPU per verification, "
+        f"all three nodes: {_fmt(med['redis_cpu_ms_per_verification'], '.3f')} ms against "
+        f"{_fmt(single['redis_cpu_ms_per_verification'], '.3f')} ms on one Redis; per node (median): "
+        + ", ".join(f"{_fmt(n, '.3f')} ms" for n in nodes)
+        + f". The busiest node, {_fmt(busiest, '.3f')} ms per verification, is what one shard costs: "
+        f"one shard's core serves at most about {_fmt(ratio(1000, busiest), '.0f')} verifications/s "
+        "when every shard carries as much (a cluster of N masters, about N times that; the node "
+        "holding the queue's stream carries its few commands more).",
+        "",
+        "The worker's own CPU on the cluster is "
+        f"{_fmt(med['cpu_ms_per_verification'], '.3f')} ms per verification against "
+        f"{_fmt(single['cpu_ms_per_verification'], '.3f')} ms on one Redis: a start is one script per "
+        "slot it touches there (idempotency reservation, each rate limit, the conversion guard, the "
+        "record), so more round trips.",
+    ]
+    return lines
 
 
 def render_scaling(sc: dict[str, Any], sides: dict[str, Any]) -> list[str]:
@@ -1111,6 +1231,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="cProfile an in-process worker: when short of target (auto), always or never",
     )
     parser.add_argument(
+        "--cluster",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also run the worker on a local three-master Redis Cluster (auto: when redis-server and "
+        "redis-cli are installed)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="smoke mode: 40 verifications, 1 round (numbers meaningless)"
     )
     parser.add_argument(
@@ -1123,6 +1250,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="JSON results of an earlier run: its Redis commands and round trips go beside this run's",
     )
     args = parser.parse_args(argv)
+    tools = all(shutil.which(tool) for tool in ("redis-server", "redis-cli"))
+    if args.cluster == "on" and not tools:
+        parser.error("--cluster on needs redis-server and redis-cli on PATH")
+    args.cluster = args.cluster == "on" or (args.cluster == "auto" and tools)
     if args.quick:
         args.verifications, args.rounds, args.warmup, args.concurrency = 40, 1, 10, 8
         args.store_reads = 200
