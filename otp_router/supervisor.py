@@ -36,7 +36,9 @@ Decisions, and why:
   its backoff. A child that fails :data:`MAX_QUICK_FAILURES` times in a row,
   each within :data:`STABLE_AFTER` seconds of starting (a configuration or
   connection problem that a restart will not fix), makes the supervisor stop
-  the others and exit 1, so that the service manager sees the failure.
+  the others and exit 1, so that the service manager sees the failure; a
+  configuration error (a child's status 2, as the command line's) stops
+  everything at once with status 2.
   Restarting is safe: what a dead child held stays pending in the queue and
   is reclaimed after the visibility timeout; its idempotency keys make the
   redelivery send nothing twice.
@@ -62,6 +64,7 @@ from types import FrameType
 from typing import Any
 
 from otp_router.config import Settings
+from otp_router.errors import ConfigError
 
 __all__ = ["MAX_QUICK_FAILURES", "STABLE_AFTER", "run_processes"]
 
@@ -76,6 +79,8 @@ FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 30.0
 #: Seconds between the supervisor's looks at its children.
 POLL = 0.1
+#: A child's exit status for a configuration error (the command line's): restarting cannot help.
+EXIT_CONFIG = 2
 #: Variable the children read their metrics directory from (prometheus-client's own).
 MULTIPROC_VAR = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -97,7 +102,13 @@ def _child(settings: Settings, index: int, kwargs: dict[str, Any]) -> None:
     os.setpgrp()
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True, name="parent-watch").start()
     kwargs = {**kwargs, "serve_http": kwargs.get("serve_http", True) and index == 0}
-    sys.exit(run_worker(settings, **kwargs))
+    try:
+        status = run_worker(settings, **kwargs)
+    except ConfigError as exc:
+        # As the command line reports it (no traceback); the supervisor gives up at once.
+        print(f"otp-router: {exc}", file=sys.stderr)
+        status = EXIT_CONFIG
+    sys.exit(status)
 
 
 @dataclass
@@ -122,6 +133,8 @@ class _Supervisor:
         self.context = multiprocessing.get_context("spawn")
         self.stopping = False
         self.failed = False
+        #: Exit status when :attr:`failed` (2 for a configuration error).
+        self.status = 1
         #: Signals received, appended by the handler and logged by the loop.
         self.signals: list[str] = []
         self._logged_signals = 0
@@ -176,6 +189,13 @@ class _Supervisor:
             return
         # Exited on its own while the service should run: a crash (or a failed start).
         slot.quick_failures = slot.quick_failures + 1 if ran < STABLE_AFTER else 0
+        if code == EXIT_CONFIG:
+            log.error("event=giving_up index=%d reason=configuration", slot.index)
+            self.failed, self.status = True, EXIT_CONFIG
+            self.stopping = True
+            slot.exit_code = code
+            self.forward()
+            return
         if slot.quick_failures >= MAX_QUICK_FAILURES:
             log.error("event=giving_up index=%d quick_failures=%d", slot.index, slot.quick_failures)
             self.failed = True
@@ -216,7 +236,7 @@ class _Supervisor:
                 os.environ[MULTIPROC_VAR] = base
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
         codes = [slot.exit_code for slot in self.slots]
-        status = 1 if self.failed or any(code != 0 for code in codes) else 0
+        status = self.status if self.failed else 1 if any(code != 0 for code in codes) else 0
         log.info("event=supervisor_stopped status=%d codes=%s", status, ",".join(map(str, codes)))
         return status
 
