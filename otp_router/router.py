@@ -651,12 +651,16 @@ class OtpRouter:
         while not self._stopping.is_set():
             self._wakeup.clear()
             free = self.settings.deadline_concurrency - len(self._deadline_tasks)
+            if free <= 0:
+                # Nothing can be claimed until a handler finishes (and sets the wakeup): no store calls.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=poll_interval)
+                continue
             nxt: float | None = None
             try:
-                if free > 0:
-                    batch = min(free, 200)
-                    if len(await self._claim_due(batch)) == batch:
-                        continue  # perhaps more are due
+                batch = min(free, 200)
+                if len(await self._claim_due(batch)) == batch:
+                    continue  # perhaps more are due
                 nxt = await self.store.next_deadline()
             except (StoreError, OSError) as exc:
                 log_event(log, logging.WARNING, "deadline_loop_store_error", error=type(exc).__name__)

@@ -271,3 +271,42 @@ async def test_deadlines_in_flight_are_bounded(make: Make) -> None:
         await stop_loop(router, gate, loop)
     assert gate.most_blocked == 3
     assert sms_sends(twilio) == sorted(NUMBERS)
+
+
+async def test_with_every_slot_busy_the_loop_asks_the_store_nothing(make: Make) -> None:
+    """While all deadline_concurrency handlers hang, wake-ups make no claim or next_deadline call:
+    nothing could be started anyway. Once they are released, every deadline still fires once."""
+    router, gate, twilio = await make(deadline_concurrency=3)
+    ids = await start_all(router)
+    gate.hanging = {("status", f"req-{phone}") for phone in NUMBERS}
+    clock_of(router).now += 31
+    calls: list[str] = []
+    store = router.store
+    claim_due, next_deadline = store.claim_due, store.next_deadline
+
+    async def counted_claim(*args: Any, **kwargs: Any) -> Any:
+        calls.append("claim_due")
+        return await claim_due(*args, **kwargs)
+
+    async def counted_next() -> Any:
+        calls.append("next_deadline")
+        return await next_deadline()
+
+    store.claim_due = counted_claim  # type: ignore[method-assign]
+    store.next_deadline = counted_next  # type: ignore[method-assign]
+    loop = asyncio.create_task(router.run_deadlines(poll_interval=0.05))
+    try:
+        await wait_until(lambda: gate.blocked == 3)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        before = len(calls)
+        for _ in range(10):  # wake the loop: it must look, find no free slot, and wait again
+            router._wakeup.set()
+            for _ in range(5):
+                await asyncio.sleep(0)
+        assert len(calls) == before
+        gate.release.set()
+        await wait_until(lambda: on_sms(router, ids, NUMBERS))
+    finally:
+        await stop_loop(router, gate, loop)
+    assert sms_sends(twilio) == sorted(NUMBERS)
