@@ -357,7 +357,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         #: Labelled children by (family, label values), so the hot path skips prometheus-client's
         #: own label validation and lookup lock (a labelled child never changes once created).
-        self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._children: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
         #: Set when prometheus-client writes samples to per-process files (several worker
         #: processes): ``/metrics`` then reads every process's files, not this registry.
         self._multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
@@ -394,8 +394,12 @@ class Metrics:
             self._counters["otp_router_queue_messages"].labels(outcome=outcome)
 
     def _child(self, family: Any, name: str, labels: dict[str, str]) -> Any:
-        """``family.labels(**labels)``, cached; label values are already cleaned by the callers."""
-        key = (name, tuple(labels.values()))
+        """``family.labels(**labels)``, cached; label values are already cleaned by the callers.
+
+        The key holds the names with the values: two call sites may pass the same labels in
+        another order.
+        """
+        key = (name, tuple(labels.items()))
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = family.labels(**labels)

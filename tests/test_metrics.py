@@ -568,3 +568,16 @@ def test_get_metrics_without_prometheus_client_is_a_no_op() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "null"
+
+
+def test_labelled_children_are_cached_by_name_and_value() -> None:
+    """The same label values passed in another order, or under other names, reach their own series."""
+    metrics = Metrics(CollectorRegistry())
+    metrics._inc("otp_router_webhooks", provider="telegram", outcome="ok")
+    metrics._inc("otp_router_webhooks", outcome="ok", provider="telegram")
+    metrics._inc("otp_router_webhooks", provider="ok", outcome="telegram")
+    registry = metrics.registry
+    assert registry is not None
+    sample = registry.get_sample_value
+    assert sample("otp_router_webhooks_total", {"provider": "telegram", "outcome": "ok"}) == 2
+    assert sample("otp_router_webhooks_total", {"provider": "ok", "outcome": "telegram"}) == 1
