@@ -29,14 +29,14 @@ def committed_snapshot() -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(COMMITTED.iterdir()) if p.is_file()}
 
 
-def run_quick(name: str, out: Path) -> tuple[dict[str, Any], str]:
+def run_quick(name: str, out: Path, *, within: float = 50) -> tuple[dict[str, Any], str]:
     """Run ``bench/<name>.py --quick --out OUT`` in a child process; return its JSON and Markdown."""
     before = committed_snapshot()
     proc = subprocess.run(
         [sys.executable, str(BENCH / f"{name}.py"), "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=50,
+        timeout=within,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -158,9 +158,11 @@ needs_redis = pytest.mark.skipif(
 
 
 @needs_redis
+@pytest.mark.timeout(170)
 def test_worker_throughput_quick(tmp_path: Path) -> None:
     """The worker benchmark drains every queued verification and compares it with both baselines."""
-    data, markdown = run_quick("worker_throughput", tmp_path)
+    # Five sides, two of them starting several processes (two workers; a three-node cluster).
+    data, markdown = run_quick("worker_throughput", tmp_path, within=150)
     assert_common(data, "worker_throughput")
     assert data["errors"] == 0
     cfg = data["config"]
@@ -199,9 +201,10 @@ def test_worker_throughput_quick(tmp_path: Path) -> None:
 
 
 @needs_redis
+@pytest.mark.timeout(130)
 def test_deadline_lag_quick(tmp_path: Path) -> None:
     """The deadline benchmark sends every fallback SMS once, never before its deadline, on both stores."""
-    data, markdown = run_quick("deadline_lag", tmp_path)
+    data, markdown = run_quick("deadline_lag", tmp_path, within=110)
     assert_common(data, "deadline_lag")
     assert data["errors"] == 0
     n = data["config"]["verifications"]
