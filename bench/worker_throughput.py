@@ -1000,10 +1000,12 @@ def render_cluster(sides: dict[str, Any]) -> list[str]:
         f"all three nodes: {_fmt(med['redis_cpu_ms_per_verification'], '.3f')} ms against "
         f"{_fmt(single['redis_cpu_ms_per_verification'], '.3f')} ms on one Redis; per node (median): "
         + ", ".join(f"{_fmt(n, '.3f')} ms" for n in nodes)
-        + f". The busiest node, {_fmt(busiest, '.3f')} ms per verification, is what one shard costs: "
-        f"one shard's core serves at most about {_fmt(ratio(1000, busiest), '.0f')} verifications/s "
-        "when every shard carries as much (a cluster of N masters, about N times that; the node "
-        "holding the queue's stream carries its few commands more).",
+        + f". The busiest node carries {_fmt(busiest, '.3f')} ms per verification, so this three-master "
+        f"cluster is full at about {_fmt(ratio(1000, busiest), '.0f')} verifications/s, when that node's "
+        "core is. Spread as evenly over N masters, a cluster serves about "
+        f"N × {_fmt(ratio(1000, med['redis_cpu_ms_per_verification']), '.0f')} verifications/s "
+        f"({_fmt(med['redis_cpu_ms_per_verification'], '.2f')} ms of Redis CPU per verification in all; "
+        "the node holding the queue's stream carries its few commands more).",
         "",
         "The worker's own CPU on the cluster is "
         f"{_fmt(med['cpu_ms_per_verification'], '.3f')} ms per verification against "
